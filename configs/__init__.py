@@ -1,0 +1,1 @@
+"""Method presets: one YAML of defaults per available method (installed as vllm_kvpress.configs)."""

@@ -1,0 +1,56 @@
+"""Packaging for vllm-kvpress.
+
+`triton_kernels/` and `configs/` live at the top of the repository (see DESIGN.md) but install as
+`vllm_kvpress.triton_kernels` and `vllm_kvpress.configs`: a top-level `triton_kernels` would shadow
+the PyPI package of that name, which vLLM itself imports. The CUDA kernels in `csrc/` are an
+optional build, off unless `VLLM_KVPRESS_BUILD_CUDA=1`.
+"""
+
+import os
+
+from setuptools import find_packages, setup
+
+packages = find_packages(include=["vllm_kvpress", "vllm_kvpress.*"])
+packages += ["vllm_kvpress.triton_kernels", "vllm_kvpress.configs"]
+
+ext_modules, cmdclass = [], {}
+if os.environ.get("VLLM_KVPRESS_BUILD_CUDA") == "1":
+    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+
+    ext_modules.append(
+        CUDAExtension(
+            "vllm_kvpress._C",
+            sources=[os.path.join("csrc", f) for f in sorted(os.listdir("csrc")) if f.endswith(".cu")],
+            extra_compile_args={"nvcc": ["-O3", "-gencode=arch=compute_90a,code=sm_90a"]},
+        )
+    )
+    cmdclass["build_ext"] = BuildExtension
+
+setup(
+    name="vllm-kvpress",
+    version="0.1.0",
+    description="Compressed and mixed-precision KV-cache pages for vLLM, with dequant-fused Triton kernels",
+    long_description=open("README.md").read() if os.path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.11",
+    packages=packages,
+    package_dir={
+        "vllm_kvpress.triton_kernels": "triton_kernels",
+        "vllm_kvpress.configs": "configs",
+    },
+    package_data={"vllm_kvpress.configs": ["*.yaml"], "vllm_kvpress.bench": ["model_configs/*/config.json"]},
+    install_requires=["vllm==0.26.0", "pyyaml"],
+    extras_require={
+        "ray": ["ray[default]"],
+        "models": ["gguf>=0.10", "accelerate"],
+        "plots": ["matplotlib"],
+        "test": ["pytest", "hypothesis", "gguf>=0.10", "accelerate", "matplotlib"],
+    },
+    entry_points={
+        "vllm.general_plugins": ["kvpress = vllm_kvpress.plugin:register"],
+        "console_scripts": ["vllm-kvpress = vllm_kvpress.cli:main"],
+    },
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

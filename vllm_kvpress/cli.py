@@ -1,0 +1,37 @@
+"""Owns the `vllm-kvpress` command: `methods`, `model`, `eval`, `bench`, `report`.
+
+Each subcommand's module registers its own parser through `add_parser(subparsers)` and sets
+`run`; those modules keep vLLM, torch and transformers imports inside `run`, so building the
+parser (and `vllm-kvpress methods`) stays instant.
+"""
+
+import argparse
+import importlib
+import sys
+
+SUBCOMMAND_MODULES = {
+    "methods": "vllm_kvpress.methods.cli",
+    "model": "vllm_kvpress.models",
+    "eval": "vllm_kvpress.eval.cli",
+    "bench": "vllm_kvpress.bench.cli",
+    "report": "vllm_kvpress.bench.report",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vllm-kvpress", description="Compressed KV-cache pages for vLLM: methods, models, eval, bench."
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for module in SUBCOMMAND_MODULES.values():
+        importlib.import_module(module).add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

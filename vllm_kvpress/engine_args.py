@@ -1,0 +1,180 @@
+"""Owns the `--kv-compression` flags: three wraps of vLLM 0.26.0 `EngineArgs`.
+
+vLLM builds its CLI from `EngineArgs` fields and offers plugins no hook for new flags, so:
+- `add_cli_args` adds the flags in their own argument group (`vllm serve --help=KVCompression`);
+- `from_cli_args` folds them into `additional_config["kv_compression"]`, which vLLM pickles to the
+  engine core, every worker and every Ray actor;
+- `create_engine_config` validates the settings and the vLLM flags they must agree with, before
+  any GPU memory is touched. It also serves the flag-free forms
+  (`--additional-config '{"kv_compression": {...}}'` and `LLM(..., additional_config=...)`).
+"""
+
+import argparse
+import logging
+from typing import Any
+
+from vllm_kvpress.config import ADDITIONAL_CONFIG_KEY, load_method_config, parse_config_argument
+from vllm_kvpress.errors import KVCompressionConfigError
+from vllm_kvpress.methods import METHODS, MethodConfig
+
+logger = logging.getLogger("vllm_kvpress")
+
+CLI_GROUP = "KVCompression"
+CUSTOM_BACKEND = "CUSTOM"
+UNCOMPRESSED_CACHE_DTYPES = ("auto", "bfloat16", "float16")
+"""Our pages hold their own codes; a second quantization by vLLM (fp8, int4...) cannot apply."""
+SUPPORTED_MODEL_DTYPES = ("torch.bfloat16", "torch.float16")
+
+
+def _method_help() -> str:
+    listed = ", ".join(f"{m.name} ({m.status.value})" for m in METHODS.values())
+    return f"KV-cache compression method (vllm-kvpress). Methods: {listed}."
+
+
+def add_cli_args(parser):
+    group = parser.add_argument_group(CLI_GROUP, "KV-cache compression by the vllm-kvpress plugin.")
+    group.add_argument(
+        "--kv-compression", type=str, default=None, choices=list(METHODS), metavar="NAME",
+        help=_method_help(),
+    )
+    group.add_argument(
+        "--kv-compression-config", type=str, default=None, metavar="JSON|FILE",
+        help="Settings of the method as a JSON object (e.g. '{\"bits\": 2}') or a path to a "
+        ".yaml/.json file; unset fields take the defaults of configs/<method>.yaml.",
+    )
+    return parser
+
+
+def settings_from_cli(args: argparse.Namespace) -> dict[str, Any] | None:
+    """`{"method": ..., **overrides}` from the two flags, or None when neither is given."""
+    method = getattr(args, "kv_compression", None)
+    raw = getattr(args, "kv_compression_config", None)
+    if method is None and raw is None:
+        return None
+    overrides = parse_config_argument(raw) if raw is not None else {}
+    file_method = overrides.pop("method", None)
+    if method is None and file_method is None:
+        raise KVCompressionConfigError(
+            "--kv-compression-config was given without --kv-compression; name the method with "
+            "--kv-compression NAME (or a 'method' key in the config)"
+        )
+    if method is not None and file_method is not None and file_method != method:
+        raise KVCompressionConfigError(
+            f"--kv-compression {method} conflicts with method={file_method!r} in --kv-compression-config"
+        )
+    return {"method": method or file_method, **overrides}
+
+
+def engine_args_problems(engine_args, method_config: MethodConfig) -> list[str]:
+    """Every vLLM setting that cannot be combined with compressed pages, named with its fix."""
+    problems = []
+    if engine_args.kv_cache_dtype not in UNCOMPRESSED_CACHE_DTYPES:
+        problems.append(
+            f"--kv-cache-dtype {engine_args.kv_cache_dtype} cannot be combined with --kv-compression "
+            f"{method_config.method}, which stores its own packed codes; allowed: "
+            f"{', '.join(UNCOMPRESSED_CACHE_DTYPES)}"
+        )
+    backend = engine_args.attention_backend or getattr(engine_args.attention_config, "backend", None)
+    backend_name = getattr(backend, "name", backend)
+    if backend_name not in (None, CUSTOM_BACKEND):
+        problems.append(
+            f"--attention-backend {backend_name} conflicts with --kv-compression, which serves "
+            f"attention itself; allowed: {CUSTOM_BACKEND} or unset"
+        )
+    if engine_args.block_size not in (None, method_config.block_size):
+        problems.append(
+            f"--block-size {engine_args.block_size} differs from block_size={method_config.block_size} of "
+            f"method '{method_config.method}'; drop --block-size or set the same block_size in "
+            "--kv-compression-config"
+        )
+    if engine_args.speculative_config:
+        problems.append("speculative decoding is not supported with --kv-compression yet; drop it")
+    if getattr(engine_args, "kv_cache_dtype_skip_layers", None):
+        problems.append("--kv-cache-dtype-skip-layers is not supported with --kv-compression; drop it")
+    for flag in ("decode_context_parallel_size", "prefill_context_parallel_size", "pipeline_parallel_size"):
+        if (getattr(engine_args, flag, 1) or 1) > 1:
+            problems.append(f"--{flag.replace('_', '-')} > 1 is not supported with --kv-compression yet")
+    return problems
+
+
+def model_problems(vllm_config, method_config: MethodConfig) -> list[str]:
+    model_config = vllm_config.model_config
+    problems = method_config.problems_for_model(
+        head_size=model_config.get_head_size(),
+        num_kv_heads=model_config.get_total_num_kv_heads(),
+        max_model_len=model_config.max_model_len,
+    )
+    if str(model_config.dtype) not in SUPPORTED_MODEL_DTYPES:
+        problems.append(
+            f"model dtype {model_config.dtype} is not supported; allowed: --dtype bfloat16 or float16"
+        )
+    if model_config.use_mla:
+        problems.append("MLA models (DeepSeek-V2/V3 style latent attention) are not supported")
+    if model_config.get_sliding_window() is not None:
+        problems.append("models with sliding-window attention layers are not supported yet")
+    return problems
+
+
+def prepare_engine_args(engine_args) -> MethodConfig | None:
+    """Validate our settings on `engine_args` and set the vLLM fields they imply, in place."""
+    settings = (engine_args.additional_config or {}).get(ADDITIONAL_CONFIG_KEY)
+    if settings is None:
+        return None
+    method_config = load_method_config(settings)
+    problems = engine_args_problems(engine_args, method_config)
+    if problems:
+        raise KVCompressionConfigError(problems)
+    engine_args.additional_config = {**engine_args.additional_config, ADDITIONAL_CONFIG_KEY: method_config.to_dict()}
+    if engine_args.attention_backend is None and getattr(engine_args.attention_config, "backend", None) is None:
+        engine_args.attention_backend = CUSTOM_BACKEND
+    engine_args.block_size = method_config.block_size
+    if method_config.evicts_tokens and engine_args.enable_prefix_caching is not False:
+        logger.warning(
+            "kv-compression %s frees the blocks of evicted tokens, whose hashes would then be wrong: "
+            "prefix caching is switched off", method_config.method,
+        )
+        engine_args.enable_prefix_caching = False
+    return method_config
+
+
+def patch_engine_args() -> None:
+    """Wrap `vllm.engine.arg_utils.EngineArgs.add_cli_args`, `.from_cli_args` and
+    `.create_engine_config` (vLLM 0.26.0). Idempotent."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    if getattr(EngineArgs, "_kvpress_patched", False):
+        return
+    original_add = EngineArgs.add_cli_args
+    original_from = EngineArgs.from_cli_args.__func__
+    original_create = EngineArgs.create_engine_config
+
+    def wrapped_add_cli_args(parser):
+        return add_cli_args(original_add(parser))
+
+    def wrapped_from_cli_args(cls, args):
+        engine_args = original_from(cls, args)
+        settings = settings_from_cli(args)
+        if settings is not None:
+            existing = engine_args.additional_config or {}
+            if ADDITIONAL_CONFIG_KEY in existing:
+                raise KVCompressionConfigError(
+                    f"--kv-compression and --additional-config '{{\"{ADDITIONAL_CONFIG_KEY}\": ...}}' "
+                    "both set the method; use one of them"
+                )
+            engine_args.additional_config = {**existing, ADDITIONAL_CONFIG_KEY: settings}
+        return engine_args
+
+    def wrapped_create_engine_config(self, *args, **kwargs):
+        method_config = prepare_engine_args(self)
+        vllm_config = original_create(self, *args, **kwargs)
+        if method_config is not None:
+            problems = model_problems(vllm_config, method_config)
+            if problems:
+                raise KVCompressionConfigError(problems)
+            logger.info("kv-compression: %s with %s", method_config.method, method_config.to_dict())
+        return vllm_config
+
+    EngineArgs.add_cli_args = staticmethod(wrapped_add_cli_args)
+    EngineArgs.from_cli_args = classmethod(wrapped_from_cli_args)
+    EngineArgs.create_engine_config = wrapped_create_engine_config
+    EngineArgs._kvpress_patched = True

@@ -1,0 +1,20 @@
+"""Owns the plugin's exception types, so callers can tell a bad setting from a missing feature."""
+
+
+class KVCompressionConfigError(ValueError):
+    """A `--kv-compression` setting is invalid or incompatible with another vLLM setting.
+
+    The message names every offending setting, its value and what is allowed.
+    """
+
+    def __init__(self, reasons: list[str] | str):
+        self.reasons = [reasons] if isinstance(reasons, str) else list(reasons)
+        if len(self.reasons) == 1:
+            super().__init__(f"kv-compression: {self.reasons[0]}")
+        else:
+            listed = "\n".join(f"  - {r}" for r in self.reasons)
+            super().__init__(f"kv-compression: {len(self.reasons)} problems:\n{listed}")
+
+
+class MethodNotImplementedError(NotImplementedError):
+    """The selected method is registered (a known paper) but not implemented yet."""

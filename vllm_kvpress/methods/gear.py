@@ -1,0 +1,71 @@
+"""GEAR: quantization plus error correction, laid out to fit fixed-size pages.
+
+Based on GEAR (https://arxiv.org/abs/2403.05527): X ~ D + L + S, a quantized matrix D, a low-rank
+matrix L and a sparse matrix S.
+
+Per complete block and KV head, for K and for V separately (reference/gear.py, the kernels' oracle):
+
+1. S: the `outliers` entries whose z-score within their quantization group, |x - mean_g| / std_g,
+   is largest; they are left out of the group's min/max.
+2. D: KIVI-style quantization (K per channel, V per token) of the remaining entries.
+3. L: rank-`rank` approximation a b^T of the residual R = X - dequant(D) (outlier positions
+   zeroed), by `power_iters` steps of power iteration with deflation.
+4. S values: x - dequant(D) - L at the outlier positions, so those entries become exact (to fp16).
+
+Deviations from the paper, forced by paged memory (docs/quantized_pages.md): the low-rank factors
+and outlier slots are per block (GEAR computes them per whole prompt), the number of outliers
+per block is fixed so the page size is fixed, and tokens of a not-yet-full block are stored
+quantized per token without correction until the block completes.
+
+Parameters (defaults in configs/gear.yaml)
+----------
+bits, group_size, block_size : as for KIVI (methods/kivi.py).
+rank : int
+    Rank of the per-block residual, 0 to 4.
+outliers : int
+    Sparse outlier slots per block, head and tensor: 0, 16, 32 or 64.
+power_iters : int
+    Power-iteration steps per rank, 1 to 8.
+"""
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from vllm_kvpress.layout import PageLayout
+from vllm_kvpress.methods.base import check_choice, check_range
+from vllm_kvpress.methods.kivi import KiviConfig
+
+ALLOWED_OUTLIERS = (0, 16, 32, 64)
+"""Multiples of 16 because the kernels apply outliers with a one-hot matrix product."""
+MAX_RANK = 4
+MAX_POWER_ITERS = 8
+
+
+@dataclass(frozen=True)
+class GearConfig(KiviConfig):
+    method: ClassVar[str] = "gear"
+
+    rank: int
+    """Rank of the per-block low-rank residual."""
+    outliers: int
+    """Sparse outlier slots per block, head and tensor."""
+    power_iters: int
+    """Power-iteration steps per rank."""
+
+    def problems(self) -> list[str]:
+        problems = super().problems()
+        check_range("rank", self.rank, 0, MAX_RANK, problems)
+        check_choice("outliers", self.outliers, ALLOWED_OUTLIERS, problems)
+        check_range("power_iters", self.power_iters, 1, MAX_POWER_ITERS, problems)
+        return problems
+
+    def page_layout(self, head_size: int) -> PageLayout:
+        return PageLayout(
+            head_size=head_size,
+            block_size=self.block_size,
+            k_bits=self.bits,
+            v_bits=self.bits,
+            v_group_size=self.v_group_size(head_size),
+            rank=self.rank,
+            num_outliers=self.outliers,
+        )

@@ -1,0 +1,76 @@
+"""KIVI-style quantized pages: the configuration of plain asymmetric K/V quantization.
+
+Based on KIVI (https://arxiv.org/abs/2402.02750).
+
+1. Keys are quantized per channel: each channel of a block of `block_size` tokens gets an fp16
+   scale and zero, because key outliers live in fixed channels (KIVI section 3).
+2. Values are quantized per token, in groups of `group_size` channels.
+3. Codes are `bits`-bit asymmetric integers: q = round((x - min) / scale), scale = (max - min) / (2^bits - 1).
+
+Deviation from the paper: KIVI keeps the most recent tokens in full precision until a group fills.
+Inside vLLM's paged memory there is no per-request side buffer, so the tokens of a block that is
+not yet full are stored with per-token K groups and re-quantized per channel when the block
+completes (docs/quantized_pages.md). Prompt blocks, the ones that matter for long contexts, are
+quantized per channel directly from the exact bf16 values.
+
+Parameters (defaults in configs/kivi.yaml)
+----------
+bits : int
+    Code width of K and V, one of 2, 4, 8.
+group_size : int or "head"
+    Channels per V quantization group; "head" means the whole head.
+block_size : int
+    Tokens per vLLM block; also the token group of per-channel K scales.
+"""
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from vllm_kvpress.layout import PageLayout
+from vllm_kvpress.methods.base import MethodConfig, check_choice
+
+ALLOWED_BITS = (2, 4, 8)
+ALLOWED_GROUP_SIZES = ("head", 16, 32, 64, 128)
+ALLOWED_BLOCK_SIZES = (16, 32, 64, 128)
+
+
+@dataclass(frozen=True)
+class KiviConfig(MethodConfig):
+    method: ClassVar[str] = "kivi"
+
+    bits: int
+    """Code width of K and V."""
+    group_size: int | str
+    """Channels per V quantization group, or "head" for the whole head."""
+    block_size: int
+    """Tokens per vLLM block and per-channel K group."""
+
+    def problems(self) -> list[str]:
+        problems: list[str] = []
+        check_choice("bits", self.bits, ALLOWED_BITS, problems)
+        check_choice("group_size", self.group_size, ALLOWED_GROUP_SIZES, problems)
+        check_choice("block_size", self.block_size, ALLOWED_BLOCK_SIZES, problems)
+        return problems
+
+    def problems_for_model(self, *, head_size: int, num_kv_heads: int, max_model_len: int) -> list[str]:
+        problems = super().problems_for_model(
+            head_size=head_size, num_kv_heads=num_kv_heads, max_model_len=max_model_len
+        )
+        if isinstance(self.group_size, int) and head_size % self.group_size:
+            problems.append(
+                f"group_size={self.group_size} does not divide the model's head size {head_size}; "
+                f"allowed: a divisor of {head_size} from {', '.join(map(str, ALLOWED_GROUP_SIZES[1:]))}, or 'head'"
+            )
+        return problems
+
+    def v_group_size(self, head_size: int) -> int:
+        return head_size if self.group_size == "head" else int(self.group_size)
+
+    def page_layout(self, head_size: int) -> PageLayout:
+        return PageLayout(
+            head_size=head_size,
+            block_size=self.block_size,
+            k_bits=self.bits,
+            v_bits=self.bits,
+            v_group_size=self.v_group_size(head_size),
+        )

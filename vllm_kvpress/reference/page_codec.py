@@ -1,0 +1,181 @@
+"""Owns reading and writing compressed pages byte for byte as `layout.py` defines them, in PyTorch.
+
+This is the oracle of the Triton write kernels (triton_kernels/cache_write.py) and the source of
+dequantized K/V for the reference attention. The cache is vLLM's tensor for one layer:
+uint8 [num_blocks, num_kv_heads, layout.bytes_per_head].
+
+Write semantics (shared with the kernels): a block that becomes complete in a write is encoded
+whole (per-channel K, per-token V, GEAR terms) from the exact new tokens plus the dequantized
+staged ones; tokens of a block that stays partial are staged (per-token K and V, no GEAR terms).
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from vllm_kvpress.layout import PageLayout
+from vllm_kvpress.reference.gear import group_zscores, lowrank_factors, lowrank_product, select_outliers
+from vllm_kvpress.reference.quant import dequantize_groups, pack_codes, quantize_groups, unpack_codes
+
+
+def _view(page: torch.Tensor, offset: int, dtype: torch.dtype, count: int) -> torch.Tensor:
+    nbytes = count * torch.empty((), dtype=dtype).element_size()
+    return page[offset : offset + nbytes].view(dtype)
+
+
+@dataclass(frozen=True)
+class TensorRegions:
+    """Where one tensor (K or V) of a head's page lives."""
+
+    codes: str
+    meta: str
+    lowrank: str
+    sparse: str
+    bits_attr: str
+
+
+K_REGIONS = TensorRegions("k_codes", "k_meta", "k_lowrank", "k_sparse", "k_bits")
+V_REGIONS = TensorRegions("v_codes", "v_meta", "v_lowrank", "v_sparse", "v_bits")
+
+
+def _to_groups(x: torch.Tensor, is_key: bool, layout: PageLayout) -> torch.Tensor:
+    """[tokens, head_size] -> [groups, group_len]: K channels (KIVI) or V token groups."""
+    return x.t() if is_key else x.reshape(-1, layout.v_group_size)
+
+
+def _from_groups(g: torch.Tensor, is_key: bool, tokens: int, layout: PageLayout) -> torch.Tensor:
+    return g.t() if is_key else g.reshape(tokens, layout.head_size)
+
+
+def encode_complete(page: torch.Tensor, x: torch.Tensor, is_key: bool, layout: PageLayout, power_iters: int):
+    """Encode a full block of one tensor of one head: x [block_size, head_size] -> page regions."""
+    regions = K_REGIONS if is_key else V_REGIONS
+    bits, bs, d = getattr(layout, regions.bits_attr), layout.block_size, layout.head_size
+    x = x.float()
+    groups = _to_groups(x, is_key, layout)
+    if layout.num_outliers:
+        outliers = select_outliers(_from_groups(group_zscores(groups), is_key, bs, layout), layout.num_outliers)
+    else:
+        outliers = torch.zeros_like(x, dtype=torch.bool)
+    codes, scale, zero = quantize_groups(groups, bits, exclude=_to_groups(outliers, is_key, layout))
+    deq = _from_groups(dequantize_groups(codes, scale, zero), is_key, bs, layout)
+    codes = _from_groups(codes, is_key, bs, layout)
+    page[layout.offset(regions.codes) : layout.offset(regions.codes) + bs * d * bits // 8] = pack_codes(
+        codes, bits
+    ).flatten()
+    n_meta = scale.numel()
+    _view(page, layout.offset(regions.meta), torch.float16, n_meta)[:] = scale.flatten()
+    _view(page, layout.offset(regions.meta) + 2 * n_meta, torch.float16, n_meta)[:] = zero.flatten()
+    correction = torch.zeros_like(x)
+    if layout.rank:
+        residual = torch.where(outliers, 0.0, x - deq)
+        a, b = lowrank_factors(residual, layout.rank, power_iters)
+        _view(page, layout.offset(regions.lowrank), torch.float16, layout.rank * bs)[:] = a.flatten()
+        _view(page, layout.offset(regions.lowrank) + 2 * layout.rank * bs, torch.float16, layout.rank * d)[:] = (
+            b.flatten()
+        )
+        correction = lowrank_product(a, b)
+    if layout.num_outliers:
+        n = layout.num_outliers
+        index = torch.zeros(n, dtype=torch.int16, device=x.device)
+        value = torch.zeros(n, dtype=torch.float16, device=x.device)
+        flat = outliers.flatten().nonzero().flatten()  # row-major order, as the kernel's prefix sum
+        index[: flat.numel()] = flat.to(torch.int16)
+        value[: flat.numel()] = (x - deq - correction).flatten()[flat].half()
+        _view(page, layout.offset(regions.sparse), torch.int16, n)[:] = index
+        _view(page, layout.offset(regions.sparse) + 2 * n, torch.float16, n)[:] = value
+
+
+def stage_token(page: torch.Tensor, offset: int, k: torch.Tensor, v: torch.Tensor, layout: PageLayout):
+    """Write one token of a partial block: K quantized over its whole head, V per group."""
+    bs, d = layout.block_size, layout.head_size
+    kc, ks, kz = quantize_groups(k.float()[None, :], layout.k_bits)
+    row = d * layout.k_bits // 8
+    page[layout.offset("k_codes") + offset * row : layout.offset("k_codes") + (offset + 1) * row] = pack_codes(
+        kc[0], layout.k_bits
+    )
+    meta = layout.offset("k_meta")
+    _view(page, meta, torch.float16, bs)[offset] = ks[0]
+    _view(page, meta + 2 * bs, torch.float16, bs)[offset] = kz[0]
+    vc, vs, vz = quantize_groups(v.float().reshape(-1, layout.v_group_size), layout.v_bits)
+    row = d * layout.v_bits // 8
+    page[layout.offset("v_codes") + offset * row : layout.offset("v_codes") + (offset + 1) * row] = pack_codes(
+        vc.flatten(), layout.v_bits
+    )
+    g = layout.v_groups
+    _view(page, layout.offset("v_meta"), torch.float16, bs * g)[offset * g : (offset + 1) * g] = vs
+    _view(page, layout.offset("v_meta") + 2 * bs * g, torch.float16, bs * g)[offset * g : (offset + 1) * g] = vz
+
+
+def _decode_tensor(page: torch.Tensor, is_key: bool, layout: PageLayout, complete: bool) -> torch.Tensor:
+    regions = K_REGIONS if is_key else V_REGIONS
+    bits, bs, d = getattr(layout, regions.bits_attr), layout.block_size, layout.head_size
+    packed = page[layout.offset(regions.codes) : layout.offset(regions.codes) + bs * d * bits // 8]
+    codes = unpack_codes(packed.reshape(bs, d * bits // 8), bits)
+    meta = layout.offset(regions.meta)
+    if is_key and not complete:  # staging: one scale/zero per token
+        scale, zero = _view(page, meta, torch.float16, bs), _view(page, meta + 2 * bs, torch.float16, bs)
+        return dequantize_groups(codes, scale, zero)
+    groups = _to_groups(codes, is_key, layout)
+    n_meta = groups.shape[0]
+    scale, zero = _view(page, meta, torch.float16, n_meta), _view(page, meta + 2 * n_meta, torch.float16, n_meta)
+    x = _from_groups(dequantize_groups(groups, scale, zero), is_key, bs, layout)
+    if complete and layout.rank:
+        lr = layout.offset(regions.lowrank)
+        a = _view(page, lr, torch.float16, layout.rank * bs).reshape(layout.rank, bs)
+        b = _view(page, lr + 2 * layout.rank * bs, torch.float16, layout.rank * d).reshape(layout.rank, d)
+        x = x + lowrank_product(a, b)
+    if complete and layout.num_outliers:
+        n = layout.num_outliers
+        index = _view(page, layout.offset(regions.sparse), torch.int16, n).long()
+        value = _view(page, layout.offset(regions.sparse) + 2 * n, torch.float16, n).float()
+        x = x.flatten().index_add(0, index, value).reshape(bs, d)
+    return x
+
+
+def decode_block(page: torch.Tensor, layout: PageLayout, complete: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dequantized (K, V) of one head's page, fp32 [block_size, head_size] each."""
+    return _decode_tensor(page, True, layout, complete), _decode_tensor(page, False, layout, complete)
+
+
+def write_tokens(
+    cache: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    layout: PageLayout,
+    power_iters: int,
+) -> None:
+    """Reference of the cache update: key/value [num_tokens, num_kv_heads, head_size], slots < 0 skipped."""
+    bs = layout.block_size
+    by_block: dict[int, list[tuple[int, int]]] = {}
+    for t, slot in enumerate(slot_mapping.tolist()):
+        if slot >= 0:
+            by_block.setdefault(slot // bs, []).append((t, slot % bs))
+    for block, tokens in by_block.items():
+        completes = any(off == bs - 1 for _, off in tokens)
+        for h in range(cache.shape[1]):
+            page = cache[block, h]
+            if not completes:
+                for t, off in tokens:
+                    stage_token(page, off, key[t, h], value[t, h], layout)
+                continue
+            k_full, v_full = decode_block(page, layout, complete=False)
+            for t, off in tokens:
+                k_full[off], v_full[off] = key[t, h].float(), value[t, h].float()
+            encode_complete(page, k_full, True, layout, power_iters)
+            encode_complete(page, v_full, False, layout, power_iters)
+
+
+def read_sequence(
+    cache: torch.Tensor, block_table_row: torch.Tensor, seq_len: int, layout: PageLayout
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dequantized K, V of one sequence: fp32 [seq_len, num_kv_heads, head_size] each."""
+    bs = layout.block_size
+    ks, vs = [], []
+    for i in range(-(-seq_len // bs)):
+        n = min(bs, seq_len - i * bs)
+        per_head = [decode_block(cache[int(block_table_row[i]), h], layout, n == bs) for h in range(cache.shape[1])]
+        ks.append(torch.stack([k[:n] for k, _ in per_head], 1))
+        vs.append(torch.stack([v[:n] for _, v in per_head], 1))
+    return torch.cat(ks), torch.cat(vs)
