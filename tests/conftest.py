@@ -1,0 +1,64 @@
+"""Shared test setup: Triton runs in its CPU interpreter when there is no GPU; seeded random inputs."""
+
+import os
+import zlib
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # Must be set before any @triton.jit kernel is imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def device() -> str:
+    return DEVICE
+
+
+@pytest.fixture(autouse=True)
+def seeded(request) -> int:
+    """Every test draws fresh random inputs from a seed derived from its own name (reproducible)."""
+    seed = zlib.crc32(request.node.nodeid.encode())
+    torch.manual_seed(seed)
+    return seed
+
+
+@pytest.fixture
+def tiny_llama_dir(tmp_path) -> str:
+    """A config-only Llama directory (head_dim 64, GQA 4): enough for vLLM to build an engine config."""
+    (tmp_path / "config.json").write_text(
+        '{"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 512, '
+        '"intermediate_size": 1024, "num_hidden_layers": 2, "num_attention_heads": 8, '
+        '"num_key_value_heads": 2, "head_dim": 64, "vocab_size": 1000, "max_position_embeddings": 4096, '
+        '"rms_norm_eps": 1e-5, "rope_theta": 10000.0, "torch_dtype": "bfloat16", "tie_word_embeddings": false}'
+    )
+    return str(tmp_path)
+
+
+@pytest.fixture
+def cpu_platform(monkeypatch):
+    """vLLM's CUDA wheel cannot infer a device on a CPU-only machine ("Failed to infer device
+    type"); pretending to be its CPU platform lets engine configs and the CLI parser be built."""
+    import vllm.platforms
+    from vllm.platforms.cpu import CpuPlatform
+
+    monkeypatch.setattr(vllm.platforms, "_current_platform", CpuPlatform(), raising=False)
+    monkeypatch.setattr(vllm.platforms, "current_platform", CpuPlatform())
+
+
+@pytest.fixture
+def engine_config(cpu_platform, tiny_llama_dir):
+    """Build a VllmConfig the way `vllm serve` / `LLM(...)` would, through the plugin's patches."""
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.plugins import load_general_plugins
+
+    load_general_plugins()
+
+    def build(**kwargs):
+        args = dict(model=tiny_llama_dir, skip_tokenizer_init=True, load_format="dummy") | kwargs
+        return EngineArgs(**args).create_engine_config()
+
+    return build

@@ -1,0 +1,61 @@
+"""Helpers shared by tests: building compressed caches and batches the way vLLM lays them out."""
+
+from dataclasses import dataclass
+
+import torch
+
+from vllm_kvpress.config import load_method_config
+from vllm_kvpress.layout import PageLayout
+
+
+def layout_for(method: str, head_size: int, **overrides) -> tuple[PageLayout, int]:
+    config = load_method_config({"method": method, **overrides})
+    return config.page_layout(head_size), getattr(config, "power_iters", 1)
+
+
+@dataclass
+class Batch:
+    """A vLLM-style batch: `context` tokens already in the pages, `query` new tokens per sequence."""
+
+    context_lens: list[int]
+    query_lens: list[int]
+    block_table: torch.Tensor
+    full_k: list[torch.Tensor]
+    full_v: list[torch.Tensor]
+
+    @property
+    def seq_lens(self) -> list[int]:
+        return [c + q for c, q in zip(self.context_lens, self.query_lens)]
+
+    def slots(self, i: int, start: int, end: int, block_size: int) -> torch.Tensor:
+        row = self.block_table[i].tolist()
+        return torch.tensor([row[t // block_size] * block_size + t % block_size for t in range(start, end)],
+                            dtype=torch.int32)
+
+    def new_kv(self):
+        k = torch.cat([k[c:] for k, c in zip(self.full_k, self.context_lens)])
+        v = torch.cat([v[c:] for v, c in zip(self.full_v, self.context_lens)])
+        return k, v
+
+    def new_slots(self, block_size: int) -> torch.Tensor:
+        return torch.cat([self.slots(i, c, c + q, block_size)
+                          for i, (c, q) in enumerate(zip(self.context_lens, self.query_lens))])
+
+    def query_start_loc(self) -> torch.Tensor:
+        return torch.tensor([0] + torch.tensor(self.query_lens).cumsum(0).tolist(), dtype=torch.int32)
+
+
+def make_batch(context_lens, query_lens, num_kv_heads, head_size, block_size, num_blocks=None,
+               dtype=torch.bfloat16, device="cpu", channel_outlier=4.0) -> Batch:
+    """Random K/V (never zeros; one strong K outlier channel, as real keys have) and a shuffled block table."""
+    seq_lens = [c + q for c, q in zip(context_lens, query_lens)]
+    max_blocks = max(-(-s // block_size) for s in seq_lens)
+    num_blocks = num_blocks or len(seq_lens) * max_blocks + 3
+    ids = torch.randperm(num_blocks)[: len(seq_lens) * max_blocks].reshape(len(seq_lens), max_blocks)
+    full_k, full_v = [], []
+    for s in seq_lens:
+        k = torch.randn(s, num_kv_heads, head_size)
+        k[:, :, 1] = k[:, :, 1] * channel_outlier + channel_outlier
+        full_k.append(k.to(dtype).to(device))
+        full_v.append(torch.randn(s, num_kv_heads, head_size).to(dtype).to(device))
+    return Batch(list(context_lens), list(query_lens), ids.int().to(device), full_k, full_v)

@@ -1,0 +1,285 @@
+"""Owns the write path: quantize-pack-scatter of new K/V into compressed pages (vLLM's cache update).
+
+Two kernels, both over the grid (token, kv head), split by what happens to the token's block:
+- `_stage_tokens_kernel`: the block stays partial after this write. The token is quantized on its
+  own (K over its whole head, V per group) into the staging form of the page.
+- `_finalize_blocks_kernel`: this write fills the block. The program of the token at the block's
+  last offset gathers the whole block (new tokens exact from the input, older ones dequantized
+  from staging) and encodes it: per-channel K, per-token V, GEAR outliers and low-rank terms.
+They touch disjoint blocks, so their order does not matter. The PyTorch oracle is
+`vllm_kvpress.reference.page_codec.write_tokens`.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from vllm_kvpress.layout import PageLayout
+from vllm_kvpress.triton_kernels.checks import check_tensor
+from vllm_kvpress.reference.gear import GOLDEN, POWER_ITER_EPS, ZSCORE_EPS
+from vllm_kvpress.triton_kernels.page_format import (
+    fp16_ptr,
+    int16_ptr,
+    load_block_k,
+    load_block_v,
+    pack_codes,
+)
+
+_GOLDEN = tl.constexpr(GOLDEN)
+_ZSCORE_EPS = tl.constexpr(ZSCORE_EPS)
+_POWER_ITER_EPS = tl.constexpr(POWER_ITER_EPS)
+_BISECTION_STEPS = tl.constexpr(48)
+"""Outlier threshold search: enough halvings of [0, max z] to land on the exact fp32 (n+1)-th largest z."""
+
+
+@triton.jit
+def quantize(x, lo, hi, BITS: tl.constexpr):
+    """Asymmetric codes of x for the range [lo, hi] (broadcast), against fp16-rounded scale/zero."""
+    QMAX: tl.constexpr = (1 << BITS) - 1
+    scale = tl.math.div_rn(hi - lo, QMAX * 1.0).to(tl.float16).to(tl.float32)
+    zero = lo.to(tl.float16).to(tl.float32)
+    safe = tl.where(scale > 0, scale, 1.0)
+    codes = tl.floor(tl.math.div_rn(x - zero, safe) + 0.5)
+    codes = tl.minimum(tl.maximum(codes, 0.0), QMAX * 1.0)
+    codes = tl.where(scale > 0, codes, 0.0)
+    return codes.to(tl.int32), scale, zero
+
+
+@triton.jit
+def store_codes(page, codes, row, CODES_OFF: tl.constexpr, ROWS: tl.constexpr,
+                COLS: tl.constexpr, BITS: tl.constexpr):
+    """Pack int32 codes [ROWS, COLS] and store them from token row `row` on."""
+    ROW_BYTES: tl.constexpr = COLS * BITS // 8
+    offs = (row + tl.arange(0, ROWS))[:, None] * ROW_BYTES + tl.arange(0, ROW_BYTES)[None, :]
+    tl.store(page + CODES_OFF + offs, pack_codes(codes, ROWS, COLS, BITS))
+
+
+@triton.jit
+def _stage_tokens_kernel(
+    key_ptr, value_ptr, stride_kt, stride_kh, stride_vt, stride_vh,
+    cache_ptr, stride_cb, stride_ch, slot_mapping_ptr, num_tokens,
+    BLOCK_SIZE: tl.constexpr, HEAD_SIZE: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr,
+    V_GROUP: tl.constexpr, K_CODES_OFF: tl.constexpr, V_CODES_OFF: tl.constexpr,
+    K_META_OFF: tl.constexpr, V_META_OFF: tl.constexpr,
+):
+    """Grid (num_tokens, num_kv_heads): stage one token of a block that stays partial."""
+    t = tl.program_id(0)
+    h = tl.program_id(1)
+    slot = tl.load(slot_mapping_ptr + t).to(tl.int64)
+    if slot < 0:
+        return
+    block = slot // BLOCK_SIZE
+    off = slot % BLOCK_SIZE
+    t_last = t + (BLOCK_SIZE - 1 - off)
+    last_slot = tl.load(slot_mapping_ptr + t_last, mask=t_last < num_tokens, other=-1)
+    if last_slot == block * BLOCK_SIZE + BLOCK_SIZE - 1:
+        return  # this write completes the block: the finalize kernel encodes it whole
+    page = cache_ptr + block * stride_cb + h * stride_ch
+    cols = tl.arange(0, HEAD_SIZE)
+    k = tl.load(key_ptr + t.to(tl.int64) * stride_kt + h * stride_kh + cols).to(tl.float32)
+    v = tl.load(value_ptr + t.to(tl.int64) * stride_vt + h * stride_vh + cols).to(tl.float32)
+
+    k_codes, k_scale, k_zero = quantize(k, tl.min(k, 0), tl.max(k, 0), K_BITS)
+    store_codes(page, tl.reshape(k_codes, (1, HEAD_SIZE)), off, K_CODES_OFF, 1, HEAD_SIZE, K_BITS)
+    k_meta = fp16_ptr(page + K_META_OFF)
+    tl.store(k_meta + off, k_scale.to(tl.float16))
+    tl.store(k_meta + BLOCK_SIZE + off, k_zero.to(tl.float16))
+
+    GROUPS: tl.constexpr = HEAD_SIZE // V_GROUP
+    v_groups = tl.reshape(v, (GROUPS, V_GROUP))
+    v_codes, v_scale, v_zero = quantize(v_groups, tl.min(v_groups, 1)[:, None], tl.max(v_groups, 1)[:, None], V_BITS)
+    store_codes(page, tl.reshape(v_codes, (1, HEAD_SIZE)), off, V_CODES_OFF, 1, HEAD_SIZE, V_BITS)
+    v_meta = fp16_ptr(page + V_META_OFF)
+    g = tl.arange(0, GROUPS)
+    tl.store(v_meta + off * GROUPS + g, tl.reshape(v_scale, (GROUPS,)).to(tl.float16))
+    tl.store(v_meta + BLOCK_SIZE * GROUPS + off * GROUPS + g, tl.reshape(v_zero, (GROUPS,)).to(tl.float16))
+
+
+@triton.jit
+def outlier_zscores(x, IS_KEY: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_SIZE: tl.constexpr,
+                    V_GROUP: tl.constexpr):
+    """|x - mean_g| / std_g in each quantization group: K channels (over tokens), V token groups."""
+    if IS_KEY:
+        dev = x - (tl.sum(x, 0) / BLOCK_SIZE)[None, :]
+        std = tl.sqrt(tl.sum(dev * dev, 0) / BLOCK_SIZE)
+        z = tl.abs(dev) / (std + _ZSCORE_EPS)[None, :]
+    else:
+        GROUPS: tl.constexpr = HEAD_SIZE // V_GROUP
+        x3 = tl.reshape(x, (BLOCK_SIZE, GROUPS, V_GROUP))
+        dev = x3 - (tl.sum(x3, 2) / V_GROUP)[:, :, None]
+        std = tl.sqrt(tl.sum(dev * dev, 2) / V_GROUP)
+        z = tl.reshape(tl.abs(dev) / (std + _ZSCORE_EPS)[:, :, None], (BLOCK_SIZE, HEAD_SIZE))
+    return z
+
+
+@triton.jit
+def select_outliers(z, NUM_OUTLIERS: tl.constexpr):
+    """Entries with z above the (n+1)-th largest z (at most n), found by bisection on the threshold."""
+    lo = 0.0
+    hi = tl.max(tl.max(z, 1), 0)
+    for _ in range(_BISECTION_STEPS):
+        mid = 0.5 * (lo + hi)
+        fits = tl.sum(tl.sum((z > mid).to(tl.int32), 1), 0) <= NUM_OUTLIERS
+        hi = tl.where(fits, mid, hi)
+        lo = tl.where(fits, lo, mid)
+    return z > hi
+
+
+@triton.jit
+def encode_block(x, page, IS_KEY: tl.constexpr, BITS: tl.constexpr, CODES_OFF: tl.constexpr,
+                 META_OFF: tl.constexpr, LOWRANK_OFF: tl.constexpr, SPARSE_OFF: tl.constexpr,
+                 BLOCK_SIZE: tl.constexpr, HEAD_SIZE: tl.constexpr, V_GROUP: tl.constexpr,
+                 RANK: tl.constexpr, NUM_OUTLIERS: tl.constexpr, POWER_ITERS: tl.constexpr):
+    """Encode a complete block of K (IS_KEY) or V, x fp32 [BLOCK_SIZE, HEAD_SIZE] (GEAR steps 1-4)."""
+    rows = tl.arange(0, BLOCK_SIZE)
+    cols = tl.arange(0, HEAD_SIZE)
+    if NUM_OUTLIERS > 0:
+        outlier = select_outliers(outlier_zscores(x, IS_KEY, BLOCK_SIZE, HEAD_SIZE, V_GROUP), NUM_OUTLIERS)
+    else:
+        outlier = tl.zeros((BLOCK_SIZE, HEAD_SIZE), dtype=tl.int1)
+    meta = fp16_ptr(page + META_OFF)
+    if IS_KEY:
+        lo = tl.min(tl.where(outlier, float("inf"), x), 0)
+        hi = tl.max(tl.where(outlier, float("-inf"), x), 0)
+        empty = lo == float("inf")  # every entry of the group is an outlier
+        lo = tl.where(empty, 0.0, lo)
+        hi = tl.where(empty, 0.0, hi)
+        codes, scale, zero = quantize(x, lo[None, :], hi[None, :], BITS)
+        deq = codes.to(tl.float32) * scale + zero
+        tl.store(meta + cols, tl.reshape(scale, (HEAD_SIZE,)).to(tl.float16))
+        tl.store(meta + HEAD_SIZE + cols, tl.reshape(zero, (HEAD_SIZE,)).to(tl.float16))
+    else:
+        GROUPS: tl.constexpr = HEAD_SIZE // V_GROUP
+        x3 = tl.reshape(x, (BLOCK_SIZE, GROUPS, V_GROUP))
+        out3 = tl.reshape(outlier, (BLOCK_SIZE, GROUPS, V_GROUP))
+        lo = tl.min(tl.where(out3, float("inf"), x3), 2)
+        hi = tl.max(tl.where(out3, float("-inf"), x3), 2)
+        empty = lo == float("inf")
+        lo = tl.where(empty, 0.0, lo)
+        hi = tl.where(empty, 0.0, hi)
+        codes3, scale, zero = quantize(x3, lo[:, :, None], hi[:, :, None], BITS)
+        deq = tl.reshape(codes3.to(tl.float32) * scale + zero, (BLOCK_SIZE, HEAD_SIZE))
+        codes = tl.reshape(codes3, (BLOCK_SIZE, HEAD_SIZE))
+        offs = rows[:, None] * GROUPS + tl.arange(0, GROUPS)[None, :]
+        tl.store(meta + offs, tl.reshape(scale, (BLOCK_SIZE, GROUPS)).to(tl.float16))
+        tl.store(meta + BLOCK_SIZE * GROUPS + offs, tl.reshape(zero, (BLOCK_SIZE, GROUPS)).to(tl.float16))
+    store_codes(page, codes, 0, CODES_OFF, BLOCK_SIZE, HEAD_SIZE, BITS)
+
+    residual = tl.where(outlier, 0.0, x - deq)
+    lowrank_sum = tl.zeros((BLOCK_SIZE, HEAD_SIZE), dtype=tl.float32)
+    lowrank = fp16_ptr(page + LOWRANK_OFF)
+    for r in tl.static_range(RANK):
+        b = ((cols + 1).to(tl.float32) * _GOLDEN) % 1.0 - 0.5
+        for _ in tl.static_range(POWER_ITERS):
+            b = tl.sum(residual * tl.sum(residual * b[None, :], 1)[:, None], 0)
+            b = b / (tl.sqrt(tl.sum(b * b, 0)) + _POWER_ITER_EPS)
+        a16 = tl.sum(residual * b[None, :], 1).to(tl.float16)
+        b16 = b.to(tl.float16)
+        tl.store(lowrank + r * BLOCK_SIZE + rows, a16)
+        tl.store(lowrank + RANK * BLOCK_SIZE + r * HEAD_SIZE + cols, b16)
+        outer = a16.to(tl.float32)[:, None] * b16.to(tl.float32)[None, :]
+        residual -= outer
+        lowrank_sum += outer
+
+    if NUM_OUTLIERS > 0:
+        flat = tl.reshape(outlier, (BLOCK_SIZE * HEAD_SIZE,)).to(tl.int32)
+        slot = tl.cumsum(flat, 0) - 1  # row-major order of the selected entries
+        count = tl.sum(flat, 0)
+        position = tl.arange(0, BLOCK_SIZE * HEAD_SIZE)
+        value = tl.reshape(x - deq - lowrank_sum, (BLOCK_SIZE * HEAD_SIZE,))
+        index_ptr = int16_ptr(page + SPARSE_OFF)
+        value_ptr = fp16_ptr(page + SPARSE_OFF + 2 * NUM_OUTLIERS)
+        tl.store(index_ptr + slot, position.to(tl.int16), mask=flat > 0)
+        tl.store(value_ptr + slot, value.to(tl.float16), mask=flat > 0)
+        empty_slot = tl.arange(0, NUM_OUTLIERS)
+        tl.store(index_ptr + empty_slot, tl.zeros((NUM_OUTLIERS,), tl.int16), mask=empty_slot >= count)
+        tl.store(value_ptr + empty_slot, tl.zeros((NUM_OUTLIERS,), tl.float16), mask=empty_slot >= count)
+
+
+@triton.jit
+def _finalize_blocks_kernel(
+    key_ptr, value_ptr, stride_kt, stride_kh, stride_vt, stride_vh,
+    cache_ptr, stride_cb, stride_ch, slot_mapping_ptr,
+    BLOCK_SIZE: tl.constexpr, HEAD_SIZE: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr,
+    V_GROUP: tl.constexpr, RANK: tl.constexpr, NUM_OUTLIERS: tl.constexpr, POWER_ITERS: tl.constexpr,
+    K_CODES_OFF: tl.constexpr, V_CODES_OFF: tl.constexpr, K_META_OFF: tl.constexpr,
+    V_META_OFF: tl.constexpr, K_LOWRANK_OFF: tl.constexpr, V_LOWRANK_OFF: tl.constexpr,
+    K_SPARSE_OFF: tl.constexpr, V_SPARSE_OFF: tl.constexpr,
+):
+    """Grid (num_tokens, num_kv_heads): the token at a block's last offset encodes that block."""
+    t = tl.program_id(0)
+    h = tl.program_id(1)
+    slot = tl.load(slot_mapping_ptr + t).to(tl.int64)
+    if slot < 0 or slot % BLOCK_SIZE != BLOCK_SIZE - 1:
+        return
+    block = slot // BLOCK_SIZE
+    page = cache_ptr + block * stride_cb + h * stride_ch
+    rows = tl.arange(0, BLOCK_SIZE)
+    cols = tl.arange(0, HEAD_SIZE)
+    # The token at block offset j is new in this write iff input row t - (BLOCK_SIZE-1-j) maps to it.
+    src = t - (BLOCK_SIZE - 1) + rows
+    src_slot = tl.load(slot_mapping_ptr + src, mask=src >= 0, other=-1)
+    is_new = (src_slot == block * BLOCK_SIZE + rows)[:, None]
+    src64 = tl.where(src >= 0, src, 0).to(tl.int64)[:, None]
+
+    k_new = tl.load(key_ptr + src64 * stride_kt + h * stride_kh + cols[None, :], mask=is_new, other=0.0)
+    k_old = load_block_k(page, False, BLOCK_SIZE, HEAD_SIZE, K_BITS, K_CODES_OFF, K_META_OFF,
+                         K_LOWRANK_OFF, K_SPARSE_OFF, RANK, NUM_OUTLIERS)
+    k = tl.where(is_new, k_new.to(tl.float32), k_old)
+    v_new = tl.load(value_ptr + src64 * stride_vt + h * stride_vh + cols[None, :], mask=is_new, other=0.0)
+    v_old = load_block_v(page, False, BLOCK_SIZE, HEAD_SIZE, V_BITS, V_GROUP, V_CODES_OFF, V_META_OFF,
+                         V_LOWRANK_OFF, V_SPARSE_OFF, RANK, NUM_OUTLIERS)
+    v = tl.where(is_new, v_new.to(tl.float32), v_old)
+    encode_block(k, page, True, K_BITS, K_CODES_OFF, K_META_OFF, K_LOWRANK_OFF, K_SPARSE_OFF,
+                 BLOCK_SIZE, HEAD_SIZE, V_GROUP, RANK, NUM_OUTLIERS, POWER_ITERS)
+    encode_block(v, page, False, V_BITS, V_CODES_OFF, V_META_OFF, V_LOWRANK_OFF, V_SPARSE_OFF,
+                 BLOCK_SIZE, HEAD_SIZE, V_GROUP, RANK, NUM_OUTLIERS, POWER_ITERS)
+
+
+STAGE_NUM_WARPS = 2
+FINALIZE_NUM_WARPS = 8
+"""The finalize program holds several fp32 [block_size, head_size] tiles; 8 warps keep them in registers."""
+
+
+def write_kv_pages(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    layout: PageLayout,
+    *,
+    power_iters: int = 1,
+) -> None:
+    """Write new K/V into compressed pages (vLLM's `do_kv_cache_update`).
+
+    Args:
+        key, value: [num_tokens, num_kv_heads, head_size] fp16/bf16 (rows beyond slot_mapping ignored).
+        cache: uint8 [num_blocks, num_kv_heads, layout.bytes_per_head], updated in place.
+        slot_mapping: int32/int64 [num_tokens'] block_id * block_size + offset, -1 = padding.
+        layout: the page layout of this layer.
+        power_iters: GEAR power-iteration steps (ignored when layout.rank == 0).
+    """
+    num_tokens = slot_mapping.shape[0]
+    num_kv_heads = cache.shape[1]
+    check_tensor("key", key, dtype=(torch.float16, torch.bfloat16), ndim=3,
+                 shape=(None, num_kv_heads, layout.head_size))
+    check_tensor("value", value, dtype=key.dtype, shape=(None, num_kv_heads, layout.head_size))
+    check_tensor("cache", cache, dtype=torch.uint8, shape=(None, num_kv_heads, layout.bytes_per_head))
+    check_tensor("slot_mapping", slot_mapping, dtype=(torch.int32, torch.int64), ndim=1)
+    if key.shape[0] < num_tokens:
+        raise ValueError(f"Invalid shape of key: {key.shape[0]} rows for {num_tokens} slots")
+    if num_tokens == 0:
+        return
+    consts = layout.kernel_constants()
+    grid = (num_tokens, num_kv_heads)
+    common = (key, value, key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+              cache, cache.stride(0), cache.stride(1), slot_mapping)
+    _stage_tokens_kernel[grid](
+        *common, num_tokens,
+        **{k: consts[k] for k in ("BLOCK_SIZE", "HEAD_SIZE", "K_BITS", "V_BITS", "V_GROUP", "K_CODES_OFF",
+                                  "V_CODES_OFF", "K_META_OFF", "V_META_OFF")},
+        num_warps=STAGE_NUM_WARPS,
+    )
+    _finalize_blocks_kernel[grid](
+        *common, POWER_ITERS=power_iters if layout.rank else 1, **consts, num_warps=FINALIZE_NUM_WARPS,
+    )

@@ -1,0 +1,1 @@
+"""Owns the quality harness `vllm-kvpress eval`: tasks, engines, scoring, result files."""

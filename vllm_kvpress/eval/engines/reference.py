@@ -1,0 +1,244 @@
+"""Owns the reference engine: Hugging Face transformers with our compressed pages inside attention.
+
+Batch size 1, greedy, CPU or GPU. Every attention layer keeps one sequence's K/V in a compressed
+page tensor exactly as vLLM's cache holds it (uint8 [num_blocks, num_kv_heads, bytes_per_head],
+block i = tokens [i * block_size, (i + 1) * block_size)), written and read with
+`reference.page_codec`. What attention sees mirrors the vLLM backend:
+
+- prefill chunk (T > 1 new tokens): the past from pages, its own T tokens as exact fresh K/V;
+- decode step (T == 1): everything from pages, including the token just written.
+
+The model runs with a DynamicCache only to hand the attention function this step's K/V; for a
+compressed method the exact past it also holds is never read.
+"""
+
+import torch
+
+from vllm_kvpress.layout import PageLayout
+from vllm_kvpress.reference import page_codec
+from vllm_kvpress.reference.attention import causal_attention
+
+ATTENTION_NAME = "kvpress_reference"
+"""Name under which `compressed_attention_forward` is registered in transformers' AttentionInterface."""
+PAGES_KWARG = "kvpress_pages"
+"""Forward keyword that carries the per-layer pages down to the attention function."""
+
+
+class SequencePages:
+    """One layer's compressed pages of one sequence, plus the decoded K/V of its complete blocks.
+
+    A complete block is never written again (slots only grow), so its dequantized K/V are decoded
+    once and kept; each call decodes only the blocks completed by this write and the partial one.
+    """
+
+    def __init__(self, layout: PageLayout, power_iters: int, num_kv_heads: int, max_tokens: int,
+                 device: torch.device):
+        self.layout = layout
+        self.power_iters = power_iters
+        num_blocks = -(-max_tokens // layout.block_size)
+        self.cache = torch.zeros(num_blocks, num_kv_heads, layout.bytes_per_head, dtype=torch.uint8, device=device)
+        self.num_tokens = 0
+        self._complete_k = torch.empty(0, num_kv_heads, layout.head_size, device=device)
+        self._complete_v = torch.empty(0, num_kv_heads, layout.head_size, device=device)
+
+    @property
+    def num_complete_blocks(self) -> int:
+        return self._complete_k.shape[0] // self.layout.block_size
+
+    def _read_blocks(self, first_block: int, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """read_sequence over blocks first_block.. holding `num_tokens` tokens (identity block table)."""
+        num_blocks = -(-num_tokens // self.layout.block_size)
+        block_ids = torch.arange(first_block, first_block + num_blocks)
+        return page_codec.read_sequence(self.cache, block_ids, num_tokens, self.layout)
+
+    def append(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write `key`/`value` [T, num_kv_heads, head_size] after the stored tokens, as vLLM's write
+        kernel would, and return the dequantized K, V of the whole sequence, fp32 [S, num_kv_heads, head_size]."""
+        num_new = key.shape[0]
+        seq_len = self.num_tokens + num_new
+        if seq_len > self.cache.shape[0] * self.layout.block_size:
+            raise ValueError(f"sequence of {seq_len} tokens exceeds the {self.cache.shape[0]} pages allocated")
+        slots = torch.arange(self.num_tokens, seq_len, device=self.cache.device)
+        page_codec.write_tokens(self.cache, key, value, slots, self.layout, self.power_iters)
+        self.num_tokens = seq_len
+        bs = self.layout.block_size
+        done, full = self.num_complete_blocks, seq_len // bs
+        if full > done:
+            k, v = self._read_blocks(done, (full - done) * bs)
+            self._complete_k = torch.cat([self._complete_k, k])
+            self._complete_v = torch.cat([self._complete_v, v])
+        partial = seq_len - full * bs
+        if not partial:
+            return self._complete_k, self._complete_v
+        k, v = self._read_blocks(full, partial)
+        return torch.cat([self._complete_k, k]), torch.cat([self._complete_v, v])
+
+
+def compressed_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention function: query [1, num_heads, T, head_size], key/value
+    [1, num_kv_heads, S, head_size] (the whole DynamicCache) -> ([1, T, num_heads, head_size], None).
+
+    The mask is not read: batch size 1 without padding is plain causal attention.
+    """
+    if query.shape[0] != 1:
+        raise ValueError(f"the reference engine runs batch size 1, got a batch of {query.shape[0]}")
+    pages: list[SequencePages] | None = kwargs.get(PAGES_KWARG)
+    num_new, seq_len = query.shape[2], key.shape[2]
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    q = query[0].transpose(0, 1)  # [T, num_heads, head_size]
+    k_all, v_all = key[0].transpose(0, 1), value[0].transpose(0, 1)  # [S, num_kv_heads, head_size]
+    if pages is not None:
+        layer = pages[module.layer_idx]
+        if layer.num_tokens != seq_len - num_new:
+            raise RuntimeError(f"layer {module.layer_idx}: pages hold {layer.num_tokens} tokens, the model "
+                               f"cache {seq_len - num_new}; reset the engine state between sequences")
+        # vLLM's model hands bf16 K/V to the page writer
+        k_new = k_all[seq_len - num_new :].to(torch.bfloat16)
+        v_new = v_all[seq_len - num_new :].to(torch.bfloat16)
+        k_pages, v_pages = layer.append(k_new, v_new)
+        if num_new > 1:  # prefill chunk: its own tokens come from the fresh K/V, not from pages
+            k_pages = torch.cat([k_pages[: seq_len - num_new], k_new.float()])
+            v_pages = torch.cat([v_pages[: seq_len - num_new], v_new.float()])
+        k_all, v_all = k_pages, v_pages
+    out = causal_attention(q, k_all, v_all, scale)
+    return out.to(query.dtype).unsqueeze(0), None
+
+
+_registered = False
+
+
+def register_attention() -> None:
+    """Make `attn_implementation="kvpress_reference"` known to transformers (idempotent)."""
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION_NAME, compressed_attention_forward)
+    _registered = True
+
+
+class ReferenceEngine:
+    """Greedy generation and teacher-forced NLL, batch size 1, prompts fed in prefill chunks."""
+
+    name = "reference"
+
+    def __init__(self, model_path: str, method_config, *, prefill_chunk: int, max_model_len: int,
+                 device: str | None = None, dtype: str | None = None):
+        """
+        Args:
+            method_config: a validated method config (`config.load_method_config`), or None for
+                uncompressed attention.
+            prefill_chunk: prompt tokens per forward pass; 0 means the whole prompt at once.
+            device: "cpu", "cuda", ...; default cuda when available.
+            dtype: model dtype; default bfloat16, what vLLM runs (also the faster one on CPUs with
+                AVX512-BF16; pass float32 on older CPUs).
+        """
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        register_attention()
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        torch_dtype = getattr(torch, dtype or "bfloat16")
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_path, dtype=torch_dtype, attn_implementation=ATTENTION_NAME
+        ).to(self.device).eval()
+        text_config = self.model.config.get_text_config()
+        self.num_layers = text_config.num_hidden_layers
+        self.num_kv_heads = text_config.num_key_value_heads
+        self.head_size = getattr(text_config, "head_dim", None) or (
+            text_config.hidden_size // text_config.num_attention_heads
+        )
+        self.method_config = method_config
+        self.layout = method_config.page_layout(self.head_size) if method_config is not None else None
+        self.power_iters = getattr(method_config, "power_iters", 1)
+        self.prefill_chunk = prefill_chunk
+        self.max_model_len = max_model_len
+        eos = self.model.generation_config.eos_token_id
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        if self.tokenizer.eos_token_id is not None:
+            eos.append(self.tokenizer.eos_token_id)
+        self.stop_token_ids = set(eos)
+
+    @property
+    def device_name(self) -> str:
+        if self.device.type == "cuda":
+            return torch.cuda.get_device_name(self.device)
+        import platform
+
+        return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+    def _new_sequence(self, max_tokens: int):
+        from transformers import DynamicCache
+
+        pages = None
+        if self.layout is not None:
+            pages = [SequencePages(self.layout, self.power_iters, self.num_kv_heads, max_tokens, self.device)
+                     for _ in range(self.num_layers)]
+        return DynamicCache(config=self.model.config), pages
+
+    def _forward(self, token_ids: list[int], start: int, cache, pages) -> torch.Tensor:
+        """Logits [T, vocab] (fp32) of `token_ids` placed at positions start.. of the sequence."""
+        ids = torch.tensor([token_ids], device=self.device)
+        positions = torch.arange(start, start + len(token_ids), device=self.device)[None]
+        kwargs = {PAGES_KWARG: pages} if pages is not None else {}
+        out = self.model(input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True, **kwargs)
+        return out.logits[0].float()
+
+    def _chunks(self, num_tokens: int) -> list[tuple[int, int]]:
+        step = self.prefill_chunk or num_tokens
+        return [(s, min(s + step, num_tokens)) for s in range(0, num_tokens, step)]
+
+    def _check_length(self, num_tokens: int) -> None:
+        if num_tokens > self.max_model_len:
+            raise ValueError(f"a sequence of {num_tokens} tokens exceeds --max-model-len {self.max_model_len}")
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[list[int]], max_tokens: list[int], progress=None) -> list[str]:
+        """Greedy completions of token-id prompts (already chat-formatted), one at a time."""
+        outputs = []
+        for prompt, limit in zip(prompts, max_tokens, strict=True):
+            self._check_length(len(prompt) + limit)
+            cache, pages = self._new_sequence(len(prompt) + limit)
+            for start, end in self._chunks(len(prompt)):
+                logits = self._forward(prompt[start:end], start, cache, pages)
+            generated: list[int] = []
+            position = len(prompt)
+            while True:
+                token = int(logits[-1].argmax())
+                if token in self.stop_token_ids:
+                    break
+                generated.append(token)
+                if len(generated) >= limit:
+                    break
+                logits = self._forward([token], position, cache, pages)
+                position += 1
+            outputs.append(self.tokenizer.decode(generated, skip_special_tokens=True))
+            if progress is not None:
+                progress.update(1)
+        return outputs
+
+    @torch.inference_mode()
+    def token_nll(self, token_ids: list[int]) -> list[float]:
+        """NLL (nats) of token i given tokens < i, for i = 1..N-1, teacher-forced in prefill chunks."""
+        self._check_length(len(token_ids))
+        cache, pages = self._new_sequence(len(token_ids))
+        nll: list[float] = []
+        for start, end in self._chunks(len(token_ids)):
+            logits = self._forward(token_ids[start:end], start, cache, pages)
+            targets = torch.tensor(token_ids[start + 1 : end + 1], device=self.device)
+            log_probs = logits[: targets.numel()].log_softmax(-1)
+            nll.extend((-log_probs.gather(1, targets[:, None])[:, 0]).tolist())
+        return nll
+
+    def close(self) -> None:
+        del self.model

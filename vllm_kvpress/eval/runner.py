@@ -1,0 +1,191 @@
+"""Owns one evaluation: the typed `EvalConfig`, building the samples once, and running every method
+of the config on its engine (one engine at a time), scoring, and writing the result directory.
+"""
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from vllm_kvpress.eval import multiturn, niah, perplexity, results, ruler
+from vllm_kvpress.eval.samples import Sample
+from vllm_kvpress.eval.scoring import score_task
+
+TASKS = ("niah", "ruler", "multiturn", "ppl")
+UNCOMPRESSED = "none"
+VLLM_DTYPE_BYTES_VS_BF16 = {"auto": 1.0, "fp8": 0.5, "int4_per_token_head": 0.25}
+"""Code bytes of vLLM's own KV dtypes over bf16's (int4: its per-token scales not counted)."""
+
+
+@dataclass(frozen=True)
+class MethodRun:
+    """One row of the results: a method (or none) with its resolved settings."""
+
+    method: str
+    overrides: dict[str, Any]
+    """Settings the user gave (--config), on top of configs/<method>.yaml."""
+    resolved: dict[str, Any] | None
+    """Every setting after validation (`MethodConfig.to_dict()`); None for the uncompressed run."""
+
+    @property
+    def label(self) -> str:
+        return results.run_slug(self.method, self.overrides)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    engine: str
+    model: str
+    """Embedded model name or checkpoint directory, as given."""
+    model_path: str
+    runs: tuple[MethodRun, ...]
+    kv_cache_dtype: str
+    tasks: tuple[str, ...]
+    ruler_tasks: tuple[str, ...]
+    lengths: tuple[int, ...]
+    """NIAH, RULER and multi-turn prompt lengths in tokens."""
+    depths: tuple[float, ...]
+    """NIAH needle depths in percent of the haystack."""
+    samples_per_length: int
+    """RULER samples per task and length; multi-turn samples per length."""
+    ppl_tokens: int
+    ppl_windows: int
+    prefill_chunk: int
+    max_model_len: int
+    seed: int
+    quick: bool
+    out: str
+    device: str | None = None
+    dtype: str | None = None
+    gpu_memory_utilization: float = 0.85
+    enforce_eager: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def directory_name(self) -> str:
+        model = results.slug(self.model.rstrip("/").split("/")[-1])
+        name = f"{model}-{self.engine}-" + "+".join(run.label for run in self.runs)
+        if self.kv_cache_dtype != "auto":
+            name += f"-kv_{self.kv_cache_dtype}"
+        return name + ("-quick" if self.quick else "")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def model_geometry(model_path: str) -> tuple[int, int]:
+    """(head_size, num_kv_heads) of a checkpoint, from its config."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_path).get_text_config()
+    head_size = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return head_size, config.num_key_value_heads
+
+
+def compression_ratio(run: MethodRun, method_config, head_size: int, kv_cache_dtype: str) -> float:
+    """Stored KV bytes per token and head over bf16's: 1 / layout.compression_vs_bf16."""
+    if method_config is None:
+        return VLLM_DTYPE_BYTES_VS_BF16[kv_cache_dtype]
+    return 1.0 / method_config.page_layout(head_size).compression_vs_bf16
+
+
+def build_samples(config: EvalConfig, tokenizer) -> list[Sample]:
+    samples: list[Sample] = []
+    if "niah" in config.tasks:
+        samples += niah.build_samples(tokenizer, list(config.lengths), list(config.depths), config.seed)
+    if "ruler" in config.tasks:
+        samples += ruler.build_samples(tokenizer, list(config.ruler_tasks), list(config.lengths),
+                                       config.samples_per_length, config.seed)
+    if "multiturn" in config.tasks:
+        samples += multiturn.build_samples(tokenizer, list(config.lengths), config.samples_per_length, config.seed)
+    for sample in samples:
+        if sample.num_prompt_tokens + sample.max_tokens > config.max_model_len:
+            raise ValueError(f"{sample.task} {sample.sample_id}: {sample.num_prompt_tokens} prompt + "
+                             f"{sample.max_tokens} generated tokens exceed --max-model-len {config.max_model_len}; "
+                             "use shorter --lengths")
+    return samples
+
+
+def niah_grid(samples: list[Sample], correct: list[bool]) -> dict[str, dict[str, int]]:
+    grid: dict[str, dict[str, int]] = {}
+    for sample, ok in zip(samples, correct, strict=True):
+        if sample.task == niah.TASK:
+            grid.setdefault(str(sample.info["target_tokens"]), {})[f"{sample.info['depth_percent']:g}"] = int(ok)
+    return grid
+
+
+def run_method(config: EvalConfig, run: MethodRun, method_config, samples: list[Sample],
+               windows: list, head_size: int) -> tuple[dict[str, Any], list[dict]]:
+    """Evaluate one method: generation tasks, then perplexity. Returns (result row, predictions)."""
+    from tqdm import tqdm
+
+    from vllm_kvpress.eval.engines import make_engine
+
+    started = time.perf_counter()
+    engine = make_engine(config.engine, config.model_path, method_config, prefill_chunk=config.prefill_chunk,
+                         max_model_len=config.max_model_len, kv_cache_dtype=config.kv_cache_dtype,
+                         device=config.device, dtype=config.dtype,
+                         gpu_memory_utilization=config.gpu_memory_utilization, enforce_eager=config.enforce_eager)
+    try:
+        completions: list[str] = []
+        if samples:
+            with tqdm(total=len(samples), desc=f"{run.label}: generate", unit="sample") as bar:
+                completions = engine.generate([list(s.prompt_ids) for s in samples],
+                                              [s.max_tokens for s in samples], progress=bar)
+        scored_nll: list[float] = []
+        for window in tqdm(windows, desc=f"{run.label}: perplexity", unit="window", disable=not windows):
+            scored_nll += engine.token_nll(list(window.token_ids))[window.first_scored :]
+        device_name = engine.device_name
+    finally:
+        engine.close()
+
+    by_task: dict[str, list[int]] = {}
+    for i, sample in enumerate(samples):
+        by_task.setdefault(sample.task, []).append(i)
+    task_scores = {
+        task: score_task(task, [completions[i] for i in idx], [samples[i].answers for i in idx]).to_dict()
+        for task, idx in by_task.items()
+    }
+    correct = [all(a.lower() in c.lower() for a in s.answers) for s, c in zip(samples, completions, strict=True)]
+    row: dict[str, Any] = {
+        "label": run.label, "method": run.method, "method_config": run.resolved,
+        "kv_cache_dtype": config.kv_cache_dtype,
+        "compression_ratio": compression_ratio(run, method_config, head_size, config.kv_cache_dtype),
+        "tasks": task_scores, "niah_grid": niah_grid(samples, correct),
+        "seconds": round(time.perf_counter() - started, 1), "device": device_name,
+    }
+    if windows:
+        mean = sum(scored_nll) / len(scored_nll)
+        row["ppl"] = {"corpus": windows[0].corpus, "windows": len(windows), "tokens_scored": len(scored_nll),
+                      "mean_nll": mean, "ppl": math.exp(mean)}
+    predictions = [
+        {"method": run.label, "task": s.task, "sample_id": s.sample_id, "prompt_tokens": s.num_prompt_tokens,
+         "answers": list(s.answers), "completion": c, "correct": ok, "info": s.info}
+        for s, c, ok in zip(samples, completions, correct, strict=True)
+    ]
+    return row, predictions
+
+
+def evaluate(config: EvalConfig, method_configs: list, command: str) -> str:
+    """Run every method of `config`; write and return the result directory."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(config.model_path)
+    head_size, _ = model_geometry(config.model_path)
+    samples = build_samples(config, tokenizer)
+    windows = (perplexity.build_windows(tokenizer, config.ppl_tokens, config.prefill_chunk, config.ppl_windows)
+               if "ppl" in config.tasks else [])
+    result_dir = results.create_result_dir(config.out, config.directory_name())
+    rows, predictions = [], []
+    for run, method_config in zip(config.runs, method_configs, strict=True):
+        row, preds = run_method(config, run, method_config, samples, windows, head_size)
+        rows.append(row)
+        predictions += preds
+    baseline = next((r for r in rows if r["method"] == UNCOMPRESSED and r.get("ppl")), None)
+    for row in rows:
+        if baseline is not None and row.get("ppl"):
+            row["ppl"]["delta_nll_vs_none"] = row["ppl"]["mean_nll"] - baseline["ppl"]["mean_nll"]
+    payload = {"name": config.directory_name(), "runs": rows}
+    results.write_results(result_dir, config.to_dict(), command, results.environment(rows[0]["device"]),
+                          payload, predictions)
+    return result_dir
