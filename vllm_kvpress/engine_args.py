@@ -10,14 +10,15 @@ vLLM builds its CLI from `EngineArgs` fields and offers plugins no hook for new 
 """
 
 import argparse
-import logging
 from typing import Any
+
+from vllm.logger import init_logger
 
 from vllm_kvpress.config import ADDITIONAL_CONFIG_KEY, load_method_config, parse_config_argument
 from vllm_kvpress.errors import KVCompressionConfigError
 from vllm_kvpress.methods import METHODS, MethodConfig
 
-logger = logging.getLogger("vllm_kvpress")
+logger = init_logger("vllm.kvpress")
 
 CLI_GROUP = "KVCompression"
 CUSTOM_BACKEND = "CUSTOM"

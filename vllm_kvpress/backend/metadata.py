@@ -22,8 +22,13 @@ from vllm.v1.attention.backend import (
     CommonAttentionMetadata,
 )
 from vllm.v1.attention.backends.utils import split_decodes_and_prefills
+from vllm.logger import init_logger
+
+from vllm_kvpress.backend.state import method_config_from_vllm_config
 
 from vllm_kvpress.triton_kernels.decode_attention import split_buffers
+
+logger = init_logger("vllm.kvpress")
 
 SPLIT_TARGET_WAVES = 4
 """Decode aims for this many programs per SM, cutting sequences into splits when the batch is small."""
@@ -76,6 +81,13 @@ class KVPressMetadataBuilder(AttentionMetadataBuilder[KVPressMetadata]):
         # max over batch sizes B of B * num_decode_splits(B) <= max_seqs + waves*SMs / kv_heads
         capacity = max_seqs + -(-SPLIT_TARGET_WAVES * self.num_sms // self.num_kv_heads)
         self.split_buffers = split_buffers(capacity, self.num_heads, model_config.get_head_size(), device)
+        method_config = method_config_from_vllm_config(vllm_config)
+        layout = method_config.page_layout(model_config.get_head_size())
+        logger.info(
+            "vllm-kvpress: %s pages with %s; %.1f bytes per token and KV head (%.2fx the bf16 capacity), "
+            "block size %d", method_config.method, method_config.to_dict(), layout.bytes_per_token_head,
+            layout.compression_vs_bf16, layout.block_size,
+        )
 
     def build(
         self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata, fast_build: bool = False

@@ -1,0 +1,109 @@
+"""vLLM 0.26.0 end to end on the GPU with a real model (KVPRESS_MODEL: a Hugging Face checkpoint
+directory, e.g. SmolLM2-135M-Instruct). Each engine runs in its own process.
+
+    KVPRESS_MODEL=/path/to/smollm2 pytest -m gpu tests/gpu/test_vllm_e2e.py -s
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+pytestmark = pytest.mark.gpu
+
+MODEL = os.environ.get("KVPRESS_MODEL", "")
+PROMPTS = ["The capital of France is", "Q: What is 12 + 30?\nA:", "The first president of the United States was"]
+
+OFFLINE = """
+import json, sys
+from vllm import LLM, SamplingParams
+kwargs = json.loads(sys.argv[2])
+llm = LLM(model=sys.argv[1], max_model_len=4096, gpu_memory_utilization=0.5, seed=0, **kwargs)
+outs = llm.generate(json.loads(sys.argv[3]), SamplingParams(temperature=0, max_tokens=24))
+cfg = llm.llm_engine.vllm_config
+print("RESULT " + json.dumps({"texts": [o.outputs[0].text for o in outs],
+                              "backend": str(cfg.attention_config.backend),
+                              "blocks": cfg.cache_config.num_gpu_blocks, "block_size": cfg.cache_config.block_size}))
+"""
+
+
+def _offline(kwargs: dict) -> tuple[dict, str]:
+    out = subprocess.run([sys.executable, "-c", OFFLINE, MODEL, json.dumps(kwargs), json.dumps(PROMPTS)],
+                         capture_output=True, text=True, timeout=900)
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log[-5000:]
+    line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT "):]), log
+
+
+@pytest.fixture(scope="module")
+def baseline():
+    assert MODEL, "set KVPRESS_MODEL to a Hugging Face checkpoint directory"
+    return _offline({})
+
+
+def test_plain_vllm_is_unaffected(baseline):
+    result, log = baseline
+    assert result["backend"] == "None" and "vllm-kvpress:" not in log
+    assert "FLASH_ATTN" in log  # vLLM's own pick on Hopper
+    assert "Paris" in result["texts"][0]
+
+
+@pytest.mark.parametrize("settings", [{"method": "gear"}, {"method": "kivi", "bits": 2}, {"method": "gear", "bits": 2}])
+def test_compressed_generation_with_cuda_graphs(baseline, settings):
+    result, log = _offline({"additional_config": {"kv_compression": settings}})
+    print(settings, result, "\nbaseline", baseline[0])
+    assert "vllm-kvpress:" in log and result["backend"].endswith("CUSTOM")
+    assert result["block_size"] == 64
+    base_tokens = baseline[0]["blocks"] * 16
+    assert result["blocks"] * 64 > 2.5 * base_tokens
+    assert "Paris" in result["texts"][0]
+
+
+def _post(url, payload):
+    req = urllib.request.Request(url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        return r.read().decode()
+
+
+def test_vllm_serve_answers_openai_requests_with_gear(tmp_path):
+    assert MODEL
+    log_path = tmp_path / "serve.log"
+    port = 8123
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(
+            ["vllm", "serve", MODEL, "--port", str(port), "--max-model-len", "4096", "--gpu-memory-utilization", "0.5",
+             "--kv-compression", "gear", "--kv-compression-config", '{"bits": 4}'],
+            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        for _ in range(300):
+            try:
+                urllib.request.urlopen(base + "/health", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None, log_path.read_text()[-5000:]
+                time.sleep(1)
+        completion = json.loads(_post(base + "/v1/completions", {"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 16,
+                                                                "temperature": 0}))
+        assert "Paris" in completion["choices"][0]["text"]
+        chat = json.loads(_post(base + "/v1/chat/completions", {
+            "model": MODEL, "temperature": 0, "max_tokens": 32,
+            "messages": [{"role": "user", "content": "What is the capital of France?"}]}))
+        assert "Paris" in chat["choices"][0]["message"]["content"]
+        stream = _post(base + "/v1/chat/completions", {
+            "model": MODEL, "temperature": 0, "max_tokens": 32, "stream": True,
+            "messages": [{"role": "user", "content": "What is the capital of France?"}]})
+        pieces = [json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
+                  for line in stream.splitlines() if line.startswith("data: {")]
+        assert "Paris" in "".join(pieces)
+        text = log_path.read_text()
+        assert "vllm-kvpress: gear pages" in text, text[-3000:]
+        print([l for l in text.splitlines() if "kvpress" in l or "CUSTOM" in l][:6])
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
