@@ -111,18 +111,19 @@ def load_block_k(page, complete, BLOCK_SIZE: tl.constexpr, HEAD_SIZE: tl.constex
     """
     codes = load_codes(page, K_CODES_OFF, BLOCK_SIZE, HEAD_SIZE, K_BITS).to(tl.float32)
     meta = fp16_ptr(page + K_META_OFF)
+    # The compiler needs every name assigned in both branches to have one type: only `k` is shared.
     if complete:
         cols = tl.arange(0, HEAD_SIZE)
-        scale = tl.load(meta + cols).to(tl.float32)
-        zero = tl.load(meta + HEAD_SIZE + cols).to(tl.float32)
-        k = codes * scale[None, :] + zero[None, :]
+        channel_scale = tl.load(meta + cols).to(tl.float32)
+        channel_zero = tl.load(meta + HEAD_SIZE + cols).to(tl.float32)
+        k = codes * channel_scale[None, :] + channel_zero[None, :]
         if RANK > 0 or NUM_OUTLIERS > 0:
             k = add_gear_terms(k, page, K_LOWRANK_OFF, K_SPARSE_OFF, BLOCK_SIZE, HEAD_SIZE, RANK, NUM_OUTLIERS)
     else:
         rows = tl.arange(0, BLOCK_SIZE)
-        scale = tl.load(meta + rows).to(tl.float32)
-        zero = tl.load(meta + BLOCK_SIZE + rows).to(tl.float32)
-        k = codes * scale[:, None] + zero[:, None]
+        token_scale = tl.load(meta + rows).to(tl.float32)
+        token_zero = tl.load(meta + BLOCK_SIZE + rows).to(tl.float32)
+        k = codes * token_scale[:, None] + token_zero[:, None]
     return k
 
 
