@@ -46,6 +46,18 @@ def quantize(x, lo, hi, BITS: tl.constexpr):
 
 
 @triton.jit
+def quantize_symmetric(x, amax, BITS: tl.constexpr):
+    """Codes over [-amax, amax] (broadcast) with only an fp16 scale stored: x ~ (code - qmax/2) * scale."""
+    QMAX: tl.constexpr = (1 << BITS) - 1
+    scale = tl.math.div_rn(2.0 * amax, QMAX * 1.0).to(tl.float16).to(tl.float32)
+    safe = tl.where(scale > 0, scale, 1.0)
+    codes = tl.floor(tl.math.div_rn(x, safe) + QMAX * 0.5 + 0.5)
+    codes = tl.minimum(tl.maximum(codes, 0.0), QMAX * 1.0)
+    codes = tl.where(scale > 0, codes, QMAX // 2)
+    return codes.to(tl.int32), scale
+
+
+@triton.jit
 def store_codes(page, codes, row, CODES_OFF: tl.constexpr, ROWS: tl.constexpr,
                 COLS: tl.constexpr, BITS: tl.constexpr):
     """Pack int32 codes [ROWS, COLS] and store them from token row `row` on."""
@@ -59,7 +71,7 @@ def _stage_tokens_kernel(
     key_ptr, value_ptr, stride_kt, stride_kh, stride_vt, stride_vh,
     cache_ptr, stride_cb, stride_ch, slot_mapping_ptr, num_tokens,
     BLOCK_SIZE: tl.constexpr, HEAD_SIZE: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr,
-    V_GROUP: tl.constexpr, K_CODES_OFF: tl.constexpr, V_CODES_OFF: tl.constexpr,
+    V_GROUP: tl.constexpr, K_STAGE_GROUP: tl.constexpr, K_CODES_OFF: tl.constexpr, V_CODES_OFF: tl.constexpr,
     K_META_OFF: tl.constexpr, V_META_OFF: tl.constexpr,
 ):
     """Grid (num_tokens, num_kv_heads): stage one token of a block that stays partial."""
@@ -79,11 +91,12 @@ def _stage_tokens_kernel(
     k = tl.load(key_ptr + t.to(tl.int64) * stride_kt + h * stride_kh + cols).to(tl.float32)
     v = tl.load(value_ptr + t.to(tl.int64) * stride_vt + h * stride_vh + cols).to(tl.float32)
 
-    k_codes, k_scale, k_zero = quantize(k, tl.min(k, 0), tl.max(k, 0), K_BITS)
+    K_GROUPS: tl.constexpr = HEAD_SIZE // K_STAGE_GROUP
+    k_groups = tl.reshape(k, (K_GROUPS, K_STAGE_GROUP))
+    k_codes, k_scale = quantize_symmetric(k_groups, tl.max(tl.abs(k_groups), 1)[:, None], K_BITS)
     store_codes(page, tl.reshape(k_codes, (1, HEAD_SIZE)), off, K_CODES_OFF, 1, HEAD_SIZE, K_BITS)
-    k_meta = fp16_ptr(page + K_META_OFF)
-    tl.store(k_meta + off, k_scale.to(tl.float16))
-    tl.store(k_meta + BLOCK_SIZE + off, k_zero.to(tl.float16))
+    kg = tl.arange(0, K_GROUPS)
+    tl.store(fp16_ptr(page + K_META_OFF) + off * K_GROUPS + kg, tl.reshape(k_scale, (K_GROUPS,)).to(tl.float16))
 
     GROUPS: tl.constexpr = HEAD_SIZE // V_GROUP
     v_groups = tl.reshape(v, (GROUPS, V_GROUP))
@@ -201,8 +214,8 @@ def _finalize_blocks_kernel(
     key_ptr, value_ptr, stride_kt, stride_kh, stride_vt, stride_vh,
     cache_ptr, stride_cb, stride_ch, slot_mapping_ptr,
     BLOCK_SIZE: tl.constexpr, HEAD_SIZE: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr,
-    V_GROUP: tl.constexpr, RANK: tl.constexpr, NUM_OUTLIERS: tl.constexpr, POWER_ITERS: tl.constexpr,
-    K_CODES_OFF: tl.constexpr, V_CODES_OFF: tl.constexpr, K_META_OFF: tl.constexpr,
+    V_GROUP: tl.constexpr, K_STAGE_GROUP: tl.constexpr, RANK: tl.constexpr, NUM_OUTLIERS: tl.constexpr,
+    POWER_ITERS: tl.constexpr, K_CODES_OFF: tl.constexpr, V_CODES_OFF: tl.constexpr, K_META_OFF: tl.constexpr,
     V_META_OFF: tl.constexpr, K_LOWRANK_OFF: tl.constexpr, V_LOWRANK_OFF: tl.constexpr,
     K_SPARSE_OFF: tl.constexpr, V_SPARSE_OFF: tl.constexpr,
 ):
@@ -223,7 +236,7 @@ def _finalize_blocks_kernel(
     src64 = tl.where(src >= 0, src, 0).to(tl.int64)[:, None]
 
     k_new = tl.load(key_ptr + src64 * stride_kt + h * stride_kh + cols[None, :], mask=is_new, other=0.0)
-    k_old = load_block_k(page, False, BLOCK_SIZE, HEAD_SIZE, K_BITS, K_CODES_OFF, K_META_OFF,
+    k_old = load_block_k(page, False, BLOCK_SIZE, HEAD_SIZE, K_BITS, K_STAGE_GROUP, K_CODES_OFF, K_META_OFF,
                          K_LOWRANK_OFF, K_SPARSE_OFF, RANK, NUM_OUTLIERS)
     k = tl.where(is_new, k_new.to(tl.float32), k_old)
     v_new = tl.load(value_ptr + src64 * stride_vt + h * stride_vh + cols[None, :], mask=is_new, other=0.0)
@@ -276,8 +289,8 @@ def write_kv_pages(
               cache, cache.stride(0), cache.stride(1), slot_mapping)
     _stage_tokens_kernel[grid](
         *common, num_tokens,
-        **{k: consts[k] for k in ("BLOCK_SIZE", "HEAD_SIZE", "K_BITS", "V_BITS", "V_GROUP", "K_CODES_OFF",
-                                  "V_CODES_OFF", "K_META_OFF", "V_META_OFF")},
+        **{k: consts[k] for k in ("BLOCK_SIZE", "HEAD_SIZE", "K_BITS", "V_BITS", "V_GROUP", "K_STAGE_GROUP",
+                                  "K_CODES_OFF", "V_CODES_OFF", "K_META_OFF", "V_META_OFF")},
         num_warps=STAGE_NUM_WARPS,
     )
     _finalize_blocks_kernel[grid](

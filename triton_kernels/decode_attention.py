@@ -1,9 +1,17 @@
-"""Owns decode attention over compressed pages: split-KV, dequantization in registers, then a reduction.
+"""Owns decode attention over compressed pages: split-KV, dequantization folded into the matmuls.
 
 `_decode_split_kernel`, grid (num_seqs, num_kv_heads, num_splits): one program takes all query
-heads of one KV head (the GQA group padded to at least 16 rows for `tl.dot`) and a contiguous run
-of that sequence's blocks; it reads each packed block once, dequantizes it in registers, and
-keeps an online softmax. It writes an unnormalized partial output, running max and sum.
+heads of one KV head (the GQA group, padded to a power of two; Triton pads `tl.dot` to its MMA shape) and a contiguous run
+of that sequence's blocks, reads each packed block once and keeps an online softmax. Decode is
+bound by the bytes it reads, so the per-element work is kept to unpacking codes:
+
+- K of a complete block is `code * s_c + z_c` per channel, so q.k = (q * s).code + q.z: the scale
+  goes into the (16-row) query once per block instead of into the (block_size-row) key tile;
+- V is `code * s_t + z_t` per token (and channel group), so p.V = (p * s_t).code + p.z_t;
+- codes become dot operands through the magic-number OR of `codes_as_operand`;
+- GEAR's low-rank and sparse terms are applied to scores and outputs (rank-r vectors and one-hot
+  products of the outlier slots), never to the tiles.
+
 `_reduce_splits_kernel`, grid (num_seqs, num_heads), merges the splits. The grid depends only on
 the batch size, never on sequence lengths, so the launch is CUDA-graph safe.
 """
@@ -14,11 +22,103 @@ import triton.language as tl
 
 from vllm_kvpress.layout import PageLayout
 from vllm_kvpress.triton_kernels.checks import check_tensor
-from vllm_kvpress.triton_kernels.page_format import dot_dtype, load_block_k, load_block_v
+from vllm_kvpress.triton_kernels.page_format import (
+    code_bias,
+    load_codes_operand,
+    dequantize_staged_k,
+    dot_dtype,
+    fp16_ptr,
+    int16_ptr,
+    load_codes,
+)
 
 LOG2E = 1.4426950408889634
-MIN_DOT_ROWS = 16
-"""tl.dot needs at least 16 rows; the GQA group is padded up to this."""
+
+
+@triton.jit
+def gear_score_terms(q, q_rows_ptr, row_valid, page, LOWRANK_OFF: tl.constexpr, SPARSE_OFF: tl.constexpr,
+                     BLOCK_SIZE: tl.constexpr, HEAD_SIZE: tl.constexpr, RANK: tl.constexpr,
+                     NUM_OUTLIERS: tl.constexpr):
+    """q.(a b^T + S)^T for one block: [rows, BLOCK_SIZE] fp32. q fp32 [rows, HEAD_SIZE]."""
+    tokens = tl.arange(0, BLOCK_SIZE)
+    extra = tl.zeros((q.shape[0], BLOCK_SIZE), tl.float32)
+    lowrank = fp16_ptr(page + LOWRANK_OFF)
+    for r in tl.static_range(RANK):
+        a = tl.load(lowrank + r * BLOCK_SIZE + tokens).to(tl.float32)
+        b = tl.load(lowrank + RANK * BLOCK_SIZE + r * HEAD_SIZE + tl.arange(0, HEAD_SIZE)).to(tl.float32)
+        extra += tl.sum(q * b[None, :], 1)[:, None] * a[None, :]
+    if NUM_OUTLIERS > 0:
+        slots = tl.arange(0, NUM_OUTLIERS)
+        index = tl.load(int16_ptr(page + SPARSE_OFF) + slots).to(tl.int32)
+        value = tl.load(fp16_ptr(page + SPARSE_OFF + 2 * NUM_OUTLIERS) + slots).to(tl.float32)
+        # q[:, c_i] * value_i, gathered from global memory (the query rows are tiny and cached)
+        q_at = tl.load(q_rows_ptr[:, None] + (index % HEAD_SIZE)[None, :], mask=row_valid[:, None], other=0.0)
+        by_token = ((index // HEAD_SIZE)[:, None] == tokens[None, :]).to(tl.float16)
+        extra += tl.dot((q_at.to(tl.float32) * value[None, :]).to(tl.float16), by_token)
+    return extra
+
+
+@triton.jit
+def gear_output_terms(p, page, LOWRANK_OFF: tl.constexpr, SPARSE_OFF: tl.constexpr,
+                      BLOCK_SIZE: tl.constexpr, HEAD_SIZE: tl.constexpr, RANK: tl.constexpr,
+                      NUM_OUTLIERS: tl.constexpr):
+    """p.(a b^T + S) for one block: [rows, HEAD_SIZE] fp32. p fp32 [rows, BLOCK_SIZE]."""
+    cols = tl.arange(0, HEAD_SIZE)
+    extra = tl.zeros((p.shape[0], HEAD_SIZE), tl.float32)
+    lowrank = fp16_ptr(page + LOWRANK_OFF)
+    for r in tl.static_range(RANK):
+        a = tl.load(lowrank + r * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)).to(tl.float32)
+        b = tl.load(lowrank + RANK * BLOCK_SIZE + r * HEAD_SIZE + cols).to(tl.float32)
+        extra += tl.sum(p * a[None, :], 1)[:, None] * b[None, :]
+    if NUM_OUTLIERS > 0:
+        slots = tl.arange(0, NUM_OUTLIERS)
+        index = tl.load(int16_ptr(page + SPARSE_OFF) + slots).to(tl.int32)
+        value = tl.load(fp16_ptr(page + SPARSE_OFF + 2 * NUM_OUTLIERS) + slots).to(tl.float32)
+        by_token = ((index // HEAD_SIZE)[None, :] == tl.arange(0, BLOCK_SIZE)[:, None]).to(tl.float16)
+        p_at = tl.dot(p.to(tl.float16), by_token)  # [rows, NUM_OUTLIERS]: p[:, t_i]
+        by_channel = ((index % HEAD_SIZE)[:, None] == cols[None, :]).to(tl.float16)
+        extra += tl.dot((p_at * value[None, :]).to(tl.float16), by_channel)
+    return extra
+
+
+@triton.jit
+def block_output(p, page, complete, DOT_DTYPE: tl.constexpr, V_BIAS: tl.constexpr,
+                 BLOCK_SIZE: tl.constexpr, HEAD_SIZE: tl.constexpr, V_BITS: tl.constexpr,
+                 V_GROUP: tl.constexpr, V_CODES_OFF: tl.constexpr, V_META_OFF: tl.constexpr,
+                 V_LOWRANK_OFF: tl.constexpr, V_SPARSE_OFF: tl.constexpr, RANK: tl.constexpr,
+                 NUM_OUTLIERS: tl.constexpr):
+    """p.V for one block, p fp32 [rows, BLOCK_SIZE] -> [rows, HEAD_SIZE] fp32."""
+    GROUPS: tl.constexpr = HEAD_SIZE // V_GROUP
+    ROWS: tl.constexpr = p.shape[0]
+    codes = load_codes_operand(page, V_CODES_OFF, BLOCK_SIZE, HEAD_SIZE, V_BITS, DOT_DTYPE, V_BIAS)
+    meta = fp16_ptr(page + V_META_OFF)
+    offs = tl.arange(0, BLOCK_SIZE)[:, None] * GROUPS + tl.arange(0, GROUPS)[None, :]
+    scale = tl.trans(tl.load(meta + offs).to(tl.float32))  # [GROUPS, BLOCK_SIZE]
+    zero = tl.trans(tl.load(meta + BLOCK_SIZE * GROUPS + offs).to(tl.float32))
+    # one row block of p * s_g per channel group g; each keeps only its own group's columns
+    p_scaled = tl.reshape(p[None, :, :] * scale[:, None, :], (GROUPS * ROWS, BLOCK_SIZE)).to(DOT_DTYPE)
+    shift = tl.sum(p[None, :, :] * zero[:, None, :]
+                   - V_BIAS * tl.reshape(p_scaled.to(tl.float32), (GROUPS, ROWS, BLOCK_SIZE)), 2)
+    per_group = tl.reshape(tl.dot(p_scaled, codes), (GROUPS, ROWS, HEAD_SIZE)) + shift[:, :, None]
+    if GROUPS == 1:
+        out = tl.reshape(per_group, (ROWS, HEAD_SIZE))
+    else:
+        own = tl.arange(0, GROUPS)[:, None, None] == (tl.arange(0, HEAD_SIZE) // V_GROUP)[None, None, :]
+        out = tl.sum(tl.where(own, per_group, 0.0), 0)
+    if RANK > 0 or NUM_OUTLIERS > 0:
+        if complete:
+            out += gear_output_terms(p, page, V_LOWRANK_OFF, V_SPARSE_OFF, BLOCK_SIZE, HEAD_SIZE, RANK,
+                                     NUM_OUTLIERS)
+    return out
+
+
+@triton.jit
+def online_softmax_update(scores, running_max, running_sum, acc):
+    """Fold base-2 scores [rows, n] into the running max/sum; returns p and the rescaled acc."""
+    new_max = tl.maximum(running_max, tl.max(scores, 1))
+    p = tl.exp2(scores - new_max[:, None])
+    alpha = tl.exp2(running_max - new_max)
+    return p, new_max, running_sum * alpha + tl.sum(p, 1), acc * alpha[:, None]
 
 
 @triton.jit
@@ -29,8 +129,9 @@ def _decode_split_kernel(
     part_out_ptr, part_max_ptr, part_sum_ptr,
     scale_log2,
     NUM_SPLITS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    K_BIAS: tl.constexpr, V_BIAS: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, HEAD_SIZE: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr,
-    V_GROUP: tl.constexpr, RANK: tl.constexpr, NUM_OUTLIERS: tl.constexpr,
+    V_GROUP: tl.constexpr, K_STAGE_GROUP: tl.constexpr, RANK: tl.constexpr, NUM_OUTLIERS: tl.constexpr,
     K_CODES_OFF: tl.constexpr, V_CODES_OFF: tl.constexpr, K_META_OFF: tl.constexpr,
     V_META_OFF: tl.constexpr, K_LOWRANK_OFF: tl.constexpr, V_LOWRANK_OFF: tl.constexpr,
     K_SPARSE_OFF: tl.constexpr, V_SPARSE_OFF: tl.constexpr,
@@ -48,30 +149,45 @@ def _decode_split_kernel(
     cols = tl.arange(0, HEAD_SIZE)
     head = kv_head * GROUP + rows
     row_valid = rows < GROUP
-    # q : (GROUP_PAD, HEAD_SIZE), the decode token of `seq` is query row `seq`
-    q = tl.load(q_ptr + seq.to(tl.int64) * stride_qt + head[:, None] * stride_qh + cols[None, :],
-                mask=row_valid[:, None], other=0.0).to(DOT_DTYPE)
+    # q : (GROUP_PAD, HEAD_SIZE) fp32, pre-multiplied by scale * log2(e); the decode token of `seq` is row `seq`
+    q_rows_ptr = q_ptr + seq.to(tl.int64) * stride_qt + head * stride_qh
+    q = tl.load(q_rows_ptr[:, None] + cols[None, :], mask=row_valid[:, None], other=0.0).to(tl.float32) * scale_log2
+    q_operand = q.to(DOT_DTYPE)
     running_max = tl.full((GROUP_PAD,), float("-inf"), tl.float32)
     running_sum = tl.zeros((GROUP_PAD,), tl.float32)
     acc = tl.zeros((GROUP_PAD, HEAD_SIZE), tl.float32)
     tokens = tl.arange(0, BLOCK_SIZE)
-    for b in range(first, last):
+    # complete blocks: the hot loop; the partial last block (if this split owns it) is handled after
+    num_complete = seq_len // BLOCK_SIZE
+    for b in range(first, tl.minimum(last, num_complete)):
         block_id = tl.load(block_table_ptr + seq.to(tl.int64) * stride_bt + b).to(tl.int64)
         page = cache_ptr + block_id * stride_cb + kv_head * stride_ch
-        complete = (b + 1) * BLOCK_SIZE <= seq_len
-        # k, v : (BLOCK_SIZE, HEAD_SIZE) fp32, dequantized in registers
-        k = load_block_k(page, complete, BLOCK_SIZE, HEAD_SIZE, K_BITS, K_CODES_OFF, K_META_OFF,
-                         K_LOWRANK_OFF, K_SPARSE_OFF, RANK, NUM_OUTLIERS)
-        scores = tl.dot(q, tl.trans(k.to(DOT_DTYPE))) * scale_log2
-        scores = tl.where((b * BLOCK_SIZE + tokens < seq_len)[None, :], scores, float("-inf"))
-        new_max = tl.maximum(running_max, tl.max(scores, 1))
-        p = tl.exp2(scores - new_max[:, None])
-        alpha = tl.exp2(running_max - new_max)
-        v = load_block_v(page, complete, BLOCK_SIZE, HEAD_SIZE, V_BITS, V_GROUP, V_CODES_OFF, V_META_OFF,
-                         V_LOWRANK_OFF, V_SPARSE_OFF, RANK, NUM_OUTLIERS)
-        running_sum = running_sum * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE))
-        running_max = new_max
+        # k_codes : (BLOCK_SIZE, HEAD_SIZE), K_BIAS + code in the dot dtype
+        k_codes = load_codes_operand(page, K_CODES_OFF, BLOCK_SIZE, HEAD_SIZE, K_BITS, DOT_DTYPE, K_BIAS)
+        k_meta = fp16_ptr(page + K_META_OFF)
+        channel_scale = tl.load(k_meta + cols).to(tl.float32)
+        channel_zero = tl.load(k_meta + HEAD_SIZE + cols).to(tl.float32)
+        q_scaled = (q * channel_scale[None, :]).to(DOT_DTYPE)
+        # q.z minus the magic bias, from the rounded q_scaled actually fed to the matmul
+        shift = tl.sum(q * channel_zero[None, :] - K_BIAS * q_scaled.to(tl.float32), 1)
+        scores = tl.dot(q_scaled, tl.trans(k_codes)) + shift[:, None]
+        if RANK > 0 or NUM_OUTLIERS > 0:
+            scores += scale_log2 * gear_score_terms(q / scale_log2, q_rows_ptr, row_valid, page, K_LOWRANK_OFF,
+                                                    K_SPARSE_OFF, BLOCK_SIZE, HEAD_SIZE, RANK, NUM_OUTLIERS)
+        p, running_max, running_sum, acc = online_softmax_update(scores, running_max, running_sum, acc)
+        acc += block_output(p, page, True, DOT_DTYPE, V_BIAS, BLOCK_SIZE, HEAD_SIZE, V_BITS, V_GROUP,
+                            V_CODES_OFF, V_META_OFF, V_LOWRANK_OFF, V_SPARSE_OFF, RANK, NUM_OUTLIERS)
+    if (num_complete < last) & (num_complete >= first):
+        # the sequence's partial block: staged K (plain dequantization is cheap for one block), no GEAR terms
+        block_id = tl.load(block_table_ptr + seq.to(tl.int64) * stride_bt + num_complete).to(tl.int64)
+        page = cache_ptr + block_id * stride_cb + kv_head * stride_ch
+        k_codes = load_codes(page, K_CODES_OFF, BLOCK_SIZE, HEAD_SIZE, K_BITS).to(tl.float32)
+        k = dequantize_staged_k(k_codes, fp16_ptr(page + K_META_OFF), BLOCK_SIZE, HEAD_SIZE, K_BITS, K_STAGE_GROUP)
+        scores = tl.dot(q_operand, tl.trans(k.to(DOT_DTYPE)))
+        scores = tl.where((num_complete * BLOCK_SIZE + tokens < seq_len)[None, :], scores, float("-inf"))
+        p, running_max, running_sum, acc = online_softmax_update(scores, running_max, running_sum, acc)
+        acc += block_output(p, page, False, DOT_DTYPE, V_BIAS, BLOCK_SIZE, HEAD_SIZE, V_BITS, V_GROUP,
+                            V_CODES_OFF, V_META_OFF, V_LOWRANK_OFF, V_SPARSE_OFF, RANK, NUM_OUTLIERS)
 
     part = (seq * NUM_SPLITS + split).to(tl.int64)
     num_heads = tl.num_programs(1) * GROUP
@@ -151,16 +267,16 @@ def decode_attention(
     if num_seqs == 0:
         return out
     group = num_heads // num_kv_heads
-    consts = layout.kernel_constants()
     _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
         query, query.stride(0), query.stride(1),
         cache, cache.stride(0), cache.stride(1),
         block_table, block_table.stride(0), seq_lens,
         part_out, part_max, part_sum,
         scale * LOG2E,
-        NUM_SPLITS=num_splits, GROUP=group, GROUP_PAD=max(MIN_DOT_ROWS, triton.next_power_of_2(group)),
-        DOT_DTYPE=dot_dtype(query.dtype),
-        **consts, num_warps=4,
+        NUM_SPLITS=num_splits, GROUP=group, GROUP_PAD=triton.next_power_of_2(group),
+        DOT_DTYPE=dot_dtype(query.dtype), K_BIAS=code_bias(query.dtype, layout.k_bits),
+        V_BIAS=code_bias(query.dtype, layout.v_bits),
+        **layout.kernel_constants(), num_warps=4,
     )
     _reduce_splits_kernel[(num_seqs, num_heads)](
         part_out, part_max, part_sum, out, out.stride(0), out.stride(1),

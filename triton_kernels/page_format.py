@@ -21,6 +21,20 @@ def dot_dtype(torch_dtype: torch.dtype):
         return tl.float32
     return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[torch_dtype]
 
+
+MAGIC_BIAS = {torch.bfloat16: 128, torch.float16: 1024}
+"""A code c becomes the float (bias + c) by OR-ing it into the bit pattern of `bias` (0x4300 in
+bf16, 0x6400 in fp16): exact for c < bias's ulp range (bf16: 7 bits, fp16: 10 bits), one logic op
+instead of an int-to-float conversion; the kernels subtract bias * sum(operand) afterwards."""
+
+
+def code_bias(torch_dtype: torch.dtype, bits: int) -> int:
+    """The magic bias for `bits`-bit codes in dot operands of `torch_dtype`, or 0 (plain conversion)."""
+    if INTERPRETER:  # the interpreter cannot bitcast integers to bf16 reliably
+        return 0
+    bias = MAGIC_BIAS[torch_dtype]
+    return bias if (1 << bits) <= (bias if torch_dtype == torch.float16 else 128) else 0
+
 @triton.jit
 def fp16_ptr(byte_ptr):
     return byte_ptr.to(tl.pointer_type(tl.float16))
@@ -73,6 +87,83 @@ def load_codes(page, CODES_OFF: tl.constexpr, ROWS: tl.constexpr, COLS: tl.const
 
 
 @triton.jit
+def codes_as_operand(codes, DOT_DTYPE: tl.constexpr, BIAS: tl.constexpr):
+    """int32 codes -> dot operand holding exactly BIAS + code (see MAGIC_BIAS)."""
+    if BIAS == 128:
+        operand = (codes | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
+    elif BIAS == 1024:
+        operand = (codes | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+    else:
+        operand = codes.to(DOT_DTYPE)
+    return operand
+
+
+def _field_asm(shift: int, bits: int, magic: int) -> tl.constexpr:
+    mask = (1 << bits) - 1
+    return tl.constexpr(
+        f"{{ .reg .b32 z, t; mov.b32 z, 0; shr.b32 t, $2, {shift};"
+        f" prmt.b32 $0, t, z, 0x4140; prmt.b32 $1, t, z, 0x4342;"
+        f" lop3.b32 $0, $0, 0x{mask:04x}{mask:04x}, 0x{magic:04x}{magic:04x}, 0xEA;"
+        f" lop3.b32 $1, $1, 0x{mask:04x}{mask:04x}, 0x{magic:04x}{magic:04x}, 0xEA; }}"
+    )
+
+
+# (bits, shift) -> PTX, for bf16 (magic 0x4300 = 128.0) and fp16 (0x6400 = 1024.0) operands
+_BF16_4_0, _BF16_4_4 = _field_asm(0, 4, 0x4300), _field_asm(4, 4, 0x4300)
+_FP16_4_0, _FP16_4_4 = _field_asm(0, 4, 0x6400), _field_asm(4, 4, 0x6400)
+_BF16_2_0, _BF16_2_2, _BF16_2_4, _BF16_2_6 = (_field_asm(s, 2, 0x4300) for s in (0, 2, 4, 6))
+_FP16_2_0, _FP16_2_2, _FP16_2_4, _FP16_2_6 = (_field_asm(s, 2, 0x6400) for s in (0, 2, 4, 6))
+
+
+@triton.jit
+def field_as_operand(packed, SHIFT: tl.constexpr, BITS: tl.constexpr, BIAS: tl.constexpr):
+    """Bit field [SHIFT, SHIFT + BITS) of every byte of uint8 `packed` -> BIAS + field in bf16/fp16.
+
+    Four bytes at a time (one 32-bit register in, two bf16x2 out): prmt spreads bytes 0,1 (and
+    2,3) into the low byte of each 16-bit half, lop3 masks the field and ORs in the bit pattern of
+    BIAS. Two instructions per two codes (plus one shift per four), instead of a per-byte extract,
+    mask and int-to-float conversion.
+    """
+    tl.static_assert(BITS == 2 or BITS == 4, "fields are 2 or 4 bits")
+    tl.static_assert(BIAS == 128 or BIAS == 1024, "BIAS selects bf16 (128) or fp16 (1024)")
+    if BIAS == 128:
+        if BITS == 4:
+            asm: tl.constexpr = _BF16_4_0 if SHIFT == 0 else _BF16_4_4
+        else:
+            asm: tl.constexpr = (_BF16_2_0 if SHIFT == 0 else _BF16_2_2 if SHIFT == 2
+                                 else _BF16_2_4 if SHIFT == 4 else _BF16_2_6)
+        result = tl.inline_asm_elementwise(asm, "=r,=r,r", [packed], dtype=tl.bfloat16, is_pure=True, pack=4)
+    else:
+        if BITS == 4:
+            asm: tl.constexpr = _FP16_4_0 if SHIFT == 0 else _FP16_4_4
+        else:
+            asm: tl.constexpr = (_FP16_2_0 if SHIFT == 0 else _FP16_2_2 if SHIFT == 2
+                                 else _FP16_2_4 if SHIFT == 4 else _FP16_2_6)
+        result = tl.inline_asm_elementwise(asm, "=r,=r,r", [packed], dtype=tl.float16, is_pure=True, pack=4)
+    return result
+
+
+@triton.jit
+def load_codes_operand(page, CODES_OFF: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr,
+                       BITS: tl.constexpr, DOT_DTYPE: tl.constexpr, BIAS: tl.constexpr):
+    """A block's codes as a dot operand [ROWS, COLS] holding BIAS + code (BIAS 0: plain conversion)."""
+    ROW_BYTES: tl.constexpr = COLS * BITS // 8
+    packed = tl.load(page + CODES_OFF + tl.arange(0, ROWS)[:, None] * ROW_BYTES + tl.arange(0, ROW_BYTES)[None, :])
+    if BIAS == 0 or BITS == 8:
+        operand = codes_as_operand(unpack_codes(packed, ROWS, COLS, BITS), DOT_DTYPE, BIAS)
+    elif BITS == 4:
+        operand = tl.reshape(tl.join(field_as_operand(packed, 0, 4, BIAS), field_as_operand(packed, 4, 4, BIAS)),
+                             (ROWS, COLS))
+    else:  # same interleave as unpack_codes
+        c0 = field_as_operand(packed, 0, 2, BIAS)
+        c1 = field_as_operand(packed, 2, 2, BIAS)
+        c2 = field_as_operand(packed, 4, 2, BIAS)
+        c3 = field_as_operand(packed, 6, 2, BIAS)
+        operand = tl.reshape(tl.join(tl.join(c0, c2), tl.join(c1, c3)), (ROWS, COLS))
+    return operand
+
+
+@triton.jit
 def broadcast_groups(per_group, ROWS: tl.constexpr, GROUPS: tl.constexpr, GROUP: tl.constexpr):
     """[ROWS, GROUPS] -> [ROWS, GROUPS * GROUP]: each group's value repeated over its channels."""
     return tl.reshape(tl.broadcast_to(per_group[:, :, None], (ROWS, GROUPS, GROUP)), (ROWS, GROUPS * GROUP))
@@ -103,11 +194,12 @@ def add_gear_terms(x, page, LOWRANK_OFF: tl.constexpr, SPARSE_OFF: tl.constexpr,
 
 @triton.jit
 def load_block_k(page, complete, BLOCK_SIZE: tl.constexpr, HEAD_SIZE: tl.constexpr, K_BITS: tl.constexpr,
-                 K_CODES_OFF: tl.constexpr, K_META_OFF: tl.constexpr, K_LOWRANK_OFF: tl.constexpr,
-                 K_SPARSE_OFF: tl.constexpr, RANK: tl.constexpr, NUM_OUTLIERS: tl.constexpr):
+                 K_STAGE_GROUP: tl.constexpr, K_CODES_OFF: tl.constexpr, K_META_OFF: tl.constexpr,
+                 K_LOWRANK_OFF: tl.constexpr, K_SPARSE_OFF: tl.constexpr, RANK: tl.constexpr,
+                 NUM_OUTLIERS: tl.constexpr):
     """Dequantized K of one head's block, fp32 [BLOCK_SIZE, HEAD_SIZE].
 
-    `complete` (runtime bool): per-channel scales + GEAR terms; else per-token staging scales.
+    `complete` (runtime bool): per-channel scales + GEAR terms; else symmetric staging scales.
     """
     codes = load_codes(page, K_CODES_OFF, BLOCK_SIZE, HEAD_SIZE, K_BITS).to(tl.float32)
     meta = fp16_ptr(page + K_META_OFF)
@@ -120,11 +212,19 @@ def load_block_k(page, complete, BLOCK_SIZE: tl.constexpr, HEAD_SIZE: tl.constex
         if RANK > 0 or NUM_OUTLIERS > 0:
             k = add_gear_terms(k, page, K_LOWRANK_OFF, K_SPARSE_OFF, BLOCK_SIZE, HEAD_SIZE, RANK, NUM_OUTLIERS)
     else:
-        rows = tl.arange(0, BLOCK_SIZE)
-        token_scale = tl.load(meta + rows).to(tl.float32)
-        token_zero = tl.load(meta + BLOCK_SIZE + rows).to(tl.float32)
-        k = codes * token_scale[:, None] + token_zero[:, None]
+        k = dequantize_staged_k(codes, meta, BLOCK_SIZE, HEAD_SIZE, K_BITS, K_STAGE_GROUP)
     return k
+
+
+@triton.jit
+def dequantize_staged_k(codes, meta, BLOCK_SIZE: tl.constexpr, HEAD_SIZE: tl.constexpr, K_BITS: tl.constexpr,
+                        K_STAGE_GROUP: tl.constexpr):
+    """K of a partial block from fp32 codes [BLOCK_SIZE, HEAD_SIZE]: (code - qmax/2) * group scale."""
+    GROUPS: tl.constexpr = HEAD_SIZE // K_STAGE_GROUP
+    QMAX: tl.constexpr = (1 << K_BITS) - 1
+    offs = tl.arange(0, BLOCK_SIZE)[:, None] * GROUPS + tl.arange(0, GROUPS)[None, :]
+    scale = broadcast_groups(tl.load(meta + offs).to(tl.float32), BLOCK_SIZE, GROUPS, K_STAGE_GROUP)
+    return (codes - QMAX * 0.5) * scale
 
 
 @triton.jit

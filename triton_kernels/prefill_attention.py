@@ -45,7 +45,7 @@ def _prefill_kernel(
     query_start_loc_ptr, seq_lens_ptr, first_seq, scale_log2,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, HEAD_SIZE: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr,
-    V_GROUP: tl.constexpr, RANK: tl.constexpr, NUM_OUTLIERS: tl.constexpr,
+    V_GROUP: tl.constexpr, K_STAGE_GROUP: tl.constexpr, RANK: tl.constexpr, NUM_OUTLIERS: tl.constexpr,
     K_CODES_OFF: tl.constexpr, V_CODES_OFF: tl.constexpr, K_META_OFF: tl.constexpr,
     V_META_OFF: tl.constexpr, K_LOWRANK_OFF: tl.constexpr, V_LOWRANK_OFF: tl.constexpr,
     K_SPARSE_OFF: tl.constexpr, V_SPARSE_OFF: tl.constexpr,
@@ -78,7 +78,7 @@ def _prefill_kernel(
         page = cache_ptr + block_id * stride_cb + kv_head * stride_ch
         complete = (b + 1) * BLOCK_SIZE <= seq_len
         # k, v : (BLOCK_SIZE, HEAD_SIZE) fp32
-        k = load_block_k(page, complete, BLOCK_SIZE, HEAD_SIZE, K_BITS, K_CODES_OFF, K_META_OFF,
+        k = load_block_k(page, complete, BLOCK_SIZE, HEAD_SIZE, K_BITS, K_STAGE_GROUP, K_CODES_OFF, K_META_OFF,
                          K_LOWRANK_OFF, K_SPARSE_OFF, RANK, NUM_OUTLIERS)
         v = load_block_v(page, complete, BLOCK_SIZE, HEAD_SIZE, V_BITS, V_GROUP, V_CODES_OFF, V_META_OFF,
                          V_LOWRANK_OFF, V_SPARSE_OFF, RANK, NUM_OUTLIERS)

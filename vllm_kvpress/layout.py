@@ -8,7 +8,8 @@ head's share as consecutive regions, each padded to `ALIGN_BYTES`:
     v_codes   [block_size, head_size * v_bits / 8]  packed V codes, token-major
     k_meta    K scales/zeros, in one of two forms (same bytes, chosen by block state):
                 complete block: fp16 scale[head_size], fp16 zero[head_size]   (per channel, KIVI)
-                partial block:  fp16 scale[block_size], fp16 zero[block_size] (per token, staging)
+                partial block:  fp16 scale[block_size, k_stage_groups]        (per token and channel
+                                group, symmetric: the zero is -scale * (2^bits - 1) / 2)
     v_meta    fp16 scale[block_size, groups], fp16 zero[block_size, groups]   (per token and group)
     k_lowrank fp16 a[rank, block_size], fp16 b[rank, head_size]   (GEAR residual K ~ a^T b)
     v_lowrank same for V
@@ -70,9 +71,19 @@ class PageLayout:
         return self.block_size * self.head_size * self.v_bits // 8
 
     @property
+    def k_stage_groups(self) -> int:
+        """Channel groups per token of a partial block's K: as many fp16 scales as fit in the bytes
+        the complete block's per-channel scale+zero use (one group = block_size / 2 channels)."""
+        return max(1, 2 * self.head_size // self.block_size)
+
+    @property
+    def k_stage_group_size(self) -> int:
+        return self.head_size // self.k_stage_groups
+
+    @property
     def k_meta_bytes(self) -> int:
         per_channel = 2 * self.head_size * FP16_BYTES
-        per_token_staging = 2 * self.block_size * FP16_BYTES
+        per_token_staging = self.block_size * self.k_stage_groups * FP16_BYTES
         return max(per_channel, per_token_staging)
 
     @property
@@ -141,6 +152,7 @@ class PageLayout:
             "K_BITS": self.k_bits,
             "V_BITS": self.v_bits,
             "V_GROUP": self.v_group_size,
+            "K_STAGE_GROUP": self.k_stage_group_size,
             "RANK": self.rank,
             "NUM_OUTLIERS": self.num_outliers,
             "K_CODES_OFF": self.offset("k_codes"),

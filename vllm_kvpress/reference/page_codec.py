@@ -15,7 +15,14 @@ import torch
 
 from vllm_kvpress.layout import PageLayout
 from vllm_kvpress.reference.gear import group_zscores, lowrank_factors, lowrank_product, select_outliers
-from vllm_kvpress.reference.quant import dequantize_groups, pack_codes, quantize_groups, unpack_codes
+from vllm_kvpress.reference.quant import (
+    dequantize_groups,
+    dequantize_groups_symmetric,
+    pack_codes,
+    quantize_groups,
+    quantize_groups_symmetric,
+    unpack_codes,
+)
 
 
 def _view(page: torch.Tensor, offset: int, dtype: torch.dtype, count: int) -> torch.Tensor:
@@ -87,16 +94,14 @@ def encode_complete(page: torch.Tensor, x: torch.Tensor, is_key: bool, layout: P
 
 
 def stage_token(page: torch.Tensor, offset: int, k: torch.Tensor, v: torch.Tensor, layout: PageLayout):
-    """Write one token of a partial block: K quantized over its whole head, V per group."""
-    bs, d = layout.block_size, layout.head_size
-    kc, ks, kz = quantize_groups(k.float()[None, :], layout.k_bits)
+    """Write one token of a partial block: K symmetric per channel group, V asymmetric per group."""
+    bs, d, kg = layout.block_size, layout.head_size, layout.k_stage_groups
+    kc, ks = quantize_groups_symmetric(k.float().reshape(kg, -1), layout.k_bits)
     row = d * layout.k_bits // 8
     page[layout.offset("k_codes") + offset * row : layout.offset("k_codes") + (offset + 1) * row] = pack_codes(
-        kc[0], layout.k_bits
+        kc.flatten(), layout.k_bits
     )
-    meta = layout.offset("k_meta")
-    _view(page, meta, torch.float16, bs)[offset] = ks[0]
-    _view(page, meta + 2 * bs, torch.float16, bs)[offset] = kz[0]
+    _view(page, layout.offset("k_meta"), torch.float16, bs * kg)[offset * kg : (offset + 1) * kg] = ks
     vc, vs, vz = quantize_groups(v.float().reshape(-1, layout.v_group_size), layout.v_bits)
     row = d * layout.v_bits // 8
     page[layout.offset("v_codes") + offset * row : layout.offset("v_codes") + (offset + 1) * row] = pack_codes(
@@ -113,9 +118,10 @@ def _decode_tensor(page: torch.Tensor, is_key: bool, layout: PageLayout, complet
     packed = page[layout.offset(regions.codes) : layout.offset(regions.codes) + bs * d * bits // 8]
     codes = unpack_codes(packed.reshape(bs, d * bits // 8), bits)
     meta = layout.offset(regions.meta)
-    if is_key and not complete:  # staging: one scale/zero per token
-        scale, zero = _view(page, meta, torch.float16, bs), _view(page, meta + 2 * bs, torch.float16, bs)
-        return dequantize_groups(codes, scale, zero)
+    if is_key and not complete:  # staging: symmetric scales per token and channel group
+        kg = layout.k_stage_groups
+        scale = _view(page, meta, torch.float16, bs * kg).reshape(bs, kg)
+        return dequantize_groups_symmetric(codes.reshape(bs, kg, -1), scale, bits).reshape(bs, d)
     groups = _to_groups(codes, is_key, layout)
     n_meta = groups.shape[0]
     scale, zero = _view(page, meta, torch.float16, n_meta), _view(page, meta + 2 * n_meta, torch.float16, n_meta)

@@ -46,6 +46,25 @@ def quantize_groups(
     return codes.to(torch.uint8), scale, zero
 
 
+def quantize_groups_symmetric(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize each group (last dim) over the symmetric range [-max|x|, max|x|]: only a scale is stored.
+
+    Returns codes uint8 [..., group_len] and scale fp16 [...] with x ~ (codes - qmax/2) * scale.
+    """
+    x = x.float()
+    scale = (2 * x.abs().amax(-1) / qmax(bits)).half()
+    s = scale.float().unsqueeze(-1)
+    safe_s = torch.where(s > 0, s, torch.ones_like(s))
+    codes = torch.floor(x / safe_s + qmax(bits) / 2 + 0.5).clamp(0, qmax(bits))
+    codes = torch.where(s > 0, codes, torch.full_like(codes, float(qmax(bits) // 2)))
+    return codes.to(torch.uint8), scale
+
+
+def dequantize_groups_symmetric(codes: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of `quantize_groups_symmetric` (fp32)."""
+    return (codes.float() - qmax(bits) / 2) * scale.float().unsqueeze(-1)
+
+
 def dequantize_groups(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
     """Inverse of `quantize_groups` (fp32): codes [..., n], scale/zero [...]."""
     return codes.float() * scale.float().unsqueeze(-1) + zero.float().unsqueeze(-1)
