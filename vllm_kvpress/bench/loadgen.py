@@ -38,14 +38,24 @@ class StreamedCompletion:
             return RequestTiming(ttft_s=None, output_tokens=0)
         first, last = self.token_times[0], self.token_times[-1]
         gaps = tuple(b - a for a, b in zip(self.token_times, self.token_times[1:]))
-        return RequestTiming(ttft_s=first - self.sent_at, output_tokens=len(self.output_ids),
-                             decode_s=last - first, itl_s=gaps, e2e_s=last - self.sent_at)
+        return RequestTiming(
+            ttft_s=first - self.sent_at,
+            output_tokens=len(self.output_ids),
+            decode_s=last - first,
+            itl_s=gaps,
+            e2e_s=last - self.sent_at,
+        )
 
 
 def completion_payload(model: str, prompt_ids: list[int], max_tokens: int) -> dict:
     return {
-        "model": model, "prompt": prompt_ids, "max_tokens": max_tokens, "temperature": 0.0,
-        "ignore_eos": True, "stream": True, "return_token_ids": True,
+        "model": model,
+        "prompt": prompt_ids,
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "ignore_eos": True,
+        "stream": True,
+        "return_token_ids": True,
         "stream_options": {"include_usage": True},
     }
 
@@ -57,7 +67,7 @@ def _handle_event(event: bytes, result: StreamedCompletion) -> bool:
         line = line.strip()
         if not line.startswith(b"data:"):
             continue
-        data = line[len(b"data:"):].strip()
+        data = line[len(b"data:") :].strip()
         if data == b"[DONE]":
             return True
         chunk = json.loads(data)
@@ -112,9 +122,17 @@ class LoadResult:
     errors: list[str]
 
 
-async def run_load(base_url: str, model: str, workload: Workload, prompts: WorkloadPrompts, *,
-                   request_rate: float, max_concurrency: int | None, seed: int,
-                   on_request_done: Callable[[], None] | None = None) -> LoadResult:
+async def run_load(
+    base_url: str,
+    model: str,
+    workload: Workload,
+    prompts: WorkloadPrompts,
+    *,
+    request_rate: float,
+    max_concurrency: int | None,
+    seed: int,
+    on_request_done: Callable[[], None] | None = None,
+) -> LoadResult:
     """Send every request (every turn of every conversation) of `workload` and time them."""
     import aiohttp
 
@@ -149,9 +167,17 @@ async def run_load(base_url: str, model: str, workload: Workload, prompts: Workl
     offsets = arrival_offsets(workload.num_requests, request_rate, seed)
     # No connection cap and no client timeout: the server's queue, not the client, decides waiting.
     connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None)) as session:
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=aiohttp.ClientTimeout(total=None)
+    ) as session:
         start = time.perf_counter()
         await asyncio.gather(*(conversation(session, i, d) for i, d in enumerate(offsets)))
         wall_s = time.perf_counter() - start
-    return LoadResult(wall_s=wall_s, timings=timings, prompt_tokens=totals["prompt"],
-                      output_tokens=totals["output"], num_requests=totals["requests"], errors=errors)
+    return LoadResult(
+        wall_s=wall_s,
+        timings=timings,
+        prompt_tokens=totals["prompt"],
+        output_tokens=totals["output"],
+        num_requests=totals["requests"],
+        errors=errors,
+    )

@@ -19,20 +19,52 @@ Where the figures come from (vLLM 0.26.0):
 - preemptions, prefix-cache hits: Prometheus counters via `llm.get_metrics()`, differenced.
 """
 
+import functools
+import io
 import json
+import re
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from vllm_kvpress.bench import gpu
 from vllm_kvpress.bench.configs import offline_engine_kwargs
 from vllm_kvpress.bench.figures import (
-    COUNTERS, RequestTiming, capacity_figures, counter_deltas, counter_figures, latency_figures,
+    COUNTERS,
+    RequestTiming,
+    capacity_figures,
+    counter_deltas,
+    counter_figures,
+    latency_figures,
     throughput_figures,
 )
 from vllm_kvpress.bench.results import engine_file_name, row_file_name, write_json
-from vllm_kvpress.bench.workloads import WARMUP, Workload, make_prompts, next_turn_prompt
+from vllm_kvpress.bench.workloads import Workload, make_prompts, next_turn_prompt, warmup_for
+
+ECHO_PREFIX = "[bench]"
+"""Lines starting with this are echoed by the runner to the terminal; the rest goes to the log."""
+PROGRESS_INTERVAL_S = 30.0
+
+
+class ProgressLines(io.TextIOBase):
+    """A file for tqdm: each redraw (tqdm separates them with carriage returns) becomes one
+    `[bench]` line, so vLLM's "Processed prompts" bar reaches the terminal through the runner."""
+
+    def __init__(self, label: str):
+        self.label = label
+
+    def write(self, text: str) -> int:
+        for redraw in re.split(r"[\r\n]+", text):
+            if redraw.strip():
+                print(f"{ECHO_PREFIX} {self.label}: {redraw.strip()}", flush=True)
+        return len(text)
+
+
+def progress_bar(label: str):
+    """`use_tqdm` for `LLM.generate`: a tqdm factory writing through `ProgressLines`."""
+    from tqdm import tqdm
+
+    return functools.partial(tqdm, file=ProgressLines(label), mininterval=PROGRESS_INTERVAL_S, ncols=120)
 
 
 def request_timing(output) -> RequestTiming:
@@ -42,7 +74,9 @@ def request_timing(output) -> RequestTiming:
     if metrics is None:
         return RequestTiming(ttft_s=None, output_tokens=num_tokens)
     decode_s = metrics.last_token_ts - metrics.first_token_ts if metrics.first_token_ts else None
-    return RequestTiming(ttft_s=metrics.first_token_latency or None, output_tokens=num_tokens, decode_s=decode_s)
+    return RequestTiming(
+        ttft_s=metrics.first_token_latency or None, output_tokens=num_tokens, decode_s=decode_s
+    )
 
 
 def read_counters(llm) -> dict[str, float]:
@@ -60,7 +94,9 @@ def run_workload(llm, workload: Workload, *, seed: int, device_index: int) -> di
     """Run every turn of `workload` and return its measured figures."""
     from vllm import SamplingParams
 
-    params = SamplingParams(max_tokens=workload.output_len, ignore_eos=True, temperature=0.0, detokenize=False)
+    params = SamplingParams(
+        max_tokens=workload.output_len, ignore_eos=True, temperature=0.0, detokenize=False
+    )
     prompts = make_prompts(workload, seed)
     histories = prompts.first_prompts
     timings: list[RequestTiming] = []
@@ -69,7 +105,12 @@ def run_workload(llm, workload: Workload, *, seed: int, device_index: int) -> di
     with gpu.PeakMemorySampler(device_index) as memory:
         start = time.perf_counter()
         for turn in range(workload.turns):
-            outputs = llm.generate([{"prompt_token_ids": h} for h in histories], params, use_tqdm=True)
+            label = (
+                workload.name if workload.turns == 1 else f"{workload.name} turn {turn + 1}/{workload.turns}"
+            )
+            outputs = llm.generate(
+                [{"prompt_token_ids": h} for h in histories], params, use_tqdm=progress_bar(label)
+            )
             timings += [request_timing(o) for o in outputs]
             prompt_tokens += sum(len(h) for h in histories)
             output_tokens += sum(len(o.outputs[0].token_ids) for o in outputs)
@@ -81,7 +122,9 @@ def run_workload(llm, workload: Workload, *, seed: int, device_index: int) -> di
         wall_s = time.perf_counter() - start
     return {
         "throughput": throughput_figures(
-            wall_s=wall_s, prompt_tokens=prompt_tokens, output_tokens=output_tokens,
+            wall_s=wall_s,
+            prompt_tokens=prompt_tokens,
+            output_tokens=output_tokens,
             num_requests=workload.num_requests * workload.turns,
         ),
         "latency": latency_figures(timings),
@@ -92,6 +135,7 @@ def run_workload(llm, workload: Workload, *, seed: int, device_index: int) -> di
 
 def start_engine(engine_settings: dict, device_index: int):
     """Build the engine; return it with what vLLM allocated."""
+    import vllm
     from vllm import LLM
 
     used_before = gpu.memory_used_bytes(device_index)
@@ -106,6 +150,9 @@ def start_engine(engine_settings: dict, device_index: int):
         "vllm_max_concurrency_at_max_model_len": cache_config.kv_cache_max_concurrency,
         "memory_used_before_start_bytes": used_before,
         "memory_used_after_start_bytes": gpu.memory_used_bytes(device_index),
+        # what this process imported, whatever package metadata the parent found
+        "vllm_version": vllm.__version__,
+        "torch_version": getattr(sys.modules.get("torch"), "__version__", None),  # vLLM imported it
     }
 
 
@@ -114,31 +161,44 @@ def run_plan(plan: dict) -> None:
     slug, device_index, seed = plan["config_slug"], plan["device_index"], plan["seed"]
     workloads = [Workload.from_dict(w) for w in plan["workloads"]]
     settings = plan["engine_settings"]
-    print(f"[bench] {slug}: starting vLLM for {', '.join(w.name for w in workloads)}", flush=True)
+    print(f"{ECHO_PREFIX} {slug}: starting vLLM for {', '.join(w.name for w in workloads)}", flush=True)
     llm, engine = start_engine(settings, device_index)
     write_json(rows_dir / engine_file_name(slug, workloads[0].model, settings["max_model_len"]), engine)
-    print(f"[bench] {slug}: engine up in {engine['engine_start_s']:.0f} s, "
-          f"{engine['num_gpu_blocks']} blocks x {engine['block_size']} tokens", flush=True)
+    print(
+        f"{ECHO_PREFIX} {slug}: engine up in {engine['engine_start_s']:.0f} s, "
+        f"{engine['num_gpu_blocks']} blocks x {engine['block_size']} tokens",
+        flush=True,
+    )
     if plan.get("warmup", True):
-        run_workload(llm, replace(WARMUP, model=workloads[0].model, max_model_len=settings["max_model_len"]),
-                     seed=seed, device_index=device_index)
+        run_workload(
+            llm,
+            warmup_for(workloads[0].model, settings["max_model_len"]),
+            seed=seed,
+            device_index=device_index,
+        )
     for workload in workloads:
         measured = run_workload(llm, workload, seed=seed, device_index=device_index)
         measured["capacity"] = capacity_figures(
-            num_gpu_blocks=engine["num_gpu_blocks"], block_size=engine["block_size"],
+            num_gpu_blocks=engine["num_gpu_blocks"],
+            block_size=engine["block_size"],
             max_context_len=workload.max_context_len,
         )
         measured["status"] = "ok"
         write_json(rows_dir / row_file_name(workload.name, slug), measured)
-        print(f"[bench] {slug}: {workload.name} done in {measured['throughput']['wall_s']:.0f} s, "
-              f"{measured['throughput']['output_tokens_per_s']:.0f} output tok/s", flush=True)
+        print(
+            f"{ECHO_PREFIX} {slug}: {workload.name} done in {measured['throughput']['wall_s']:.0f} s, "
+            f"{measured['throughput']['output_tokens_per_s']:.0f} output tok/s",
+            flush=True,
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        print("usage: python -m vllm_kvpress.bench.offline PLAN.json (written by `vllm-kvpress bench`)",
-              file=sys.stderr)
+        print(
+            "usage: python -m vllm_kvpress.bench.offline PLAN.json (written by `vllm-kvpress bench`)",
+            file=sys.stderr,
+        )
         return 2
     run_plan(json.loads(Path(argv[0]).read_text()))
     return 0

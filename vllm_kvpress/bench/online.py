@@ -24,18 +24,28 @@ from pathlib import Path
 from vllm_kvpress.bench import gpu
 from vllm_kvpress.bench.configs import SERVED_MODEL_NAME
 from vllm_kvpress.bench.figures import (
-    COUNTERS, capacity_figures, counter_deltas, counter_figures, latency_figures, throughput_figures,
+    COUNTERS,
+    capacity_figures,
+    counter_deltas,
+    counter_figures,
+    latency_figures,
+    throughput_figures,
 )
 from vllm_kvpress.bench.loadgen import run_load
 from vllm_kvpress.bench.results import engine_file_name, row_file_name, write_json
-from vllm_kvpress.bench.workloads import WARMUP, Workload, make_prompts
+from vllm_kvpress.bench.workloads import Workload, make_prompts, warmup_for
 
 HEALTH_POLL_S = 2.0
-STOP_GRACE_S = 30.0
+STOP_GRACE_S = 15.0
+"""SIGTERM to SIGKILL; vLLM's engine core shuts down within a few seconds of SIGTERM."""
 
 
 class ServerError(RuntimeError):
     """`vllm serve` exited or did not become healthy; the message ends with its log's tail."""
+
+
+class ServerStartTimeout(ServerError, TimeoutError):
+    """`vllm serve` was still starting when its time (or the invocation's deadline) ran out."""
 
 
 def free_port() -> int:
@@ -71,33 +81,68 @@ class ServerProcess:
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            self.process = subprocess.Popen(
+                self.argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
 
     def wait_healthy(self, timeout_s: float) -> float:
         """Seconds until GET /health answered 200. Raises ServerError if it exits or times out."""
         start = time.monotonic()
         while time.monotonic() - start < timeout_s:
             if self.process.poll() is not None:
-                raise ServerError(f"vllm serve exited with code {self.process.returncode}:\n{log_tail(self.log_path)}")
+                raise ServerError(
+                    f"vllm serve exited with code {self.process.returncode}:\n{log_tail(self.log_path)}"
+                )
             if http_get(self.base_url + "/health", timeout_s=5.0)[0] == 200:
                 return time.monotonic() - start
             time.sleep(HEALTH_POLL_S)
-        raise ServerError(f"vllm serve not healthy after {timeout_s:.0f} s:\n{log_tail(self.log_path)}")
+        raise ServerStartTimeout(
+            f"vllm serve not healthy after {timeout_s:.0f} s:\n{log_tail(self.log_path)}"
+        )
 
     def stop(self) -> None:
-        """SIGTERM to the server's process group, SIGKILL after a grace period."""
-        if self.process is None or self.process.poll() is not None:
+        """SIGTERM to the server's process group, SIGKILL after a grace period; returns once no
+        process of the group is left (vLLM's engine core outlives the API process by seconds)."""
+        if self.process is None:
             return
-        for sig, wait_s in ((signal.SIGTERM, STOP_GRACE_S), (signal.SIGKILL, 10.0)):
-            try:
-                os.killpg(self.process.pid, sig)
-            except ProcessLookupError:
+        stop_process_group(self.process)
+
+
+def process_group_alive(pgid: int) -> bool:
+    """Whether a live (not zombie) process of group `pgid` exists; Linux /proc, else the leader."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        try:
+            os.killpg(pgid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "(comm)": state ppid pgrp ...
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
+def stop_process_group(process: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> None:
+    """End `process` and every process in its group (it was started with start_new_session)."""
+    pgid = process.pid
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
+        if process.poll() is not None and not process_group_alive(pgid):
+            return
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            process.poll()  # reap the leader
+            if process.returncode is not None and not process_group_alive(pgid):
                 return
-            try:
-                self.process.wait(timeout=wait_s)
-                return
-            except subprocess.TimeoutExpired:
-                continue
+            time.sleep(0.2)
 
 
 def parse_metrics(text: str) -> tuple[dict[str, float], dict[str, str]]:
@@ -121,21 +166,40 @@ def _read_metrics(base_url: str) -> tuple[dict[str, float], dict[str, str]]:
     return parse_metrics(text)
 
 
-def _int_or_none(value: str | None) -> int | None:
-    return int(float(value)) if value not in (None, "", "None") else None
+def _number_or_none(value: str | None, kind: type = int) -> float | int | None:
+    """A label value of vllm:cache_config_info (labels are strings; unset fields read "None")."""
+    return kind(float(value)) if value not in (None, "", "None") else None
 
 
-def run_workload_online(base_url: str, workload: Workload, *, seed: int, request_rate: float,
-                        max_concurrency: int | None, device_index: int, timeout_s: float | None,
-                        on_request_done=None) -> dict:
+def run_workload_online(
+    base_url: str,
+    workload: Workload,
+    *,
+    seed: int,
+    request_rate: float,
+    max_concurrency: int | None,
+    device_index: int,
+    timeout_s: float | None,
+    on_request_done=None,
+) -> dict:
     prompts = make_prompts(workload, seed)
     before, _ = _read_metrics(base_url)
     with gpu.PeakMemorySampler(device_index) as memory:
-        load = asyncio.run(asyncio.wait_for(
-            run_load(base_url, SERVED_MODEL_NAME, workload, prompts, request_rate=request_rate,
-                     max_concurrency=max_concurrency, seed=seed, on_request_done=on_request_done),
-            timeout=timeout_s,
-        ))
+        load = asyncio.run(
+            asyncio.wait_for(
+                run_load(
+                    base_url,
+                    SERVED_MODEL_NAME,
+                    workload,
+                    prompts,
+                    request_rate=request_rate,
+                    max_concurrency=max_concurrency,
+                    seed=seed,
+                    on_request_done=on_request_done,
+                ),
+                timeout=timeout_s,
+            )
+        )
     after, _ = _read_metrics(base_url)
     measured = {
         "latency": latency_figures(load.timings),
@@ -146,21 +210,38 @@ def run_workload_online(base_url: str, workload: Workload, *, seed: int, request
     }
     if load.num_requests:
         measured["throughput"] = throughput_figures(
-            wall_s=load.wall_s, prompt_tokens=load.prompt_tokens, output_tokens=load.output_tokens,
+            wall_s=load.wall_s,
+            prompt_tokens=load.prompt_tokens,
+            output_tokens=load.output_tokens,
             num_requests=load.num_requests,
         )
     return measured
 
 
-def run_online_config(*, serve_argv: list[str], config_slug: str, workloads: list[Workload], max_model_len: int,
-                      rows_dir: Path, log_path: Path, base_url: str, seed: int, request_rate: float,
-                      max_concurrency: int | None, device_index: int, deadline: float | None,
-                      warmup: bool = True, start_timeout_s: float = 900.0, on_request_done=None) -> None:
+def run_online_config(
+    *,
+    serve_argv: list[str],
+    config_slug: str,
+    workloads: list[Workload],
+    max_model_len: int,
+    rows_dir: Path,
+    log_path: Path,
+    base_url: str,
+    seed: int,
+    request_rate: float,
+    max_concurrency: int | None,
+    device_index: int,
+    deadline: float | None,
+    warmup: bool = True,
+    start_timeout_s: float = 900.0,
+    on_request_done=None,
+) -> None:
     """Serve one configuration and measure `workloads` on it; rows land in `rows_dir` as they finish.
 
     `deadline` is a `time.monotonic()` value (None: no limit); a workload still running then is
     cancelled and raises `TimeoutError`.
     """
+
     def remaining() -> float | None:
         return None if deadline is None else max(1.0, deadline - time.monotonic())
 
@@ -172,27 +253,43 @@ def run_online_config(*, serve_argv: list[str], config_slug: str, workloads: lis
         _, cache_info = _read_metrics(base_url)
         engine = {
             "engine_start_s": start_s,
-            "num_gpu_blocks": _int_or_none(cache_info.get("num_gpu_blocks")),
-            "block_size": _int_or_none(cache_info.get("block_size")),
-            "vllm_kv_cache_size_tokens": _int_or_none(cache_info.get("kv_cache_size_tokens")),
-            "vllm_max_concurrency_at_max_model_len": float(cache_info["kv_cache_max_concurrency"])
-            if cache_info.get("kv_cache_max_concurrency") not in (None, "", "None") else None,
+            "num_gpu_blocks": _number_or_none(cache_info.get("num_gpu_blocks")),
+            "block_size": _number_or_none(cache_info.get("block_size")),
+            "vllm_kv_cache_size_tokens": _number_or_none(cache_info.get("kv_cache_size_tokens")),
+            "vllm_max_concurrency_at_max_model_len": _number_or_none(
+                cache_info.get("kv_cache_max_concurrency"), float
+            ),
             "memory_used_before_start_bytes": used_before,
             "memory_used_after_start_bytes": gpu.memory_used_bytes(device_index),
         }
         write_json(rows_dir / engine_file_name(config_slug, workloads[0].model, max_model_len), engine)
         if warmup:
-            run_workload_online(base_url, _warmup_for(workloads[0], max_model_len), seed=seed,
-                                request_rate=float("inf"), max_concurrency=None, device_index=device_index,
-                                timeout_s=remaining())
+            run_workload_online(
+                base_url,
+                warmup_for(workloads[0].model, max_model_len),
+                seed=seed,
+                request_rate=float("inf"),
+                max_concurrency=None,
+                device_index=device_index,
+                timeout_s=remaining(),
+            )
         for workload in workloads:
-            measured = run_workload_online(base_url, workload, seed=seed, request_rate=request_rate,
-                                           max_concurrency=max_concurrency, device_index=device_index,
-                                           timeout_s=remaining(), on_request_done=on_request_done)
+            measured = run_workload_online(
+                base_url,
+                workload,
+                seed=seed,
+                request_rate=request_rate,
+                max_concurrency=max_concurrency,
+                device_index=device_index,
+                timeout_s=remaining(),
+                on_request_done=on_request_done,
+            )
             if engine["num_gpu_blocks"] is not None and engine["block_size"] is not None:
-                measured["capacity"] = capacity_figures(num_gpu_blocks=engine["num_gpu_blocks"],
-                                                        block_size=engine["block_size"],
-                                                        max_context_len=workload.max_context_len)
+                measured["capacity"] = capacity_figures(
+                    num_gpu_blocks=engine["num_gpu_blocks"],
+                    block_size=engine["block_size"],
+                    max_context_len=workload.max_context_len,
+                )
             complete = "throughput" in measured and not measured["failed_requests"]
             measured["status"] = "ok" if complete else "failed"
             if not complete:
@@ -200,9 +297,3 @@ def run_online_config(*, serve_argv: list[str], config_slug: str, workloads: lis
             write_json(rows_dir / row_file_name(workload.name, config_slug), measured)
     finally:
         server.stop()
-
-
-def _warmup_for(workload: Workload, max_model_len: int) -> Workload:
-    from dataclasses import replace
-
-    return replace(WARMUP, model=workload.model, max_model_len=max_model_len)

@@ -13,7 +13,7 @@ from collections import defaultdict
 from pathlib import Path
 from statistics import median
 
-from vllm_kvpress.bench.quality import QualityScore, main_metric
+from vllm_kvpress.bench.quality import QualityScore, bench_config_key, main_metric
 
 CAPACITY_VS_QUALITY = "capacity_vs_quality.png"
 THROUGHPUT_VS_CONTEXT = "throughput_vs_context.png"
@@ -73,8 +73,9 @@ def _styles(configs: list[dict]) -> dict[str, dict]:
 
 def _subtitle(run: dict) -> str:
     env = (run.get("invocations") or [{}])[0].get("environment", {})
-    return (f"{', '.join(sorted({w['model'] for w in run['workloads']}))} (dummy weights), "
-            f"{env.get('gpu_name') or 'unknown GPU'}, vLLM {env.get('vllm_version') or '?'}, {run.get('mode', 'offline')} mode")
+    models = ", ".join(sorted({w["model"] for w in run["workloads"]}))
+    gpu_name = env.get("gpu_name") or "unknown GPU"
+    return f"{models} (dummy weights), {gpu_name}, vLLM {env.get('vllm_version') or '?'}, {run['mode']} mode"
 
 
 def _capacities(rows: list[dict]) -> tuple[dict[str, float], bool]:
@@ -91,14 +92,22 @@ def _capacities(rows: list[dict]) -> tuple[dict[str, float], bool]:
     return {k: median(v) for k, v in tokens.items()}, False
 
 
-def plot_capacity_vs_quality(run: dict, rows: list[dict], scores: list[QualityScore], path: Path) -> Path:
+def capacity_vs_quality_figure(run: dict, rows: list[dict], scores: list[QualityScore]):
     plt = _pyplot()
     configs = _config_order(_ok(rows))
     styles = _styles(configs)
     capacity, relative = _capacities(rows)
     metric = main_metric(scores)
-    quality = {s.config_label: s.score for s in scores if s.metric == metric}
-    x_label = "KV-cache capacity (tokens, relative to bf16 = 1.0x)" if relative else "KV-cache capacity (tokens)"
+    by_key = {s.config_key: s for s in scores if s.metric == metric}
+    quality = {
+        c["label"]: by_key[bench_config_key(c)].score for c in configs if bench_config_key(c) in by_key
+    }
+    sources = sorted(
+        {src for c in configs if bench_config_key(c) in by_key for src in by_key[bench_config_key(c)].sources}
+    )
+    x_label = (
+        "KV-cache capacity (tokens, relative to bf16 = 1.0x)" if relative else "KV-cache capacity (tokens)"
+    )
     fig, ax = plt.subplots(figsize=(8, 5.5))
     if any(c["label"] in quality for c in configs):
         for config in configs:
@@ -106,33 +115,56 @@ def plot_capacity_vs_quality(run: dict, rows: list[dict], scores: list[QualitySc
             if label not in capacity:
                 continue
             if label in quality:
-                ax.scatter(capacity[label], quality[label], s=80, color=style["color"], marker=style["marker"],
-                           label=_name(config), zorder=3)
+                ax.scatter(
+                    capacity[label],
+                    quality[label],
+                    s=80,
+                    color=style["color"],
+                    marker=style["marker"],
+                    label=_name(config),
+                    zorder=3,
+                )
             else:
-                ax.axvline(capacity[label], color=style["color"], linestyle=":",
-                           label=f"{_name(config)}: quality not measured")
+                ax.axvline(
+                    capacity[label],
+                    color=style["color"],
+                    linestyle=":",
+                    label=f"{_name(config)}: quality not measured",
+                )
         ax.set_xlabel(x_label)
         ax.set_ylabel(f"quality: {metric} (higher is better)")
-        ax.set_title(f"KV-cache capacity vs quality\n{_subtitle(run)}", fontsize=10)
+        ax.set_title(
+            f"KV-cache capacity vs quality\ncapacity: {_subtitle(run)}\nquality: eval {', '.join(sources)}",
+            fontsize=9,
+        )
         ax.legend(fontsize=8, loc="best")
         ax.grid(alpha=0.3)
     else:
         names = [c["label"] for c in configs if c["label"] in capacity]
-        ax.barh([_name(c) for c in configs if c["label"] in capacity], [capacity[n] for n in names],
-                color=[styles[n]["color"] for n in names])
+        ax.barh(
+            [_name(c) for c in configs if c["label"] in capacity],
+            [capacity[n] for n in names],
+            color=[styles[n]["color"] for n in names],
+        )
         for i, n in enumerate(names):
-            ax.text(capacity[n], i, f" {capacity[n]:.2f}x" if relative else f" {capacity[n]:,.0f}", va="center", fontsize=8)
+            ax.text(
+                capacity[n],
+                i,
+                f" {capacity[n]:.2f}x" if relative else f" {capacity[n]:,.0f}",
+                va="center",
+                fontsize=8,
+            )
         ax.invert_yaxis()
         ax.set_xlabel(x_label)
-        ax.set_title(f"KV-cache capacity per configuration (no quality results given)\n{_subtitle(run)}", fontsize=10)
+        ax.set_title(
+            f"KV-cache capacity per configuration (no quality results given)\n{_subtitle(run)}", fontsize=10
+        )
         ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return path
+    return fig
 
 
-def plot_throughput_vs_context(run: dict, rows: list[dict], path: Path) -> Path:
+def throughput_vs_context_figure(run: dict, rows: list[dict]):
     plt = _pyplot()
     ok = _ok(rows)
     models = sorted({r["workload"]["model"] for r in ok}) or ["-"]
@@ -150,14 +182,21 @@ def plot_throughput_vs_context(run: dict, rows: list[dict], path: Path) -> Path:
                     # Only workloads of one shape (a context sweep) are joined by a line; a line
                     # between differently shaped workloads would suggest a trend that is not there.
                     families[(w["num_requests"], w["output_len"], w["turns"])].append(
-                        (w["max_context_len"], r["throughput"]["output_tokens_per_s"]))
+                        (w["max_context_len"], r["throughput"]["output_tokens_per_s"])
+                    )
             for i, points in enumerate(families.values()):
                 points.sort()
-                ax.plot([p[0] for p in points], [p[1] for p in points], markersize=7,
-                        label=_name(config) if i == 0 else None,
-                        **{**style, "linestyle": style["linestyle"] if len(points) > 1 else "none"})
+                ax.plot(
+                    [p[0] for p in points],
+                    [p[1] for p in points],
+                    markersize=7,
+                    label=_name(config) if i == 0 else None,
+                    **{**style, "linestyle": style["linestyle"] if len(points) > 1 else "none"},
+                )
         ticks = sorted({(r["workload"]["max_context_len"], r["workload"]["name"]) for r in model_rows})
-        ax.set_xticks([t[0] for t in ticks], [f"{t[0]:,} {t[1]}" for t in ticks], fontsize=8, rotation=30, ha="right")
+        ax.set_xticks(
+            [t[0] for t in ticks], [f"{t[0]:,} {t[1]}" for t in ticks], fontsize=8, rotation=30, ha="right"
+        )
         ax.set_xlabel("tokens per request at its end (prompt + output; last turn for multi-turn)")
         ax.set_ylabel("output throughput (tokens/s, whole batch)")
         ax.set_ylim(bottom=0)
@@ -165,12 +204,10 @@ def plot_throughput_vs_context(run: dict, rows: list[dict], path: Path) -> Path:
         ax.legend(fontsize=8, loc="best")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return path
+    return fig
 
 
-def plot_throughput_by_workload(run: dict, rows: list[dict], path: Path) -> Path:
+def throughput_by_workload_figure(run: dict, rows: list[dict]):
     plt = _pyplot()
     ok = _ok(rows)
     configs = _config_order(ok)
@@ -178,9 +215,11 @@ def plot_throughput_by_workload(run: dict, rows: list[dict], path: Path) -> Path
     workloads = list(dict.fromkeys(r["workload"]["name"] for r in ok))
     relative = any((r.get("ratio_vs_bf16") or {}).get("output_tokens_per_s") for r in ok)
     value = {
-        (r["config"]["label"], r["workload"]["name"]):
-            r["ratio_vs_bf16"]["output_tokens_per_s"] if relative else r["throughput"]["output_tokens_per_s"]
-        for r in ok if not relative or (r.get("ratio_vs_bf16") or {}).get("output_tokens_per_s")
+        (r["config"]["label"], r["workload"]["name"]): r["ratio_vs_bf16"]["output_tokens_per_s"]
+        if relative
+        else r["throughput"]["output_tokens_per_s"]
+        for r in ok
+        if not relative or (r.get("ratio_vs_bf16") or {}).get("output_tokens_per_s")
     }
     fig, ax = plt.subplots(figsize=(max(6.0, 1.8 * len(workloads) + 3), 5.5))
     width = 0.8 / max(1, len(configs))
@@ -188,28 +227,42 @@ def plot_throughput_by_workload(run: dict, rows: list[dict], path: Path) -> Path
         xs = [w + (i - (len(configs) - 1) / 2) * width for w in range(len(workloads))]
         heights = [value.get((config["label"], name), 0.0) for name in workloads]
         style = styles[config["label"]]
-        ax.bar(xs, heights, width, label=_name(config), color=style["color"],
-               hatch="//" if config.get("kind") == "baseline" else None, edgecolor="white")
+        ax.bar(
+            xs,
+            heights,
+            width,
+            label=_name(config),
+            color=style["color"],
+            hatch="//" if config.get("kind") == "baseline" else None,
+            edgecolor="white",
+        )
     if relative:
         ax.axhline(1.0, color="black", linewidth=1, linestyle="--")
     ax.set_xticks(range(len(workloads)), workloads)
     ax.set_xlabel("workload")
-    ax.set_ylabel("output tokens/s relative to bf16 (1.0 = bf16)" if relative else "output throughput (tokens/s)")
+    ax.set_ylabel(
+        "output tokens/s relative to bf16 (1.0 = bf16)" if relative else "output throughput (tokens/s)"
+    )
     ax.set_title(f"Output throughput by workload\n{_subtitle(run)}", fontsize=10)
     ax.legend(fontsize=8, loc="best")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def write_plots(run: dict, rows: list[dict], scores: list[QualityScore], run_dir: Path) -> list[Path]:
     """Every figure of the run, into `run_dir`; none if no row succeeded."""
     if not _ok(rows):
         return []
-    return [
-        plot_capacity_vs_quality(run, rows, scores, run_dir / CAPACITY_VS_QUALITY),
-        plot_throughput_vs_context(run, rows, run_dir / THROUGHPUT_VS_CONTEXT),
-        plot_throughput_by_workload(run, rows, run_dir / THROUGHPUT_BY_WORKLOAD),
-    ]
+    plt = _pyplot()
+    figures = {
+        CAPACITY_VS_QUALITY: capacity_vs_quality_figure(run, rows, scores),
+        THROUGHPUT_VS_CONTEXT: throughput_vs_context_figure(run, rows),
+        THROUGHPUT_BY_WORKLOAD: throughput_by_workload_figure(run, rows),
+    }
+    paths = []
+    for name, fig in figures.items():
+        fig.savefig(run_dir / name, dpi=DPI)
+        plt.close(fig)
+        paths.append(run_dir / name)
+    return paths

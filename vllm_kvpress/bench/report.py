@@ -20,25 +20,45 @@ GENERATED_NOTICE = (
 FIGURES = (plots.CAPACITY_VS_QUALITY, plots.THROUGHPUT_VS_CONTEXT, plots.THROUGHPUT_BY_WORKLOAD)
 
 
-def run_markdown(combined: dict, *, figures: bool = True, link_prefix: str = "") -> str:
-    """One run's section: where and how it ran, the exact commands, its table and its figures."""
-    first_env = combined["invocations"][0]["environment"] if combined["invocations"] else {}
+def _describe_workload(w: dict) -> str:
+    shape = f"{w['prompt_len']:,} prompt + {w['output_len']:,} output tokens"
+    if w["turns"] > 1:
+        shape += f", {w['turns']} turns, +{w['follow_up_len']:,} user tokens per turn"
+    return f"{w['name']} = {w['num_requests']} x ({shape}) on {w['model']}"
+
+
+def _settings_line(combined: dict) -> str:
     engine = combined["engine"]
-    rate = combined.get("request_rate")
-    lines = [
-        f"### {combined['name']}",
-        "",
-        f"- GPU: {first_env.get('gpu_name') or 'unknown'}; vLLM {first_env.get('vllm_version')}, "
-        f"torch {first_env.get('torch_version')}; commit {first_env.get('git_commit') or 'unknown'}",
+    line = (
         f"- {combined['mode']} mode; gpu_memory_utilization {engine['gpu_memory_utilization']}, "
         f"max_num_seqs {engine['max_num_seqs']}, max_num_batched_tokens {engine['max_num_batched_tokens']}, "
         f"seed {engine['seed']}, CUDA graphs {'off' if engine['enforce_eager'] else 'on'}"
-        + (f"; request rate {rate if rate is not None else 'inf'}/s, max concurrency "
-           f"{combined.get('max_concurrency') or 'none'}" if combined["mode"] == "online" else ""),
-        "- workloads: " + "; ".join(
-            f"{w['name']} = {w['num_requests']} x ({w['prompt_len']:,} prompt + {w['output_len']:,} output tokens"
-            + (f", {w['turns']} turns, +{w['follow_up_len']:,} user tokens per turn" if w["turns"] > 1 else "")
-            + f") on {w['model']}" for w in combined["workloads"]),
+    )
+    if combined["mode"] == "online":
+        rate = combined.get("request_rate")
+        line += (
+            f"; request rate {'inf' if rate is None else rate}/s, "
+            f"max concurrency {combined.get('max_concurrency') or 'none'}"
+        )
+    return line
+
+
+def run_markdown(combined: dict, *, figures: bool = True, link_prefix: str = "") -> str:
+    """One run's section: where and how it ran, the exact commands, its table and its figures."""
+    env = combined["invocations"][0]["environment"] if combined["invocations"] else {}
+    # the worker's own view of the versions, where package metadata was missing
+    engine_versions = next(
+        (r["engine"] for r in combined["rows"] if r.get("engine", {}).get("vllm_version")), {}
+    )
+    vllm_version = env.get("vllm_version") or engine_versions.get("vllm_version")
+    torch_version = env.get("torch_version") or engine_versions.get("torch_version")
+    lines = [
+        f"### {combined['name']}",
+        "",
+        f"- GPU: {env.get('gpu_name') or 'unknown'}; vLLM {vllm_version}, torch {torch_version}; "
+        f"commit {env.get('git_commit') or 'unknown'}",
+        _settings_line(combined),
+        "- workloads: " + "; ".join(_describe_workload(w) for w in combined["workloads"]),
         "- commands: " + "; ".join(f"`{i['command']}` ({i['started_utc']})" for i in combined["invocations"]),
         "",
         markdown_table(combined["rows"]),
@@ -73,7 +93,9 @@ def results_markdown(results_dir: Path, output: Path) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def write_report(results_dir: Path, output: Path, *, replot: bool = False, quality_files: list[Path] | None = None) -> Path:
+def write_report(
+    results_dir: Path, output: Path, *, replot: bool = False, quality_files: list[Path] | None = None
+) -> Path:
     if replot:
         scores = load_quality(quality_files or [])
         for run_dir in results.find_runs(results_dir):
@@ -85,14 +107,27 @@ def write_report(results_dir: Path, output: Path, *, replot: bool = False, quali
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("report", help="regenerate docs/results.md from the benchmark result files",
-                              description=__doc__.split("\n\n")[1])
-    p.add_argument("--results-dir", type=Path, default=Path("docs/results"),
-                   help="folder holding one folder per benchmark run (default: docs/results)")
+    p = subparsers.add_parser(
+        "report",
+        help="regenerate docs/results.md from the benchmark result files",
+        description=__doc__.split("\n\n")[1],
+    )
+    p.add_argument(
+        "--results-dir",
+        type=Path,
+        default=Path("docs/results"),
+        help="folder holding one folder per benchmark run (default: docs/results)",
+    )
     p.add_argument("--output", type=Path, default=Path("docs/results.md"), help="default: docs/results.md")
     p.add_argument("--replot", action="store_true", help="also redraw every run's PNG figures")
-    p.add_argument("--quality", type=Path, nargs="+", default=[], metavar="EVAL_JSON",
-                   help="eval result files whose scores the capacity-vs-quality figure uses (with --replot)")
+    p.add_argument(
+        "--quality",
+        type=Path,
+        nargs="+",
+        default=[],
+        metavar="EVAL_JSON",
+        help="eval result files whose scores the capacity-vs-quality figure uses (with --replot)",
+    )
     p.set_defaults(run=_run)
 
 

@@ -51,7 +51,7 @@ def run_name(workloads: list[Workload], configs: list[BenchConfig], mode: str) -
     if len(name) > MAX_NAME_CHARS:
         # Keep the readable start; the digest keeps different config sets apart.
         digest = hashlib.sha1(name.encode()).hexdigest()[:8]
-        name = f"{name[:MAX_NAME_CHARS - 10]}..{digest}"
+        name = f"{name[: MAX_NAME_CHARS - 10]}..{digest}"
     return name
 
 
@@ -105,8 +105,13 @@ def sort_rows(rows: list[dict], run: dict) -> list[dict]:
     """Rows in the run's order: workloads as requested, configurations as requested."""
     workload_order = {w["name"]: i for i, w in enumerate(run["workloads"])}
     config_order = {c["label"]: i for i, c in enumerate(run["configs"])}
-    return sorted(rows, key=lambda r: (workload_order.get(r["workload"]["name"], 1 << 20),
-                                       config_order.get(r["config"]["label"], 1 << 20)))
+    return sorted(
+        rows,
+        key=lambda r: (
+            workload_order.get(r["workload"]["name"], 1 << 20),
+            config_order.get(r["config"]["label"], 1 << 20),
+        ),
+    )
 
 
 def write_combined(run_dir: Path, run: dict, rows: list[dict]) -> dict:
@@ -121,5 +126,14 @@ def write_combined(run_dir: Path, run: dict, rows: list[dict]) -> dict:
 
 
 def find_runs(results_dir: Path) -> list[Path]:
-    """Run directories under `results_dir` (those holding a combined results file), by name."""
-    return sorted(p.parent for p in Path(results_dir).glob(f"*/{COMBINED_FILE}"))
+    """Bench run directories under `results_dir`, by name. Eval runs keep a results.json of their
+    own there too: the schema tells them apart."""
+    runs = []
+    for path in sorted(Path(results_dir).glob(f"*/{COMBINED_FILE}")):
+        try:
+            data = read_json(path)
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(data, dict) and data.get("schema") == SCHEMA:
+            runs.append(path.parent)
+    return runs

@@ -66,8 +66,10 @@ def markdown_table(rows: list[dict]) -> str:
     columns = MARKDOWN_COLUMNS
     if not any(_get(r, "latency", "itl_s") for r in rows):
         columns = [c for c in columns if not c[0].startswith("ITL")]  # offline mode measures no ITL
-    lines = ["| " + " | ".join(name for name, _ in columns) + " |",
-             "|" + "|".join("---" if i < 3 else "---:" for i in range(len(columns))) + "|"]
+    lines = [
+        "| " + " | ".join(name for name, _ in columns) + " |",
+        "|" + "|".join("---" if i < 3 else "---:" for i in range(len(columns))) + "|",
+    ]
     for row in rows:
         lines.append("| " + " | ".join(cell(row) for _, cell in columns) + " |")
     return "\n".join(lines)
@@ -93,7 +95,9 @@ def terminal_table(rows: list[dict]) -> str:
     widths = [max(len(line[i]) for line in cells) for i in range(len(TERMINAL_COLUMNS))]
     text = []
     for n, line in enumerate(cells):
-        text.append("  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))))
+        text.append(
+            "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
+        )
         if n == 0:
             text.append("  ".join("-" * w for w in widths))
     return "\n".join(text)

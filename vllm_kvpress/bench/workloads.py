@@ -76,21 +76,26 @@ SHORT_CONTEXT = 8704
 """8,000 + 512 tokens rounded up to a multiple of 256; shared by A, B and multi-turn."""
 LONG_CONTEXT = 16640
 
+# fmt: off
 _WORKLOADS = (
-    Workload("long-prompt", LLAMA, 64, 8000, 512, SHORT_CONTEXT,
+    Workload("long-prompt", LLAMA, num_requests=64, prompt_len=8000, output_len=512,
+             max_model_len=SHORT_CONTEXT,
              description="A: long prompts, prefill-heavy; bf16 KV holds about 52 of the 64 at once"),
-    Workload("decode-heavy", LLAMA, 96, 4000, 1500, SHORT_CONTEXT,
+    Workload("decode-heavy", LLAMA, num_requests=96, prompt_len=4000, output_len=1500,
+             max_model_len=SHORT_CONTEXT,
              description="B: long generations; throughput follows how many sequences decode together"),
-    Workload("multi-turn", LLAMA, 32, 4000, 256, SHORT_CONTEXT, turns=4, follow_up_len=1000,
+    Workload("multi-turn", LLAMA, num_requests=32, prompt_len=4000, output_len=256,
+             max_model_len=SHORT_CONTEXT, turns=4, follow_up_len=1000,
              description="32 chats x 4 turns; each turn resends the history (prefix caching)"),
-    Workload("long-16k", LLAMA, 64, 16000, 512, LONG_CONTEXT,
+    Workload("long-16k", LLAMA, num_requests=64, prompt_len=16000, output_len=512,
+             max_model_len=LONG_CONTEXT,
              description="16k-token prompts; the case token eviction is for"),
-    *(
-        Workload(f"ctx-{k}k", LLAMA, 64, k * 1000, 256, LONG_CONTEXT,
-                 description="context-length sweep point (64 requests, 256 output tokens)")
-        for k in (2, 4, 8, 16)
-    ),
+    *(Workload(f"ctx-{k}k", LLAMA, num_requests=64, prompt_len=k * 1000, output_len=256,
+               max_model_len=LONG_CONTEXT,
+               description="context-length sweep point (64 requests, 256 output tokens)")
+      for k in (2, 4, 8, 16)),
 )
+# fmt: on
 
 WORKLOADS: dict[str, Workload] = {w.name: w for w in _WORKLOADS}
 ALIASES: dict[str, list[str]] = {
@@ -163,7 +168,9 @@ def make_prompts(workload: Workload, seed: int) -> WorkloadPrompts:
     if workload.turns > 1:
         follow_ups = random_token_ids(
             (workload.num_requests, workload.turns - 1, workload.follow_up_len),
-            num_ordinary_tokens=vocab, seed=seed, name=f"{workload.name}/follow-ups",
+            num_ordinary_tokens=vocab,
+            seed=seed,
+            name=f"{workload.name}/follow-ups",
         ).tolist()
     return WorkloadPrompts(first_prompts=first.tolist(), follow_ups=follow_ups)
 
@@ -173,6 +180,18 @@ def next_turn_prompt(history: list[int], output_ids: list[int], follow_up: list[
     return [*history, *output_ids, *follow_up]
 
 
-WARMUP = Workload("warmup", LLAMA, 8, 256, 16, SHORT_CONTEXT,
-                  description="run once per engine before measuring, so Triton JIT and first-call costs "
-                  "do not land in the first workload's time")
+WARMUP = Workload(
+    "warmup",
+    LLAMA,
+    num_requests=8,
+    prompt_len=256,
+    output_len=16,
+    max_model_len=SHORT_CONTEXT,
+    description="run once per engine before measuring, so that Triton JIT compiles and other "
+    "first-call costs do not land in the first workload's time",
+)
+
+
+def warmup_for(model: str, max_model_len: int) -> Workload:
+    """The unmeasured warm-up batch for an engine of `model` and `max_model_len`."""
+    return replace(WARMUP, model=model, max_model_len=max_model_len)

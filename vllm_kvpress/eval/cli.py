@@ -29,7 +29,7 @@ MAX_TOKENS_MARGIN = 128
 QUICK = {
     "lengths": (1000,),
     "depths": (10.0, 50.0, 90.0),
-    "ruler_tasks": ("niah_single_1", "vt"),
+    "ruler_tasks": ("niah_single_1", "niah_multikey_2"),
     "samples_per_length": 3,
     "ppl_tokens": 1024,
     "ppl_windows": 1,
@@ -45,8 +45,10 @@ def _choices_list(flag: str, allowed: tuple[str, ...]):
         if not items or unknown:
             raise argparse.ArgumentTypeError(
                 f"{flag} {value!r}: unknown {', '.join(unknown) or '(empty)'}; allowed: {', '.join(allowed)} "
-                "(comma-separated)")
+                "(comma-separated)"
+            )
         return tuple(dict.fromkeys(items))
+
     return parse
 
 
@@ -55,12 +57,15 @@ def _number_list(flag: str, kind, low: float, high: float | None = None):
         try:
             items = tuple(kind(v) for v in value.split(",") if v.strip())
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} {value!r} is not a comma-separated list of numbers") from None
+            raise argparse.ArgumentTypeError(
+                f"{flag} {value!r} is not a comma-separated list of numbers"
+            ) from None
         bad = [v for v in items if v < low or (high is not None and v > high)]
         if not items or bad:
             upper = f" to {high}" if high is not None else " or more"
             raise argparse.ArgumentTypeError(f"{flag} {value!r}: allowed: numbers from {low}{upper}")
         return items
+
     return parse
 
 
@@ -72,37 +77,92 @@ def _method_names() -> tuple[str, ...]:
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
-        "eval", help="quality harness: NIAH, RULER, multi-turn recall, perplexity per method",
+        "eval",
+        help="quality harness: NIAH, RULER, multi-turn recall, perplexity per method",
         description="Evaluate KV-compression methods on generated long-context tasks (docs/eval.md).",
     )
-    p.add_argument("--engine", required=True, choices=ENGINES,
-                   help="reference: transformers + reference page codec (CPU/GPU); vllm: vLLM with the plugin (GPU)")
-    p.add_argument("--model", default="smollm2", help="smollm2, qwen0.5b, or a Hugging Face checkpoint directory")
-    p.add_argument("--method", required=True, type=_choices_list("--method", _method_names()),
-                   help="comma-separated: none (uncompressed) and/or methods of `vllm-kvpress methods`")
-    p.add_argument("--config", default=None, metavar="JSON|FILE",
-                   help="settings over configs/<method>.yaml for every compressed method, e.g. '{\"bits\": 2}'")
-    p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
-                   help="vLLM's own KV dtype as a baseline row (--engine vllm, --method none only)")
-    p.add_argument("--tasks", default=TASKS, type=_choices_list("--tasks", TASKS),
-                   help=f"comma-separated subset of {','.join(TASKS)} (default: all)")
-    p.add_argument("--ruler-tasks", default=None, type=_choices_list("--ruler-tasks", RULER_TASKS),
-                   help=f"comma-separated subset of {','.join(RULER_TASKS)} (default: all)")
-    p.add_argument("--lengths", default=None, type=_number_list("--lengths", int, 256),
-                   help="prompt lengths in tokens, comma-separated (default per model)")
-    p.add_argument("--depths", default=None, type=_number_list("--depths", float, 0, 100),
-                   help=f"NIAH needle depths in percent (default {','.join(f'{d:g}' for d in DEFAULT_DEPTHS)})")
-    p.add_argument("--samples", type=int, default=None, help=f"RULER/multi-turn samples per length (default {DEFAULT_SAMPLES})")
-    p.add_argument("--ppl-tokens", type=int, default=None, help=f"tokens per perplexity window (default {DEFAULT_PPL_TOKENS})")
-    p.add_argument("--prefill-chunk", type=int, default=None,
-                   help=f"prompt tokens per prefill step, 0 = whole prompt (default {DEFAULT_PREFILL_CHUNK})")
+    p.add_argument(
+        "--engine",
+        required=True,
+        choices=ENGINES,
+        help="reference: transformers + reference page codec (CPU/GPU); vllm: vLLM with the plugin (GPU)",
+    )
+    p.add_argument(
+        "--model", default="smollm2", help="smollm2, qwen0.5b, or a Hugging Face checkpoint directory"
+    )
+    p.add_argument(
+        "--method",
+        required=True,
+        type=_choices_list("--method", _method_names()),
+        help="comma-separated: none (uncompressed) and/or methods of `vllm-kvpress methods`",
+    )
+    p.add_argument(
+        "--config",
+        default=None,
+        metavar="JSON|FILE",
+        help="settings over configs/<method>.yaml for every compressed method, e.g. '{\"bits\": 2}'",
+    )
+    p.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        choices=KV_CACHE_DTYPES,
+        help="vLLM's own KV dtype as a baseline row (--engine vllm, --method none only)",
+    )
+    p.add_argument(
+        "--tasks",
+        default=TASKS,
+        type=_choices_list("--tasks", TASKS),
+        help=f"comma-separated subset of {','.join(TASKS)} (default: all)",
+    )
+    p.add_argument(
+        "--ruler-tasks",
+        default=None,
+        type=_choices_list("--ruler-tasks", RULER_TASKS),
+        help=f"comma-separated subset of {','.join(RULER_TASKS)} (default: all)",
+    )
+    p.add_argument(
+        "--lengths",
+        default=None,
+        type=_number_list("--lengths", int, 256),
+        help="prompt lengths in tokens, comma-separated (default per model)",
+    )
+    p.add_argument(
+        "--depths",
+        default=None,
+        type=_number_list("--depths", float, 0, 100),
+        help=f"NIAH needle depths in percent (default {','.join(f'{d:g}' for d in DEFAULT_DEPTHS)})",
+    )
+    p.add_argument(
+        "--samples",
+        type=int,
+        default=None,
+        help=f"RULER/multi-turn samples per length (default {DEFAULT_SAMPLES})",
+    )
+    p.add_argument(
+        "--ppl-tokens",
+        type=int,
+        default=None,
+        help=f"tokens per perplexity window (default {DEFAULT_PPL_TOKENS})",
+    )
+    p.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=None,
+        help=f"prompt tokens per prefill step, 0 = whole prompt (default {DEFAULT_PREFILL_CHUNK})",
+    )
     p.add_argument("--quick", action="store_true", help="a small grid for a CPU in minutes (flags given win)")
     p.add_argument("--out", default="eval_results", help="parent directory of the result directory")
     p.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
     p.add_argument("--seed", type=int, default=0, help="seed of every generated sample")
-    p.add_argument("--device", default=None, help="reference engine: cpu or cuda (default cuda when available)")
-    p.add_argument("--dtype", default=None, choices=("bfloat16", "float16", "float32"),
-                   help="reference engine: model dtype (default bfloat16)")
+    p.add_argument(
+        "--device", default=None, help="reference engine: cpu or cuda (default cuda when available)"
+    )
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=("bfloat16", "float16", "float32"),
+        help="reference engine: model dtype (default bfloat16)",
+    )
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85, help="vllm engine")
     p.add_argument("--enforce-eager", action="store_true", help="vllm engine: no CUDA graphs")
     p.set_defaults(run=run)
@@ -135,44 +195,70 @@ def build_config(args: argparse.Namespace):
     from vllm_kvpress.models import ensure_model, max_model_len
 
     if args.kv_cache_dtype != "auto" and (args.engine != "vllm" or args.method != (UNCOMPRESSED,)):
-        raise ValueError(f"--kv-cache-dtype {args.kv_cache_dtype} is vLLM's own KV format: it needs --engine vllm "
-                         "and --method none")
+        raise ValueError(
+            f"--kv-cache-dtype {args.kv_cache_dtype} is vLLM's own KV format: it needs --engine vllm "
+            "and --method none"
+        )
     runs, method_configs = resolve_methods(args.method, args.config)
     model_path = ensure_model(args.model)
     context = args.max_model_len or max_model_len(args.model)
     quick = QUICK if args.quick else {}
-    lengths = args.lengths or quick.get("lengths") or tuple(
-        min(n, context - MAX_TOKENS_MARGIN) for n in DEFAULT_LENGTHS.get(args.model, DEFAULT_LENGTHS_OTHER))
+    lengths = (
+        args.lengths
+        or quick.get("lengths")
+        or tuple(
+            min(n, context - MAX_TOKENS_MARGIN)
+            for n in DEFAULT_LENGTHS.get(args.model, DEFAULT_LENGTHS_OTHER)
+        )
+    )
     too_long = [n for n in lengths if n + MAX_TOKENS_MARGIN > context]
     if too_long:
-        raise ValueError(f"--lengths {','.join(map(str, too_long))} leave no room for the answer within "
-                         f"--max-model-len {context}; allowed: up to {context - MAX_TOKENS_MARGIN}")
+        raise ValueError(
+            f"--lengths {','.join(map(str, too_long))} leave no room for the answer within "
+            f"--max-model-len {context}; allowed: up to {context - MAX_TOKENS_MARGIN}"
+        )
     ppl_tokens = args.ppl_tokens or quick.get("ppl_tokens") or min(DEFAULT_PPL_TOKENS, context)
     if not 16 <= ppl_tokens <= context:
         raise ValueError(f"--ppl-tokens {ppl_tokens}; allowed: 16 to --max-model-len {context}")
-    prefill_chunk = args.prefill_chunk if args.prefill_chunk is not None else quick.get(
-        "prefill_chunk", DEFAULT_PREFILL_CHUNK)
+    prefill_chunk = (
+        args.prefill_chunk
+        if args.prefill_chunk is not None
+        else quick.get("prefill_chunk", DEFAULT_PREFILL_CHUNK)
+    )
     if prefill_chunk < 0 or (args.engine == "vllm" and 0 < prefill_chunk < 16):
         raise ValueError(f"--prefill-chunk {prefill_chunk}; allowed: 0 (whole prompt) or 16 and more")
     samples = args.samples if args.samples is not None else quick.get("samples_per_length", DEFAULT_SAMPLES)
     if samples < 1:
         raise ValueError(f"--samples {samples}; allowed: 1 or more")
     config = EvalConfig(
-        engine=args.engine, model=args.model, model_path=model_path, runs=tuple(runs),
-        kv_cache_dtype=args.kv_cache_dtype, tasks=args.tasks,
+        engine=args.engine,
+        model=args.model,
+        model_path=model_path,
+        runs=tuple(runs),
+        kv_cache_dtype=args.kv_cache_dtype,
+        tasks=args.tasks,
         ruler_tasks=args.ruler_tasks or quick.get("ruler_tasks") or RULER_TASKS,
-        lengths=tuple(lengths), depths=args.depths or quick.get("depths") or DEFAULT_DEPTHS,
-        samples_per_length=samples, ppl_tokens=ppl_tokens,
-        ppl_windows=quick.get("ppl_windows", DEFAULT_PPL_WINDOWS), prefill_chunk=prefill_chunk,
-        max_model_len=context, seed=args.seed, quick=args.quick, out=args.out, device=args.device,
-        dtype=args.dtype, gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
+        lengths=tuple(lengths),
+        depths=args.depths or quick.get("depths") or DEFAULT_DEPTHS,
+        samples_per_length=samples,
+        ppl_tokens=ppl_tokens,
+        ppl_windows=quick.get("ppl_windows", DEFAULT_PPL_WINDOWS),
+        prefill_chunk=prefill_chunk,
+        max_model_len=context,
+        seed=args.seed,
+        quick=args.quick,
+        out=args.out,
+        device=args.device,
+        dtype=args.dtype,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        enforce_eager=args.enforce_eager,
     )
     return config, method_configs
 
 
 def run(args: argparse.Namespace) -> int:
-    from vllm_kvpress.eval.runner import evaluate
     from vllm_kvpress.eval.results import markdown_tables
+    from vllm_kvpress.eval.runner import evaluate
 
     config, method_configs = build_config(args)
     argv = getattr(args, "argv", None) or sys.argv

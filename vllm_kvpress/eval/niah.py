@@ -58,8 +58,9 @@ def render_context(tokenizer, haystack_ids: list[int], needles: list[tuple[float
     return "".join(pieces).strip()
 
 
-def make_sample(renderer: ChatRenderer, haystack_ids: list[int], target_tokens: int, depth_percent: float,
-                seed: int) -> Sample:
+def make_sample(
+    renderer: ChatRenderer, haystack_ids: list[int], target_tokens: int, depth_percent: float, seed: int
+) -> Sample:
     rng = random.Random(f"{seed}-{TASK}-{target_tokens}-{depth_percent}")
     number = magic_number(rng)
     needle = NEEDLE.format(number=number)
@@ -76,8 +77,12 @@ def make_sample(renderer: ChatRenderer, haystack_ids: list[int], target_tokens: 
         prompt_ids=tuple(ids),
         answers=(number,),
         max_tokens=MAX_TOKENS,
-        info={"target_tokens": target_tokens, "depth_percent": depth_percent, "needle": needle,
-              "haystack_tokens": num_haystack_tokens},
+        info={
+            "target_tokens": target_tokens,
+            "depth_percent": depth_percent,
+            "needle": needle,
+            "haystack_tokens": num_haystack_tokens,
+        },
     )
 
 
@@ -87,4 +92,6 @@ def build_samples(tokenizer, lengths: list[int], depths: list[float], seed: int)
     haystack_ids = haystack_token_ids(tokenizer, max(lengths))
     if len(haystack_ids) < max(lengths):
         raise ValueError(f"the essays hold {len(haystack_ids)} tokens, fewer than --lengths {max(lengths)}")
-    return [make_sample(renderer, haystack_ids, length, depth, seed) for length in lengths for depth in depths]
+    return [
+        make_sample(renderer, haystack_ids, length, depth, seed) for length in lengths for depth in depths
+    ]

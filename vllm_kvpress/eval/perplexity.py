@@ -24,7 +24,9 @@ class PerplexityWindow:
     """Index into the per-token NLL list (token i+1 given tokens <= i) of the first scored token."""
 
 
-def build_windows(tokenizer, num_tokens: int, prefill_chunk: int, num_windows: int = 1) -> list[PerplexityWindow]:
+def build_windows(
+    tokenizer, num_tokens: int, prefill_chunk: int, num_windows: int = 1
+) -> list[PerplexityWindow]:
     if not 1 <= num_windows <= len(WINDOW_STARTS):
         raise ValueError(f"num_windows={num_windows}; allowed: 1 to {len(WINDOW_STARTS)}")
     name, text = corpora.perplexity_text()
@@ -35,7 +37,9 @@ def build_windows(tokenizer, num_tokens: int, prefill_chunk: int, num_windows: i
         start = text.find("\n\n", start) + 2  # begin at a paragraph
         ids = tokenizer.encode(text[start : start + chars_needed], add_special_tokens=False)[:num_tokens]
         if len(ids) < num_tokens:
-            raise ValueError(f"{name}: only {len(ids)} tokens from offset {start}; use a smaller --ppl-tokens")
+            raise ValueError(
+                f"{name}: only {len(ids)} tokens from offset {start}; use a smaller --ppl-tokens"
+            )
         # NLL index j is computed at position j; the first position of chunk 2 is j = prefill_chunk
         first_scored = min(prefill_chunk, num_tokens - 2) if prefill_chunk else 0
         windows.append(PerplexityWindow(name, start_fraction, tuple(ids), first_scored))

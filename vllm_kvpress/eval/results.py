@@ -49,8 +49,12 @@ def git_commit() -> dict[str, Any]:
     """HEAD of the repository holding this package, and whether its tree had changes; empty if none."""
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True)
-        status = subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True, check=True)
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True
+        )
+        status = subprocess.run(
+            ["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True, check=True
+        )
     except (OSError, subprocess.CalledProcessError):
         return {}
     return {"git_commit": head.stdout.strip(), "git_dirty": bool(status.stdout.strip())}
@@ -89,32 +93,48 @@ def markdown_tables(results: dict[str, Any]) -> str:
         row = [run["label"], f"{run['compression_ratio']:.3f}" if run["compression_ratio"] else "-"]
         for task in tasks:
             score = run["tasks"].get(task)
-            row.append("-" if score is None else
-                       f"{_fmt_pct(score['accuracy'])} ({score['correct']}/{score['total']})")
+            row.append(
+                "-"
+                if score is None
+                else f"{_fmt_pct(score['accuracy'])} ({score['correct']}/{score['total']})"
+            )
         if has_ppl:
             ppl = run.get("ppl") or {}
             delta = ppl.get("delta_nll_vs_none")
-            row += [f"{ppl['ppl']:.3f}" if ppl else "-", f"{ppl['mean_nll']:.4f}" if ppl else "-",
-                    "-" if delta is None else f"{delta:+.4f}"]
+            row += [
+                f"{ppl['ppl']:.3f}" if ppl else "-",
+                f"{ppl['mean_nll']:.4f}" if ppl else "-",
+                "-" if delta is None else f"{delta:+.4f}",
+            ]
         lines.append("| " + " | ".join(row) + " |")
     out = ["## Accuracy (correct/total) and perplexity", "", *lines, ""]
-    out.append("KV bytes vs bf16: stored bytes per token and head over bf16's (`1 / layout.compression_vs_bf16`).")
-    out.append("Accuracy: a sample is correct when every expected string is in the completion; RULER's "
-               "string_match_all score is in results.json.")
+    out.append(
+        "KV bytes vs bf16: stored bytes per token and head over bf16's (`1 / layout.compression_vs_bf16`)."
+    )
+    out.append(
+        "Accuracy: a sample is correct when every expected string is in the completion; RULER's "
+        "string_match_all score is in results.json."
+    )
     for run in runs:
         grid = run.get("niah_grid")
         if not grid:
             continue
         depths = sorted({d for cells in grid.values() for d in cells}, key=float)
-        out += ["", f"## NIAH grid: {run['label']} (1 = found)", "",
-                "| tokens \\ depth % | " + " | ".join(depths) + " |", "|" + "---|" * (len(depths) + 1)]
+        out += [
+            "",
+            f"## NIAH grid: {run['label']} (1 = found)",
+            "",
+            "| tokens \\ depth % | " + " | ".join(depths) + " |",
+            "|" + "---|" * (len(depths) + 1),
+        ]
         for length, cells in grid.items():
             out.append(f"| {length} | " + " | ".join(str(cells.get(d, "-")) for d in depths) + " |")
     return "\n".join(out) + "\n"
 
 
-def write_results(result_dir: str, config: dict, command: str, env: dict, results: dict,
-                  predictions: list[dict]) -> None:
+def write_results(
+    result_dir: str, config: dict, command: str, env: dict, results: dict, predictions: list[dict]
+) -> None:
     write_json(os.path.join(result_dir, "config.json"), config)
     with open(os.path.join(result_dir, "command.txt"), "w") as f:
         f.write(command + "\n")
@@ -123,5 +143,4 @@ def write_results(result_dir: str, config: dict, command: str, env: dict, result
     with open(os.path.join(result_dir, "results.md"), "w") as f:
         f.write(f"# {os.path.basename(result_dir)}\n\n`{command}`\n\n" + markdown_tables(results))
     with open(os.path.join(result_dir, "predictions.jsonl"), "w") as f:
-        for row in predictions:
-            f.write(json.dumps(row) + "\n")
+        f.writelines(json.dumps(row) + "\n" for row in predictions)

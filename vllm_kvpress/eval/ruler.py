@@ -27,8 +27,10 @@ from vllm_kvpress.eval.niah import haystack_token_ids, render_context
 from vllm_kvpress.eval.samples import ChatRenderer, Sample, fit_to_length
 
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
-NIAH_INSTRUCTION = ("Some special magic {kind} are hidden within the following text. Make sure to memorize it. "
-                    "I will quiz you about the {kind} afterwards.\n")
+NIAH_INSTRUCTION = (
+    "Some special magic {kind} are hidden within the following text. Make sure to memorize it. "
+    "I will quiz you about the {kind} afterwards.\n"
+)
 NIAH_NEEDLE = "One of the special magic {kind} for {key} is: {value}."
 NIAH_QUESTION = "\nWhat is the special magic {kind_one} for {key} mentioned in the provided text?"
 NIAH_ANSWER = "The special magic {kind_one} for {key} mentioned in the provided text is"
@@ -36,16 +38,24 @@ NIAH_QUESTION_ALL = "\nWhat are all the special magic {kind} for {key} mentioned
 NIAH_ANSWER_ALL = "The special magic {kind} for {key} mentioned in the provided text are"
 VT_INSTRUCTION = "Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n"
 VT_QUESTION = "\nQuestion: Find all variables that are assigned the value {value} in the text above."
-VT_ANSWER = ("Answer: According to the chain(s) of variable assignment in the text above, {count} variables "
-             "are assigned the value {value}, they are:")
-CWE_INSTRUCTION = ("Below is a numbered list of words. In these words, some appear more often than others. "
-                   "Memorize the ones that appear most often.\n")
+VT_ANSWER = (
+    "Answer: According to the chain(s) of variable assignment in the text above, {count} variables "
+    "are assigned the value {value}, they are:"
+)
+CWE_INSTRUCTION = (
+    "Below is a numbered list of words. In these words, some appear more often than others. "
+    "Memorize the ones that appear most often.\n"
+)
 CWE_QUESTION = "\nQuestion: What are the 10 most common words in the above list?"
 CWE_ANSWER = "Answer: The top 10 words that appear most often in the list are:"
-FWE_INSTRUCTION = ("Read the following coded text and track the frequency of each coded word. "
-                   "Find the three most frequently appeared coded words. ")
-FWE_QUESTION = ("\nQuestion: Do not provide any explanation. Please ignore the dots '....'. "
-                "What are the three most frequently appeared words in the above coded text?")
+FWE_INSTRUCTION = (
+    "Read the following coded text and track the frequency of each coded word. "
+    "Find the three most frequently appeared coded words. "
+)
+FWE_QUESTION = (
+    "\nQuestion: Do not provide any explanation. Please ignore the dots '....'. "
+    "What are the three most frequently appeared words in the above coded text?"
+)
 FWE_ANSWER = "Answer: According to the coded text above, the three most frequently appeared words are:"
 
 VT_HOPS = 4
@@ -58,15 +68,84 @@ NUM_MULTIVALUE = 4
 MIN_FILL = 0.9
 """A prompt shorter than this fraction of its target means the haystack ran out (a UUID needle
 is about 65 tokens, so multikey_3 at 1000 tokens can fall 6% short by granularity alone)."""
-MAX_TOKENS = {"niah_single_1": 32, "niah_multikey_2": 32, "niah_multikey_3": 64, "niah_multivalue": 64,
-              "vt": 32, "cwe": 120, "fwe": 50}
+MAX_TOKENS = {
+    "niah_single_1": 32,
+    "niah_multikey_2": 32,
+    "niah_multikey_3": 64,
+    "niah_multivalue": 64,
+    "vt": 32,
+    "cwe": 120,
+    "fwe": 50,
+}
 """Generation budgets (RULER's tokens_to_generate, rounded)."""
 TASKS = tuple(MAX_TOKENS)
 _STOPWORDS = frozenset(
-    "that this with from have were they their there which what when where would could should about after "
-    "before other than then them these those into over also been more most some such only very just your "
-    "will shall each because while being both through during without again further here once under until "
-    "above below between same itself myself yourself people thing things think".split()
+    [
+        "that",
+        "this",
+        "with",
+        "from",
+        "have",
+        "were",
+        "they",
+        "their",
+        "there",
+        "which",
+        "what",
+        "when",
+        "where",
+        "would",
+        "could",
+        "should",
+        "about",
+        "after",
+        "before",
+        "other",
+        "than",
+        "then",
+        "them",
+        "these",
+        "those",
+        "into",
+        "over",
+        "also",
+        "been",
+        "more",
+        "most",
+        "some",
+        "such",
+        "only",
+        "very",
+        "just",
+        "your",
+        "will",
+        "shall",
+        "each",
+        "because",
+        "while",
+        "being",
+        "both",
+        "through",
+        "during",
+        "without",
+        "again",
+        "further",
+        "here",
+        "once",
+        "under",
+        "until",
+        "above",
+        "below",
+        "between",
+        "same",
+        "itself",
+        "myself",
+        "yourself",
+        "people",
+        "thing",
+        "things",
+        "think",
+    ]
 )
 
 
@@ -104,7 +183,11 @@ def _insert_sentences(base: list[str], inserts: list[str], rng: random.Random) -
 
 
 class RulerBuilder:
-    """Builds one sample of a RULER task at a target prompt length; all randomness from (seed, task, length, index)."""
+    """Builds one sample of a RULER task at a target prompt length.
+
+    All randomness comes from (seed, task, length, index), so a sample never depends on which
+    other samples were built.
+    """
 
     def __init__(self, tokenizer, seed: int):
         self.renderer = ChatRenderer(tokenizer)
@@ -114,19 +197,30 @@ class RulerBuilder:
     def _rng(self, task: str, target_tokens: int, index: int) -> random.Random:
         return random.Random(f"{self.seed}-ruler-{task}-{target_tokens}-{index}")
 
-    def _fit(self, task, target_tokens, index, context_of, question, answer_prefix, answers, max_units, info=None):
+    def _fit(
+        self, task, target_tokens, index, context_of, question, answer_prefix, answers, max_units, info=None
+    ):
         """Fit `context_of(units)` (deterministic) into the prompt template at `target_tokens`."""
 
         def render(units: int) -> list[int]:
-            return self.renderer.ids([{"role": "user", "content": context_of(units) + question}], answer_prefix)
+            return self.renderer.ids(
+                [{"role": "user", "content": context_of(units) + question}], answer_prefix
+            )
 
         units, ids = fit_to_length(render, target_tokens, max_units)
         if len(ids) < target_tokens * MIN_FILL:
-            raise ValueError(f"ruler/{task}: its haystack fills only {len(ids)} of {target_tokens} tokens; "
-                             "use a shorter length")
-        return Sample(task=f"ruler/{task}", sample_id=f"len{target_tokens}-{index}", prompt_ids=tuple(ids),
-                      answers=tuple(answers), max_tokens=MAX_TOKENS[task],
-                      info={"target_tokens": target_tokens, "haystack_units": units, **(info or {})})
+            raise ValueError(
+                f"ruler/{task}: its haystack fills only {len(ids)} of {target_tokens} tokens; "
+                "use a shorter length"
+            )
+        return Sample(
+            task=f"ruler/{task}",
+            sample_id=f"len{target_tokens}-{index}",
+            prompt_ids=tuple(ids),
+            answers=tuple(answers),
+            max_tokens=MAX_TOKENS[task],
+            info={"target_tokens": target_tokens, "haystack_units": units, **(info or {})},
+        )
 
     @staticmethod
     def _noise_units(target_tokens: int) -> int:
@@ -143,20 +237,35 @@ class RulerBuilder:
         def context(units: int) -> str:
             base = (noise * (units // len(noise) + 1))[:units]
             position = int(len(base) * depth)
-            return NIAH_INSTRUCTION.format(kind="numbers") + " ".join(base[:position] + [needle] + base[position:])
+            return NIAH_INSTRUCTION.format(kind="numbers") + " ".join(
+                base[:position] + [needle] + base[position:]
+            )
 
-        return self._fit("niah_single_1", target_tokens, index, context,
-                         NIAH_QUESTION.format(kind_one="number", key=key), NIAH_ANSWER.format(kind_one="number", key=key),
-                         [value], self._noise_units(target_tokens), {"depth_fraction": depth})
+        return self._fit(
+            "niah_single_1",
+            target_tokens,
+            index,
+            context,
+            NIAH_QUESTION.format(kind_one="number", key=key),
+            NIAH_ANSWER.format(kind_one="number", key=key),
+            [value],
+            self._noise_units(target_tokens),
+            {"depth_fraction": depth},
+        )
 
     def _multikey(self, task: str, target_tokens: int, index: int, uuids: bool) -> Sample:
         rng = self._rng(task, target_tokens, index)
         kind, kind_one = ("uuids", "uuid") if uuids else ("numbers", "number")
         max_needles = target_tokens // 10
         words = vocabulary()
-        keys = [_uuid(rng) for _ in range(max_needles + 1)] if uuids else [
-            f"{a}-{b}" for a, b in zip(rng.choices(words, k=max_needles + 1), rng.choices(words, k=max_needles + 1))
-        ]
+        keys = (
+            [_uuid(rng) for _ in range(max_needles + 1)]
+            if uuids
+            else [
+                f"{a}-{b}"
+                for a, b in zip(rng.choices(words, k=max_needles + 1), rng.choices(words, k=max_needles + 1))
+            ]
+        )
         if len(set(keys)) < len(keys):  # word pairs can repeat: keep the first occurrence of each
             keys = list(dict.fromkeys(keys))
         values = [(_uuid(rng) if uuids else _number(rng)) for _ in keys]
@@ -171,10 +280,17 @@ class RulerBuilder:
                 distractors[:position] + [needles[real]] + distractors[position:]
             )
 
-        return self._fit(task, target_tokens, index, context,
-                         NIAH_QUESTION.format(kind_one=kind_one, key=keys[real]),
-                         NIAH_ANSWER.format(kind_one=kind_one, key=keys[real]), [values[real]],
-                         len(keys) - 1, {"depth_fraction": depth})
+        return self._fit(
+            task,
+            target_tokens,
+            index,
+            context,
+            NIAH_QUESTION.format(kind_one=kind_one, key=keys[real]),
+            NIAH_ANSWER.format(kind_one=kind_one, key=keys[real]),
+            [values[real]],
+            len(keys) - 1,
+            {"depth_fraction": depth},
+        )
 
     def niah_multikey_2(self, target_tokens: int, index: int) -> Sample:
         return self._multikey("niah_multikey_2", target_tokens, index, uuids=False)
@@ -192,11 +308,20 @@ class RulerBuilder:
         needles = [(rng.random() * 100, NIAH_NEEDLE.format(kind="numbers", key=key, value=v)) for v in values]
 
         def context(units: int) -> str:
-            return NIAH_INSTRUCTION.format(kind="numbers") + render_context(tokenizer, self._essay_ids[:units], needles)
+            return NIAH_INSTRUCTION.format(kind="numbers") + render_context(
+                tokenizer, self._essay_ids[:units], needles
+            )
 
-        return self._fit("niah_multivalue", target_tokens, index, context,
-                         NIAH_QUESTION_ALL.format(kind="numbers", key=key), NIAH_ANSWER_ALL.format(kind="numbers", key=key),
-                         values, len(self._essay_ids))
+        return self._fit(
+            "niah_multivalue",
+            target_tokens,
+            index,
+            context,
+            NIAH_QUESTION_ALL.format(kind="numbers", key=key),
+            NIAH_ANSWER_ALL.format(kind="numbers", key=key),
+            values,
+            len(self._essay_ids),
+        )
 
     def vt(self, target_tokens: int, index: int) -> Sample:
         rng = self._rng("vt", target_tokens, index)
@@ -206,7 +331,9 @@ class RulerBuilder:
             if name not in names:
                 names.append(name)
         value = str(rng.randint(10000, 99999))
-        chain = [f"VAR {names[0]} = {value}."] + [f"VAR {names[i]} = VAR {names[i - 1]}." for i in range(1, len(names))]
+        chain = [f"VAR {names[0]} = {value}."] + [
+            f"VAR {names[i]} = VAR {names[i - 1]}." for i in range(1, len(names))
+        ]
         noise = [s if s.endswith(".") else s + "." for s in NOISE.split(". ")]
         placement_seed = rng.random()
 
@@ -214,8 +341,16 @@ class RulerBuilder:
             base = (noise * (units // len(noise) + 1))[:units]
             return VT_INSTRUCTION + _insert_sentences(base, chain, random.Random(placement_seed))
 
-        return self._fit("vt", target_tokens, index, context, VT_QUESTION.format(value=value),
-                         VT_ANSWER.format(count=len(names), value=value), names, self._noise_units(target_tokens))
+        return self._fit(
+            "vt",
+            target_tokens,
+            index,
+            context,
+            VT_QUESTION.format(value=value),
+            VT_ANSWER.format(count=len(names), value=value),
+            names,
+            self._noise_units(target_tokens),
+        )
 
     def cwe(self, target_tokens: int, index: int) -> Sample:
         rng = self._rng("cwe", target_tokens, index)
@@ -230,7 +365,9 @@ class RulerBuilder:
             random.Random(order_seed).shuffle(bag)
             return CWE_INSTRUCTION + " ".join(f"{i + 1}. {w}" for i, w in enumerate(bag))
 
-        return self._fit("cwe", target_tokens, index, context, CWE_QUESTION, CWE_ANSWER, common, len(uncommon))
+        return self._fit(
+            "cwe", target_tokens, index, context, CWE_QUESTION, CWE_ANSWER, common, len(uncommon)
+        )
 
     def fwe(self, target_tokens: int, index: int) -> Sample:
         import numpy as np
@@ -248,18 +385,27 @@ class RulerBuilder:
         def context(units: int) -> str:
             return FWE_INSTRUCTION + " ".join(stream[:units])
 
-        units_probe = fit_to_length(lambda u: self.renderer.ids([{"role": "user", "content": context(u) + FWE_QUESTION}],
-                                                                FWE_ANSWER), target_tokens, len(stream))[0]
+        units_probe = fit_to_length(
+            lambda u: self.renderer.ids([{"role": "user", "content": context(u) + FWE_QUESTION}], FWE_ANSWER),
+            target_tokens,
+            len(stream),
+        )[0]
         counts = collections.Counter(w for w in stream[:units_probe] if w != "...")
         answers = [w for w, _ in sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:3]]
         return self._fit("fwe", target_tokens, index, context, FWE_QUESTION, FWE_ANSWER, answers, len(stream))
 
 
-def build_samples(tokenizer, tasks: list[str], lengths: list[int], samples_per_length: int, seed: int) -> list[Sample]:
+def build_samples(
+    tokenizer, tasks: list[str], lengths: list[int], samples_per_length: int, seed: int
+) -> list[Sample]:
     """`samples_per_length` samples of each RULER task at each length, deterministic in `seed`."""
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise ValueError(f"--ruler-tasks {','.join(unknown)} unknown; allowed: {', '.join(TASKS)}")
     builder = RulerBuilder(tokenizer, seed)
-    return [getattr(builder, task)(length, index)
-            for task in tasks for length in lengths for index in range(samples_per_length)]
+    return [
+        getattr(builder, task)(length, index)
+        for task in tasks
+        for length in lengths
+        for index in range(samples_per_length)
+    ]

@@ -5,7 +5,7 @@ of the config on its engine (one engine at a time), scoring, and writing the res
 import dataclasses
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from vllm_kvpress.eval import multiturn, niah, perplexity, results, ruler
@@ -60,7 +60,6 @@ class EvalConfig:
     dtype: str | None = None
     gpu_memory_utilization: float = 0.85
     enforce_eager: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def directory_name(self) -> str:
         model = results.slug(self.model.rstrip("/").split("/")[-1])
@@ -94,15 +93,20 @@ def build_samples(config: EvalConfig, tokenizer) -> list[Sample]:
     if "niah" in config.tasks:
         samples += niah.build_samples(tokenizer, list(config.lengths), list(config.depths), config.seed)
     if "ruler" in config.tasks:
-        samples += ruler.build_samples(tokenizer, list(config.ruler_tasks), list(config.lengths),
-                                       config.samples_per_length, config.seed)
+        samples += ruler.build_samples(
+            tokenizer, list(config.ruler_tasks), list(config.lengths), config.samples_per_length, config.seed
+        )
     if "multiturn" in config.tasks:
-        samples += multiturn.build_samples(tokenizer, list(config.lengths), config.samples_per_length, config.seed)
+        samples += multiturn.build_samples(
+            tokenizer, list(config.lengths), config.samples_per_length, config.seed
+        )
     for sample in samples:
         if sample.num_prompt_tokens + sample.max_tokens > config.max_model_len:
-            raise ValueError(f"{sample.task} {sample.sample_id}: {sample.num_prompt_tokens} prompt + "
-                             f"{sample.max_tokens} generated tokens exceed --max-model-len {config.max_model_len}; "
-                             "use shorter --lengths")
+            raise ValueError(
+                f"{sample.task} {sample.sample_id}: {sample.num_prompt_tokens} prompt + "
+                f"{sample.max_tokens} generated tokens exceed --max-model-len {config.max_model_len}; "
+                "use shorter --lengths"
+            )
     return samples
 
 
@@ -110,28 +114,40 @@ def niah_grid(samples: list[Sample], correct: list[bool]) -> dict[str, dict[str,
     grid: dict[str, dict[str, int]] = {}
     for sample, ok in zip(samples, correct, strict=True):
         if sample.task == niah.TASK:
-            grid.setdefault(str(sample.info["target_tokens"]), {})[f"{sample.info['depth_percent']:g}"] = int(ok)
+            grid.setdefault(str(sample.info["target_tokens"]), {})[f"{sample.info['depth_percent']:g}"] = int(
+                ok
+            )
     return grid
 
 
-def run_method(config: EvalConfig, run: MethodRun, method_config, samples: list[Sample],
-               windows: list, head_size: int) -> tuple[dict[str, Any], list[dict]]:
+def run_method(
+    config: EvalConfig, run: MethodRun, method_config, samples: list[Sample], windows: list, head_size: int
+) -> tuple[dict[str, Any], list[dict]]:
     """Evaluate one method: generation tasks, then perplexity. Returns (result row, predictions)."""
     from tqdm import tqdm
 
     from vllm_kvpress.eval.engines import make_engine
 
     started = time.perf_counter()
-    engine = make_engine(config.engine, config.model_path, method_config, prefill_chunk=config.prefill_chunk,
-                         max_model_len=config.max_model_len, kv_cache_dtype=config.kv_cache_dtype,
-                         device=config.device, dtype=config.dtype,
-                         gpu_memory_utilization=config.gpu_memory_utilization, enforce_eager=config.enforce_eager)
+    engine = make_engine(
+        config.engine,
+        config.model_path,
+        method_config,
+        prefill_chunk=config.prefill_chunk,
+        max_model_len=config.max_model_len,
+        kv_cache_dtype=config.kv_cache_dtype,
+        device=config.device,
+        dtype=config.dtype,
+        gpu_memory_utilization=config.gpu_memory_utilization,
+        enforce_eager=config.enforce_eager,
+    )
     try:
         completions: list[str] = []
         if samples:
             with tqdm(total=len(samples), desc=f"{run.label}: generate", unit="sample") as bar:
-                completions = engine.generate([list(s.prompt_ids) for s in samples],
-                                              [s.max_tokens for s in samples], progress=bar)
+                completions = engine.generate(
+                    [list(s.prompt_ids) for s in samples], [s.max_tokens for s in samples], progress=bar
+                )
         scored_nll: list[float] = []
         for window in tqdm(windows, desc=f"{run.label}: perplexity", unit="window", disable=not windows):
             scored_nll += engine.token_nll(list(window.token_ids))[window.first_scored :]
@@ -146,21 +162,40 @@ def run_method(config: EvalConfig, run: MethodRun, method_config, samples: list[
         task: score_task(task, [completions[i] for i in idx], [samples[i].answers for i in idx]).to_dict()
         for task, idx in by_task.items()
     }
-    correct = [all(a.lower() in c.lower() for a in s.answers) for s, c in zip(samples, completions, strict=True)]
+    correct = [
+        all(a.lower() in c.lower() for a in s.answers) for s, c in zip(samples, completions, strict=True)
+    ]
     row: dict[str, Any] = {
-        "label": run.label, "method": run.method, "method_config": run.resolved,
+        "label": run.label,
+        "method": run.method,
+        "method_config": run.resolved,
         "kv_cache_dtype": config.kv_cache_dtype,
         "compression_ratio": compression_ratio(run, method_config, head_size, config.kv_cache_dtype),
-        "tasks": task_scores, "niah_grid": niah_grid(samples, correct),
-        "seconds": round(time.perf_counter() - started, 1), "device": device_name,
+        "tasks": task_scores,
+        "niah_grid": niah_grid(samples, correct),
+        "seconds": round(time.perf_counter() - started, 1),
+        "device": device_name,
     }
     if windows:
         mean = sum(scored_nll) / len(scored_nll)
-        row["ppl"] = {"corpus": windows[0].corpus, "windows": len(windows), "tokens_scored": len(scored_nll),
-                      "mean_nll": mean, "ppl": math.exp(mean)}
+        row["ppl"] = {
+            "corpus": windows[0].corpus,
+            "windows": len(windows),
+            "tokens_scored": len(scored_nll),
+            "mean_nll": mean,
+            "ppl": math.exp(mean),
+        }
     predictions = [
-        {"method": run.label, "task": s.task, "sample_id": s.sample_id, "prompt_tokens": s.num_prompt_tokens,
-         "answers": list(s.answers), "completion": c, "correct": ok, "info": s.info}
+        {
+            "method": run.label,
+            "task": s.task,
+            "sample_id": s.sample_id,
+            "prompt_tokens": s.num_prompt_tokens,
+            "answers": list(s.answers),
+            "completion": c,
+            "correct": ok,
+            "info": s.info,
+        }
         for s, c, ok in zip(samples, completions, correct, strict=True)
     ]
     return row, predictions
@@ -173,8 +208,11 @@ def evaluate(config: EvalConfig, method_configs: list, command: str) -> str:
     tokenizer = AutoTokenizer.from_pretrained(config.model_path)
     head_size, _ = model_geometry(config.model_path)
     samples = build_samples(config, tokenizer)
-    windows = (perplexity.build_windows(tokenizer, config.ppl_tokens, config.prefill_chunk, config.ppl_windows)
-               if "ppl" in config.tasks else [])
+    windows = (
+        perplexity.build_windows(tokenizer, config.ppl_tokens, config.prefill_chunk, config.ppl_windows)
+        if "ppl" in config.tasks
+        else []
+    )
     result_dir = results.create_result_dir(config.out, config.directory_name())
     rows, predictions = [], []
     for run, method_config in zip(config.runs, method_configs, strict=True):
@@ -186,6 +224,7 @@ def evaluate(config: EvalConfig, method_configs: list, command: str) -> str:
         if baseline is not None and row.get("ppl"):
             row["ppl"]["delta_nll_vs_none"] = row["ppl"]["mean_nll"] - baseline["ppl"]["mean_nll"]
     payload = {"name": config.directory_name(), "runs": rows}
-    results.write_results(result_dir, config.to_dict(), command, results.environment(rows[0]["device"]),
-                          payload, predictions)
+    results.write_results(
+        result_dir, config.to_dict(), command, results.environment(rows[0]["device"]), payload, predictions
+    )
     return result_dir

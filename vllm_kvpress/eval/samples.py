@@ -55,7 +55,9 @@ class PromptTooShortError(ValueError):
     """Even the smallest haystack exceeds the requested context length."""
 
 
-def fit_to_length(render: Callable[[int], list[int]], target_tokens: int, max_units: int) -> tuple[int, list[int]]:
+def fit_to_length(
+    render: Callable[[int], list[int]], target_tokens: int, max_units: int
+) -> tuple[int, list[int]]:
     """Largest haystack size (in the task's units: tokens, sentences, words) whose prompt has at
     most `target_tokens` tokens, by binary search (prompt length grows with the units).
 
@@ -75,5 +77,7 @@ def fit_to_length(render: Callable[[int], list[int]], target_tokens: int, max_un
         else:
             hi = mid - 1
     if best is None:
-        raise PromptTooShortError(f"the task's fixed text alone exceeds {target_tokens} tokens; use a longer length")
+        raise PromptTooShortError(
+            f"the task's fixed text alone exceeds {target_tokens} tokens; use a longer length"
+        )
     return best

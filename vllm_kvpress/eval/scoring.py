@@ -33,8 +33,13 @@ class TaskScore:
         return 100.0 * self.num_correct / self.num_samples if self.num_samples else math.nan
 
     def to_dict(self) -> dict:
-        return {"task": self.task, "correct": self.num_correct, "total": self.num_samples,
-                "accuracy": self.accuracy, "string_match_all": self.string_match_all}
+        return {
+            "task": self.task,
+            "correct": self.num_correct,
+            "total": self.num_samples,
+            "accuracy": self.accuracy,
+            "string_match_all": self.string_match_all,
+        }
 
 
 def score_task(task: str, predictions: list[str], references: list[tuple[str, ...]]) -> TaskScore:

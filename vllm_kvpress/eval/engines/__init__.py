@@ -27,22 +27,45 @@ class Engine(Protocol):
     def close(self) -> None: ...
 
 
-def make_engine(engine: str, model_path: str, method_config, *, prefill_chunk: int, max_model_len: int,
-                kv_cache_dtype: str = "auto", device: str | None = None, dtype: str | None = None,
-                gpu_memory_utilization: float = 0.85, enforce_eager: bool = False) -> Engine:
+def make_engine(
+    engine: str,
+    model_path: str,
+    method_config,
+    *,
+    prefill_chunk: int,
+    max_model_len: int,
+    kv_cache_dtype: str = "auto",
+    device: str | None = None,
+    dtype: str | None = None,
+    gpu_memory_utilization: float = 0.85,
+    enforce_eager: bool = False,
+) -> Engine:
     """Build engine `engine` for one method config (None = uncompressed)."""
     if engine == "reference":
         if kv_cache_dtype != "auto":
-            raise ValueError(f"--kv-cache-dtype {kv_cache_dtype} is a vLLM baseline; allowed with "
-                             "--engine reference: auto")
+            raise ValueError(
+                f"--kv-cache-dtype {kv_cache_dtype} is a vLLM baseline; allowed with --engine reference: auto"
+            )
         from vllm_kvpress.eval.engines.reference import ReferenceEngine
 
-        return ReferenceEngine(model_path, method_config, prefill_chunk=prefill_chunk, max_model_len=max_model_len,
-                               device=device, dtype=dtype)
+        return ReferenceEngine(
+            model_path,
+            method_config,
+            prefill_chunk=prefill_chunk,
+            max_model_len=max_model_len,
+            device=device,
+            dtype=dtype,
+        )
     if engine == "vllm":
         from vllm_kvpress.eval.engines.vllm_engine import VllmEngine
 
-        return VllmEngine(model_path, method_config, prefill_chunk=prefill_chunk, max_model_len=max_model_len,
-                          kv_cache_dtype=kv_cache_dtype, gpu_memory_utilization=gpu_memory_utilization,
-                          enforce_eager=enforce_eager)
+        return VllmEngine(
+            model_path,
+            method_config,
+            prefill_chunk=prefill_chunk,
+            max_model_len=max_model_len,
+            kv_cache_dtype=kv_cache_dtype,
+            gpu_memory_utilization=gpu_memory_utilization,
+            enforce_eager=enforce_eager,
+        )
     raise ValueError(f"--engine {engine!r} is unknown; allowed: {', '.join(ENGINES)}")

@@ -31,12 +31,15 @@ class SequencePages:
     once and kept; each call decodes only the blocks completed by this write and the partial one.
     """
 
-    def __init__(self, layout: PageLayout, power_iters: int, num_kv_heads: int, max_tokens: int,
-                 device: torch.device):
+    def __init__(
+        self, layout: PageLayout, power_iters: int, num_kv_heads: int, max_tokens: int, device: torch.device
+    ):
         self.layout = layout
         self.power_iters = power_iters
         num_blocks = -(-max_tokens // layout.block_size)
-        self.cache = torch.zeros(num_blocks, num_kv_heads, layout.bytes_per_head, dtype=torch.uint8, device=device)
+        self.cache = torch.zeros(
+            num_blocks, num_kv_heads, layout.bytes_per_head, dtype=torch.uint8, device=device
+        )
         self.num_tokens = 0
         self._complete_k = torch.empty(0, num_kv_heads, layout.head_size, device=device)
         self._complete_v = torch.empty(0, num_kv_heads, layout.head_size, device=device)
@@ -53,11 +56,14 @@ class SequencePages:
 
     def append(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write `key`/`value` [T, num_kv_heads, head_size] after the stored tokens, as vLLM's write
-        kernel would, and return the dequantized K, V of the whole sequence, fp32 [S, num_kv_heads, head_size]."""
+        kernel would, and return the dequantized K, V of the whole sequence,
+        fp32 [S, num_kv_heads, head_size]."""
         num_new = key.shape[0]
         seq_len = self.num_tokens + num_new
         if seq_len > self.cache.shape[0] * self.layout.block_size:
-            raise ValueError(f"sequence of {seq_len} tokens exceeds the {self.cache.shape[0]} pages allocated")
+            raise ValueError(
+                f"sequence of {seq_len} tokens exceeds the {self.cache.shape[0]} pages allocated"
+            )
         slots = torch.arange(self.num_tokens, seq_len, device=self.cache.device)
         page_codec.write_tokens(self.cache, key, value, slots, self.layout, self.power_iters)
         self.num_tokens = seq_len
@@ -99,8 +105,10 @@ def compressed_attention_forward(
     if pages is not None:
         layer = pages[module.layer_idx]
         if layer.num_tokens != seq_len - num_new:
-            raise RuntimeError(f"layer {module.layer_idx}: pages hold {layer.num_tokens} tokens, the model "
-                               f"cache {seq_len - num_new}; reset the engine state between sequences")
+            raise RuntimeError(
+                f"layer {module.layer_idx}: pages hold {layer.num_tokens} tokens, the model "
+                f"cache {seq_len - num_new}; reset the engine state between sequences"
+            )
         # vLLM's model hands bf16 K/V to the page writer
         k_new = k_all[seq_len - num_new :].to(torch.bfloat16)
         v_new = v_all[seq_len - num_new :].to(torch.bfloat16)
@@ -127,13 +135,35 @@ def register_attention() -> None:
     _registered = True
 
 
+def _cpu_model_name() -> str:
+    """The CPU's marketing name on Linux, else the architecture."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 class ReferenceEngine:
     """Greedy generation and teacher-forced NLL, batch size 1, prompts fed in prefill chunks."""
 
     name = "reference"
 
-    def __init__(self, model_path: str, method_config, *, prefill_chunk: int, max_model_len: int,
-                 device: str | None = None, dtype: str | None = None):
+    def __init__(
+        self,
+        model_path: str,
+        method_config,
+        *,
+        prefill_chunk: int,
+        max_model_len: int,
+        device: str | None = None,
+        dtype: str | None = None,
+    ):
         """
         Args:
             method_config: a validated method config (`config.load_method_config`), or None for
@@ -149,9 +179,13 @@ class ReferenceEngine:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         torch_dtype = getattr(torch, dtype or "bfloat16")
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        self.model = AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=torch_dtype, attn_implementation=ATTENTION_NAME
-        ).to(self.device).eval()
+        self.model = (
+            AutoModelForCausalLM.from_pretrained(
+                model_path, dtype=torch_dtype, attn_implementation=ATTENTION_NAME
+            )
+            .to(self.device)
+            .eval()
+        )
         text_config = self.model.config.get_text_config()
         self.num_layers = text_config.num_hidden_layers
         self.num_kv_heads = text_config.num_key_value_heads
@@ -173,25 +207,33 @@ class ReferenceEngine:
     def device_name(self) -> str:
         if self.device.type == "cuda":
             return torch.cuda.get_device_name(self.device)
-        import platform
-
-        return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+        return f"cpu ({_cpu_model_name()}, {torch.get_num_threads()} threads)"
 
     def _new_sequence(self, max_tokens: int):
         from transformers import DynamicCache
 
         pages = None
         if self.layout is not None:
-            pages = [SequencePages(self.layout, self.power_iters, self.num_kv_heads, max_tokens, self.device)
-                     for _ in range(self.num_layers)]
+            pages = [
+                SequencePages(self.layout, self.power_iters, self.num_kv_heads, max_tokens, self.device)
+                for _ in range(self.num_layers)
+            ]
         return DynamicCache(config=self.model.config), pages
 
-    def _forward(self, token_ids: list[int], start: int, cache, pages) -> torch.Tensor:
-        """Logits [T, vocab] (fp32) of `token_ids` placed at positions start.. of the sequence."""
+    def _forward(
+        self, token_ids: list[int], start: int, cache, pages, last_only: bool = False
+    ) -> torch.Tensor:
+        """Logits [T, vocab] (fp32) of `token_ids` placed at positions start.. of the sequence;
+        [1, vocab] of the last position with `last_only` (a 49k-word head over every prompt token
+        is slow)."""
         ids = torch.tensor([token_ids], device=self.device)
         positions = torch.arange(start, start + len(token_ids), device=self.device)[None]
         kwargs = {PAGES_KWARG: pages} if pages is not None else {}
-        out = self.model(input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True, **kwargs)
+        if last_only:
+            kwargs["logits_to_keep"] = 1
+        out = self.model(
+            input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True, **kwargs
+        )
         return out.logits[0].float()
 
     def _chunks(self, num_tokens: int) -> list[tuple[int, int]]:
@@ -200,7 +242,9 @@ class ReferenceEngine:
 
     def _check_length(self, num_tokens: int) -> None:
         if num_tokens > self.max_model_len:
-            raise ValueError(f"a sequence of {num_tokens} tokens exceeds --max-model-len {self.max_model_len}")
+            raise ValueError(
+                f"a sequence of {num_tokens} tokens exceeds --max-model-len {self.max_model_len}"
+            )
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], max_tokens: list[int], progress=None) -> list[str]:
@@ -210,7 +254,7 @@ class ReferenceEngine:
             self._check_length(len(prompt) + limit)
             cache, pages = self._new_sequence(len(prompt) + limit)
             for start, end in self._chunks(len(prompt)):
-                logits = self._forward(prompt[start:end], start, cache, pages)
+                logits = self._forward(prompt[start:end], start, cache, pages, last_only=True)
             generated: list[int] = []
             position = len(prompt)
             while True:

@@ -25,9 +25,18 @@ DEFAULT_MAX_NUM_SEQS = 256
 class VllmEngine:
     name = "vllm"
 
-    def __init__(self, model_path: str, method_config, *, prefill_chunk: int, max_model_len: int,
-                 kv_cache_dtype: str = "auto", gpu_memory_utilization: float = 0.85,
-                 enforce_eager: bool = False, seed: int = 0):
+    def __init__(
+        self,
+        model_path: str,
+        method_config,
+        *,
+        prefill_chunk: int,
+        max_model_len: int,
+        kv_cache_dtype: str = "auto",
+        gpu_memory_utilization: float = 0.85,
+        enforce_eager: bool = False,
+        seed: int = 0,
+    ):
         """
         Args:
             method_config: a validated method config, or None for vLLM's own attention.
@@ -40,23 +49,37 @@ class VllmEngine:
         if not torch.cuda.is_available():
             raise RuntimeError("--engine vllm needs a CUDA GPU; on CPU use --engine reference")
         if kv_cache_dtype not in VLLM_BASELINE_DTYPES:
-            raise ValueError(f"--kv-cache-dtype {kv_cache_dtype!r}; allowed: {', '.join(VLLM_BASELINE_DTYPES)}")
+            raise ValueError(
+                f"--kv-cache-dtype {kv_cache_dtype!r}; allowed: {', '.join(VLLM_BASELINE_DTYPES)}"
+            )
         if method_config is not None and kv_cache_dtype != "auto":
-            raise ValueError(f"--kv-cache-dtype {kv_cache_dtype} is a vLLM baseline and combines only with "
-                             f"--method none, not {method_config.method}")
-        kwargs = dict(
-            model=model_path, tokenizer=model_path, dtype="bfloat16", max_model_len=max_model_len,
-            gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager, seed=seed,
-            kv_cache_dtype=kv_cache_dtype, enable_prefix_caching=False,
-        )
+            raise ValueError(
+                f"--kv-cache-dtype {kv_cache_dtype} is a vLLM baseline and combines only with "
+                f"--method none, not {method_config.method}"
+            )
+        kwargs = {
+            "model": model_path,
+            "tokenizer": model_path,
+            "dtype": "bfloat16",
+            "max_model_len": max_model_len,
+            "gpu_memory_utilization": gpu_memory_utilization,
+            "enforce_eager": enforce_eager,
+            "seed": seed,
+            "kv_cache_dtype": kv_cache_dtype,
+            "enable_prefix_caching": False,
+        }
         if method_config is not None:
             from vllm_kvpress.plugin import register
 
-            register()  # vLLM also loads it through the entry point; explicit so a broken install fails here
+            # vLLM also loads it through its entry point; called here so a broken install fails early
+            register()
             kwargs["additional_config"] = {ADDITIONAL_CONFIG_KEY: method_config.to_dict()}
         if prefill_chunk:
-            kwargs.update(enable_chunked_prefill=True, max_num_batched_tokens=prefill_chunk,
-                          max_num_seqs=min(DEFAULT_MAX_NUM_SEQS, prefill_chunk))
+            kwargs.update(
+                enable_chunked_prefill=True,
+                max_num_batched_tokens=prefill_chunk,
+                max_num_seqs=min(DEFAULT_MAX_NUM_SEQS, prefill_chunk),
+            )
         self.engine_kwargs = {k: v for k, v in kwargs.items() if k != "model"}
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
@@ -68,8 +91,9 @@ class VllmEngine:
         from vllm.inputs import TokensPrompt
 
         params = [SamplingParams(temperature=0.0, max_tokens=n, skip_special_tokens=True) for n in max_tokens]
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params,
-                                    use_tqdm=progress is None)
+        outputs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=progress is None
+        )
         if progress is not None:
             progress.update(len(prompts))
         return [out.outputs[0].text for out in outputs]
@@ -81,11 +105,15 @@ class VllmEngine:
 
         # prompt_logprobs=1 returns the prompt token's own logprob plus the top-1 entry
         params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=1)
-        (output,) = self.llm.generate([TokensPrompt(prompt_token_ids=list(token_ids))], params, use_tqdm=False)
+        (output,) = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=list(token_ids))], params, use_tqdm=False
+        )
         entries = output.prompt_logprobs
         if entries is None or len(entries) != len(token_ids):
-            raise RuntimeError(f"vLLM returned {None if entries is None else len(entries)} prompt logprobs "
-                               f"for {len(token_ids)} tokens")
+            raise RuntimeError(
+                f"vLLM returned {None if entries is None else len(entries)} prompt logprobs "
+                f"for {len(token_ids)} tokens"
+            )
         return [-entries[i][token_ids[i]].logprob for i in range(1, len(token_ids))]
 
     def close(self) -> None:
