@@ -89,7 +89,6 @@ def _stage_tokens_kernel(
     page = cache_ptr + block * stride_cb + h * stride_ch
     cols = tl.arange(0, HEAD_SIZE)
     k = tl.load(key_ptr + t.to(tl.int64) * stride_kt + h * stride_kh + cols).to(tl.float32)
-    v = tl.load(value_ptr + t.to(tl.int64) * stride_vt + h * stride_vh + cols).to(tl.float32)
 
     K_GROUPS: tl.constexpr = HEAD_SIZE // K_STAGE_GROUP
     k_groups = tl.reshape(k, (K_GROUPS, K_STAGE_GROUP))
@@ -98,14 +97,35 @@ def _stage_tokens_kernel(
     kg = tl.arange(0, K_GROUPS)
     tl.store(fp16_ptr(page + K_META_OFF) + off * K_GROUPS + kg, tl.reshape(k_scale, (K_GROUPS,)).to(tl.float16))
 
-    GROUPS: tl.constexpr = HEAD_SIZE // V_GROUP
-    v_groups = tl.reshape(v, (GROUPS, V_GROUP))
-    v_codes, v_scale, v_zero = quantize(v_groups, tl.min(v_groups, 1)[:, None], tl.max(v_groups, 1)[:, None], V_BITS)
-    store_codes(page, tl.reshape(v_codes, (1, HEAD_SIZE)), off, V_CODES_OFF, 1, HEAD_SIZE, V_BITS)
-    v_meta = fp16_ptr(page + V_META_OFF)
-    g = tl.arange(0, GROUPS)
-    tl.store(v_meta + off * GROUPS + g, tl.reshape(v_scale, (GROUPS,)).to(tl.float16))
-    tl.store(v_meta + BLOCK_SIZE * GROUPS + off * GROUPS + g, tl.reshape(v_zero, (GROUPS,)).to(tl.float16))
+    # V bytes hold TOKENS_PER_BYTE neighbouring tokens of one channel: the program of the first new
+    # token of each byte writes the whole byte (read-modify-write), so no two programs race on it.
+    TOKENS_PER_BYTE: tl.constexpr = 8 // V_BITS
+    byte_start = off - off % TOKENS_PER_BYTE
+    prev_slot = tl.load(slot_mapping_ptr + t - 1, mask=t > 0, other=-1)
+    if (off == byte_start) | (prev_slot != slot - 1):
+        GROUPS: tl.constexpr = HEAD_SIZE // V_GROUP
+        j = tl.arange(0, TOKENS_PER_BYTE)
+        src = t + byte_start + j - off
+        src_slot = tl.load(slot_mapping_ptr + src, mask=(src >= 0) & (src < num_tokens), other=-1)
+        is_new = src_slot == block * BLOCK_SIZE + byte_start + j
+        src64 = tl.where(is_new, src, 0).to(tl.int64)
+        v = tl.load(value_ptr + src64[:, None] * stride_vt + h * stride_vh + cols[None, :], mask=is_new[:, None],
+                    other=0.0).to(tl.float32)
+        v_groups = tl.reshape(v, (TOKENS_PER_BYTE, GROUPS, V_GROUP))
+        v_codes, v_scale, v_zero = quantize(v_groups, tl.min(v_groups, 2)[:, :, None], tl.max(v_groups, 2)[:, :, None],
+                                            V_BITS)
+        field = tl.reshape(v_codes, (TOKENS_PER_BYTE, HEAD_SIZE)) << (j * V_BITS)[:, None]
+        new_bits = tl.sum(tl.where(is_new[:, None], field, 0), 0)
+        keep = tl.sum(tl.where(is_new, 0, ((1 << V_BITS) - 1) << (j * V_BITS)), 0)
+        TOKEN_BYTES: tl.constexpr = BLOCK_SIZE * V_BITS // 8
+        byte_ptr = page + V_CODES_OFF + cols * TOKEN_BYTES + byte_start // TOKENS_PER_BYTE
+        tl.store(byte_ptr, ((tl.load(byte_ptr).to(tl.int32) & keep) | new_bits).to(tl.uint8))
+        v_meta = fp16_ptr(page + V_META_OFF)
+        meta_offs = (byte_start + j)[:, None] * GROUPS + tl.arange(0, GROUPS)[None, :]
+        tl.store(v_meta + meta_offs, tl.reshape(v_scale, (TOKENS_PER_BYTE, GROUPS)).to(tl.float16),
+                 mask=is_new[:, None])
+        tl.store(v_meta + BLOCK_SIZE * GROUPS + meta_offs, tl.reshape(v_zero, (TOKENS_PER_BYTE, GROUPS)).to(tl.float16),
+                 mask=is_new[:, None])
 
 
 @triton.jit
@@ -176,7 +196,10 @@ def encode_block(x, page, IS_KEY: tl.constexpr, BITS: tl.constexpr, CODES_OFF: t
         offs = rows[:, None] * GROUPS + tl.arange(0, GROUPS)[None, :]
         tl.store(meta + offs, tl.reshape(scale, (BLOCK_SIZE, GROUPS)).to(tl.float16))
         tl.store(meta + BLOCK_SIZE * GROUPS + offs, tl.reshape(zero, (BLOCK_SIZE, GROUPS)).to(tl.float16))
-    store_codes(page, codes, 0, CODES_OFF, BLOCK_SIZE, HEAD_SIZE, BITS)
+    if IS_KEY:
+        store_codes(page, codes, 0, CODES_OFF, BLOCK_SIZE, HEAD_SIZE, BITS)
+    else:  # V is stored channel-major, packed along tokens
+        store_codes(page, tl.trans(codes), 0, CODES_OFF, HEAD_SIZE, BLOCK_SIZE, BITS)
 
     residual = tl.where(outlier, 0.0, x - deq)
     lowrank_sum = tl.zeros((BLOCK_SIZE, HEAD_SIZE), dtype=tl.float32)

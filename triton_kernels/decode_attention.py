@@ -6,11 +6,14 @@ of that sequence's blocks, reads each packed block once and keeps an online soft
 bound by the bytes it reads, so the per-element work is kept to unpacking codes:
 
 - K of a complete block is `code * s_c + z_c` per channel, so q.k = (q * s).code + q.z: the scale
-  goes into the (16-row) query once per block instead of into the (block_size-row) key tile;
+  goes into the (few-row) query once per block instead of into the (block_size-row) key tile;
 - V is `code * s_t + z_t` per token (and channel group), so p.V = (p * s_t).code + p.z_t;
 - codes become dot operands through the magic-number OR of `codes_as_operand`;
 - GEAR's low-rank and sparse terms are applied to scores and outputs (rank-r vectors and one-hot
-  products of the outlier slots), never to the tiles.
+  products of the outlier slots), never to the tiles;
+- the products are computed transposed (scores^T = K q^T, out^T = V^T p^T): the packed tiles are
+  the A operand, packed along the dimension the product reduces over (layout.py), so Triton feeds
+  them to the tensor cores straight from registers; only the few query rows go through shared memory.
 
 `_reduce_splits_kernel`, grid (num_seqs, num_heads), merges the splits. The grid depends only on
 the batch size, never on sequence lengths, so the launch is CUDA-graph safe.
@@ -33,92 +36,95 @@ from vllm_kvpress.triton_kernels.page_format import (
 )
 
 LOG2E = 1.4426950408889634
+DECODE_NUM_WARPS = 4
+DECODE_NUM_STAGES = 3
 
 
 @triton.jit
-def gear_score_terms(q, q_rows_ptr, row_valid, page, LOWRANK_OFF: tl.constexpr, SPARSE_OFF: tl.constexpr,
+def gear_score_terms(q_t, q_rows_ptr, row_valid, page, LOWRANK_OFF: tl.constexpr, SPARSE_OFF: tl.constexpr,
                      BLOCK_SIZE: tl.constexpr, HEAD_SIZE: tl.constexpr, RANK: tl.constexpr,
                      NUM_OUTLIERS: tl.constexpr):
-    """q.(a b^T + S)^T for one block: [rows, BLOCK_SIZE] fp32. q fp32 [rows, HEAD_SIZE]."""
+    """(a b^T + S) q^T for one block: [BLOCK_SIZE, rows] fp32. q_t fp32 [HEAD_SIZE, rows]."""
     tokens = tl.arange(0, BLOCK_SIZE)
-    extra = tl.zeros((q.shape[0], BLOCK_SIZE), tl.float32)
+    extra = tl.zeros((BLOCK_SIZE, q_t.shape[1]), tl.float32)
     lowrank = fp16_ptr(page + LOWRANK_OFF)
     for r in tl.static_range(RANK):
         a = tl.load(lowrank + r * BLOCK_SIZE + tokens).to(tl.float32)
         b = tl.load(lowrank + RANK * BLOCK_SIZE + r * HEAD_SIZE + tl.arange(0, HEAD_SIZE)).to(tl.float32)
-        extra += tl.sum(q * b[None, :], 1)[:, None] * a[None, :]
+        extra += a[:, None] * tl.sum(q_t * b[:, None], 0)[None, :]
     if NUM_OUTLIERS > 0:
         slots = tl.arange(0, NUM_OUTLIERS)
         index = tl.load(int16_ptr(page + SPARSE_OFF) + slots).to(tl.int32)
         value = tl.load(fp16_ptr(page + SPARSE_OFF + 2 * NUM_OUTLIERS) + slots).to(tl.float32)
         # q[:, c_i] * value_i, gathered from global memory (the query rows are tiny and cached)
-        q_at = tl.load(q_rows_ptr[:, None] + (index % HEAD_SIZE)[None, :], mask=row_valid[:, None], other=0.0)
-        by_token = ((index // HEAD_SIZE)[:, None] == tokens[None, :]).to(tl.float16)
-        extra += tl.dot((q_at.to(tl.float32) * value[None, :]).to(tl.float16), by_token)
+        q_at = tl.load(q_rows_ptr[None, :] + (index % HEAD_SIZE)[:, None], mask=row_valid[None, :], other=0.0)
+        by_token = ((index // HEAD_SIZE)[None, :] == tokens[:, None]).to(tl.float16)  # [BLOCK_SIZE, NUM_OUTLIERS]
+        extra += tl.dot(by_token, (q_at.to(tl.float32) * value[:, None]).to(tl.float16))
     return extra
 
 
 @triton.jit
-def gear_output_terms(p, page, LOWRANK_OFF: tl.constexpr, SPARSE_OFF: tl.constexpr,
+def gear_output_terms(p_t, page, LOWRANK_OFF: tl.constexpr, SPARSE_OFF: tl.constexpr,
                       BLOCK_SIZE: tl.constexpr, HEAD_SIZE: tl.constexpr, RANK: tl.constexpr,
                       NUM_OUTLIERS: tl.constexpr):
-    """p.(a b^T + S) for one block: [rows, HEAD_SIZE] fp32. p fp32 [rows, BLOCK_SIZE]."""
+    """(a b^T + S)^T p^T for one block: [HEAD_SIZE, rows] fp32. p_t fp32 [BLOCK_SIZE, rows]."""
     cols = tl.arange(0, HEAD_SIZE)
-    extra = tl.zeros((p.shape[0], HEAD_SIZE), tl.float32)
+    extra = tl.zeros((HEAD_SIZE, p_t.shape[1]), tl.float32)
     lowrank = fp16_ptr(page + LOWRANK_OFF)
     for r in tl.static_range(RANK):
         a = tl.load(lowrank + r * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)).to(tl.float32)
         b = tl.load(lowrank + RANK * BLOCK_SIZE + r * HEAD_SIZE + cols).to(tl.float32)
-        extra += tl.sum(p * a[None, :], 1)[:, None] * b[None, :]
+        extra += b[:, None] * tl.sum(p_t * a[:, None], 0)[None, :]
     if NUM_OUTLIERS > 0:
         slots = tl.arange(0, NUM_OUTLIERS)
         index = tl.load(int16_ptr(page + SPARSE_OFF) + slots).to(tl.int32)
         value = tl.load(fp16_ptr(page + SPARSE_OFF + 2 * NUM_OUTLIERS) + slots).to(tl.float32)
-        by_token = ((index // HEAD_SIZE)[None, :] == tl.arange(0, BLOCK_SIZE)[:, None]).to(tl.float16)
-        p_at = tl.dot(p.to(tl.float16), by_token)  # [rows, NUM_OUTLIERS]: p[:, t_i]
-        by_channel = ((index % HEAD_SIZE)[:, None] == cols[None, :]).to(tl.float16)
-        extra += tl.dot((p_at * value[None, :]).to(tl.float16), by_channel)
+        by_token = ((index // HEAD_SIZE)[:, None] == tl.arange(0, BLOCK_SIZE)[None, :]).to(tl.float16)
+        p_at = tl.dot(by_token, p_t.to(tl.float16))  # [NUM_OUTLIERS, rows]: p[t_i, :]
+        by_channel = ((index % HEAD_SIZE)[None, :] == cols[:, None]).to(tl.float16)  # [HEAD_SIZE, NUM_OUTLIERS]
+        extra += tl.dot(by_channel, (p_at * value[:, None]).to(tl.float16))
     return extra
 
 
 @triton.jit
-def block_output(p, page, complete, DOT_DTYPE: tl.constexpr, V_BIAS: tl.constexpr,
-                 BLOCK_SIZE: tl.constexpr, HEAD_SIZE: tl.constexpr, V_BITS: tl.constexpr,
-                 V_GROUP: tl.constexpr, V_CODES_OFF: tl.constexpr, V_META_OFF: tl.constexpr,
-                 V_LOWRANK_OFF: tl.constexpr, V_SPARSE_OFF: tl.constexpr, RANK: tl.constexpr,
-                 NUM_OUTLIERS: tl.constexpr):
-    """p.V for one block, p fp32 [rows, BLOCK_SIZE] -> [rows, HEAD_SIZE] fp32."""
+def block_output_t(p_t, page, complete, DOT_DTYPE: tl.constexpr, V_BIAS: tl.constexpr,
+                   BLOCK_SIZE: tl.constexpr, HEAD_SIZE: tl.constexpr, V_BITS: tl.constexpr,
+                   V_GROUP: tl.constexpr, V_CODES_OFF: tl.constexpr, V_META_OFF: tl.constexpr,
+                   V_LOWRANK_OFF: tl.constexpr, V_SPARSE_OFF: tl.constexpr, RANK: tl.constexpr,
+                   NUM_OUTLIERS: tl.constexpr):
+    """(p.V)^T for one block, p_t fp32 [BLOCK_SIZE, rows] -> [HEAD_SIZE, rows] fp32."""
     GROUPS: tl.constexpr = HEAD_SIZE // V_GROUP
-    ROWS: tl.constexpr = p.shape[0]
-    codes = load_codes_operand(page, V_CODES_OFF, BLOCK_SIZE, HEAD_SIZE, V_BITS, DOT_DTYPE, V_BIAS)
+    ROWS: tl.constexpr = p_t.shape[1]
+    # codes : (HEAD_SIZE, BLOCK_SIZE), V_BIAS + code, as stored (channel-major)
+    codes = load_codes_operand(page, V_CODES_OFF, HEAD_SIZE, BLOCK_SIZE, V_BITS, DOT_DTYPE, V_BIAS)
     meta = fp16_ptr(page + V_META_OFF)
     offs = tl.arange(0, BLOCK_SIZE)[:, None] * GROUPS + tl.arange(0, GROUPS)[None, :]
-    scale = tl.trans(tl.load(meta + offs).to(tl.float32))  # [GROUPS, BLOCK_SIZE]
-    zero = tl.trans(tl.load(meta + BLOCK_SIZE * GROUPS + offs).to(tl.float32))
-    # one row block of p * s_g per channel group g; each keeps only its own group's columns
-    p_scaled = tl.reshape(p[None, :, :] * scale[:, None, :], (GROUPS * ROWS, BLOCK_SIZE)).to(DOT_DTYPE)
-    shift = tl.sum(p[None, :, :] * zero[:, None, :]
-                   - V_BIAS * tl.reshape(p_scaled.to(tl.float32), (GROUPS, ROWS, BLOCK_SIZE)), 2)
-    per_group = tl.reshape(tl.dot(p_scaled, codes), (GROUPS, ROWS, HEAD_SIZE)) + shift[:, :, None]
+    scale = tl.load(meta + offs).to(tl.float32)  # [BLOCK_SIZE, GROUPS]
+    zero = tl.load(meta + BLOCK_SIZE * GROUPS + offs).to(tl.float32)
+    # one column block of p * s_g per channel group g; each keeps only its own group's rows (channels)
+    p_scaled = tl.reshape(p_t[:, None, :] * scale[:, :, None], (BLOCK_SIZE, GROUPS * ROWS)).to(DOT_DTYPE)
+    shift = tl.sum(p_t[:, None, :] * zero[:, :, None]
+                   - V_BIAS * tl.reshape(p_scaled.to(tl.float32), (BLOCK_SIZE, GROUPS, ROWS)), 0)  # [GROUPS, ROWS]
+    per_group = tl.reshape(tl.dot(codes, p_scaled), (HEAD_SIZE, GROUPS, ROWS)) + shift[None, :, :]
     if GROUPS == 1:
-        out = tl.reshape(per_group, (ROWS, HEAD_SIZE))
+        out = tl.reshape(per_group, (HEAD_SIZE, ROWS))
     else:
-        own = tl.arange(0, GROUPS)[:, None, None] == (tl.arange(0, HEAD_SIZE) // V_GROUP)[None, None, :]
-        out = tl.sum(tl.where(own, per_group, 0.0), 0)
+        own = (tl.arange(0, HEAD_SIZE) // V_GROUP)[:, None, None] == tl.arange(0, GROUPS)[None, :, None]
+        out = tl.sum(tl.where(own, per_group, 0.0), 1)
     if RANK > 0 or NUM_OUTLIERS > 0:
         if complete:
-            out += gear_output_terms(p, page, V_LOWRANK_OFF, V_SPARSE_OFF, BLOCK_SIZE, HEAD_SIZE, RANK,
+            out += gear_output_terms(p_t, page, V_LOWRANK_OFF, V_SPARSE_OFF, BLOCK_SIZE, HEAD_SIZE, RANK,
                                      NUM_OUTLIERS)
     return out
 
 
 @triton.jit
-def online_softmax_update(scores, running_max, running_sum, acc):
-    """Fold base-2 scores [rows, n] into the running max/sum; returns p and the rescaled acc."""
-    new_max = tl.maximum(running_max, tl.max(scores, 1))
-    p = tl.exp2(scores - new_max[:, None])
+def online_softmax_update_t(scores_t, running_max, running_sum, acc_t):
+    """Fold base-2 scores [n, rows] into the running max/sum; returns p [n, rows] and the rescaled acc."""
+    new_max = tl.maximum(running_max, tl.max(scores_t, 0))
+    p_t = tl.exp2(scores_t - new_max[None, :])
     alpha = tl.exp2(running_max - new_max)
-    return p, new_max, running_sum * alpha + tl.sum(p, 1), acc * alpha[:, None]
+    return p_t, new_max, running_sum * alpha + tl.sum(p_t, 0), acc_t * alpha[None, :]
 
 
 @triton.jit
@@ -145,17 +151,17 @@ def _decode_split_kernel(
     first = split * blocks_per_split
     last = tl.minimum(first + blocks_per_split, num_blocks)
 
+    # Everything is transposed: tiles are the matmuls' A operand, the GQA group is the small N side.
     rows = tl.arange(0, GROUP_PAD)
     cols = tl.arange(0, HEAD_SIZE)
     head = kv_head * GROUP + rows
     row_valid = rows < GROUP
-    # q : (GROUP_PAD, HEAD_SIZE) fp32, pre-multiplied by scale * log2(e); the decode token of `seq` is row `seq`
+    # q_t : (HEAD_SIZE, GROUP_PAD) fp32, pre-multiplied by scale * log2(e); decode token of `seq` = row `seq`
     q_rows_ptr = q_ptr + seq.to(tl.int64) * stride_qt + head * stride_qh
-    q = tl.load(q_rows_ptr[:, None] + cols[None, :], mask=row_valid[:, None], other=0.0).to(tl.float32) * scale_log2
-    q_operand = q.to(DOT_DTYPE)
+    q_t = tl.load(q_rows_ptr[None, :] + cols[:, None], mask=row_valid[None, :], other=0.0).to(tl.float32) * scale_log2
     running_max = tl.full((GROUP_PAD,), float("-inf"), tl.float32)
     running_sum = tl.zeros((GROUP_PAD,), tl.float32)
-    acc = tl.zeros((GROUP_PAD, HEAD_SIZE), tl.float32)
+    acc_t = tl.zeros((HEAD_SIZE, GROUP_PAD), tl.float32)
     tokens = tl.arange(0, BLOCK_SIZE)
     # complete blocks: the hot loop; the partial last block (if this split owns it) is handled after
     num_complete = seq_len // BLOCK_SIZE
@@ -167,32 +173,32 @@ def _decode_split_kernel(
         k_meta = fp16_ptr(page + K_META_OFF)
         channel_scale = tl.load(k_meta + cols).to(tl.float32)
         channel_zero = tl.load(k_meta + HEAD_SIZE + cols).to(tl.float32)
-        q_scaled = (q * channel_scale[None, :]).to(DOT_DTYPE)
+        q_scaled = (q_t * channel_scale[:, None]).to(DOT_DTYPE)
         # q.z minus the magic bias, from the rounded q_scaled actually fed to the matmul
-        shift = tl.sum(q * channel_zero[None, :] - K_BIAS * q_scaled.to(tl.float32), 1)
-        scores = tl.dot(q_scaled, tl.trans(k_codes)) + shift[:, None]
+        shift = tl.sum(q_t * channel_zero[:, None] - K_BIAS * q_scaled.to(tl.float32), 0)
+        scores_t = tl.dot(k_codes, q_scaled) + shift[None, :]  # (BLOCK_SIZE, GROUP_PAD)
         if RANK > 0 or NUM_OUTLIERS > 0:
-            scores += scale_log2 * gear_score_terms(q / scale_log2, q_rows_ptr, row_valid, page, K_LOWRANK_OFF,
-                                                    K_SPARSE_OFF, BLOCK_SIZE, HEAD_SIZE, RANK, NUM_OUTLIERS)
-        p, running_max, running_sum, acc = online_softmax_update(scores, running_max, running_sum, acc)
-        acc += block_output(p, page, True, DOT_DTYPE, V_BIAS, BLOCK_SIZE, HEAD_SIZE, V_BITS, V_GROUP,
-                            V_CODES_OFF, V_META_OFF, V_LOWRANK_OFF, V_SPARSE_OFF, RANK, NUM_OUTLIERS)
+            scores_t += scale_log2 * gear_score_terms(q_t / scale_log2, q_rows_ptr, row_valid, page, K_LOWRANK_OFF,
+                                                      K_SPARSE_OFF, BLOCK_SIZE, HEAD_SIZE, RANK, NUM_OUTLIERS)
+        p_t, running_max, running_sum, acc_t = online_softmax_update_t(scores_t, running_max, running_sum, acc_t)
+        acc_t += block_output_t(p_t, page, True, DOT_DTYPE, V_BIAS, BLOCK_SIZE, HEAD_SIZE, V_BITS, V_GROUP,
+                                V_CODES_OFF, V_META_OFF, V_LOWRANK_OFF, V_SPARSE_OFF, RANK, NUM_OUTLIERS)
     if (num_complete < last) & (num_complete >= first):
         # the sequence's partial block: staged K (plain dequantization is cheap for one block), no GEAR terms
         block_id = tl.load(block_table_ptr + seq.to(tl.int64) * stride_bt + num_complete).to(tl.int64)
         page = cache_ptr + block_id * stride_cb + kv_head * stride_ch
         k_codes = load_codes(page, K_CODES_OFF, BLOCK_SIZE, HEAD_SIZE, K_BITS).to(tl.float32)
         k = dequantize_staged_k(k_codes, fp16_ptr(page + K_META_OFF), BLOCK_SIZE, HEAD_SIZE, K_BITS, K_STAGE_GROUP)
-        scores = tl.dot(q_operand, tl.trans(k.to(DOT_DTYPE)))
-        scores = tl.where((num_complete * BLOCK_SIZE + tokens < seq_len)[None, :], scores, float("-inf"))
-        p, running_max, running_sum, acc = online_softmax_update(scores, running_max, running_sum, acc)
-        acc += block_output(p, page, False, DOT_DTYPE, V_BIAS, BLOCK_SIZE, HEAD_SIZE, V_BITS, V_GROUP,
-                            V_CODES_OFF, V_META_OFF, V_LOWRANK_OFF, V_SPARSE_OFF, RANK, NUM_OUTLIERS)
+        scores_t = tl.dot(k.to(DOT_DTYPE), q_t.to(DOT_DTYPE))
+        scores_t = tl.where((num_complete * BLOCK_SIZE + tokens < seq_len)[:, None], scores_t, float("-inf"))
+        p_t, running_max, running_sum, acc_t = online_softmax_update_t(scores_t, running_max, running_sum, acc_t)
+        acc_t += block_output_t(p_t, page, False, DOT_DTYPE, V_BIAS, BLOCK_SIZE, HEAD_SIZE, V_BITS, V_GROUP,
+                                V_CODES_OFF, V_META_OFF, V_LOWRANK_OFF, V_SPARSE_OFF, RANK, NUM_OUTLIERS)
 
     part = (seq * NUM_SPLITS + split).to(tl.int64)
     num_heads = tl.num_programs(1) * GROUP
     base = part * num_heads + head
-    tl.store(part_out_ptr + base[:, None] * HEAD_SIZE + cols[None, :], acc, mask=row_valid[:, None])
+    tl.store(part_out_ptr + base[None, :] * HEAD_SIZE + cols[:, None], acc_t, mask=row_valid[None, :])
     tl.store(part_max_ptr + base, running_max, mask=row_valid)
     tl.store(part_sum_ptr + base, running_sum, mask=row_valid)
 
@@ -241,6 +247,8 @@ def decode_attention(
     scale: float,
     num_splits: int,
     split_buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    num_warps: int = DECODE_NUM_WARPS,
+    num_stages: int = DECODE_NUM_STAGES,
 ) -> torch.Tensor:
     """Attention of one decode token per sequence over its compressed pages.
 
@@ -251,6 +259,7 @@ def decode_attention(
         out: [num_seqs, num_heads, head_size] written in place (query dtype).
         num_splits: blocks of a sequence are cut into this many runs (fixed per batch size).
         split_buffers: from `split_buffers(>= num_seqs * num_splits, num_heads, head_size)`.
+        num_warps, num_stages: launch tuning (the defaults are what the microbenchmark picked).
     """
     num_seqs, num_heads, head_size = query.shape
     num_kv_heads = cache.shape[1]
@@ -276,7 +285,7 @@ def decode_attention(
         NUM_SPLITS=num_splits, GROUP=group, GROUP_PAD=triton.next_power_of_2(group),
         DOT_DTYPE=dot_dtype(query.dtype), K_BIAS=code_bias(query.dtype, layout.k_bits),
         V_BIAS=code_bias(query.dtype, layout.v_bits),
-        **layout.kernel_constants(), num_warps=4,
+        **layout.kernel_constants(), num_warps=num_warps, num_stages=num_stages,
     )
     _reduce_splits_kernel[(num_seqs, num_heads)](
         part_out, part_max, part_sum, out, out.stride(0), out.stride(1),

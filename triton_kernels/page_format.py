@@ -80,7 +80,8 @@ def pack_codes(codes, ROWS: tl.constexpr, COLS: tl.constexpr, BITS: tl.constexpr
 
 @triton.jit
 def load_codes(page, CODES_OFF: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, BITS: tl.constexpr):
-    """Codes of a whole block of one tensor: int32 [ROWS (tokens), COLS (channels)]."""
+    """Codes of a whole block of one tensor as stored, int32 [ROWS, COLS]: K is (tokens, channels),
+    V is (channels, tokens)."""
     ROW_BYTES: tl.constexpr = COLS * BITS // 8
     offs = tl.arange(0, ROWS)[:, None] * ROW_BYTES + tl.arange(0, ROW_BYTES)[None, :]
     return unpack_codes(tl.load(page + CODES_OFF + offs), ROWS, COLS, BITS)
@@ -234,7 +235,8 @@ def load_block_v(page, complete, BLOCK_SIZE: tl.constexpr, HEAD_SIZE: tl.constex
                  RANK: tl.constexpr, NUM_OUTLIERS: tl.constexpr):
     """Dequantized V of one head's block, fp32 [BLOCK_SIZE, HEAD_SIZE] (GEAR terms if complete)."""
     GROUPS: tl.constexpr = HEAD_SIZE // V_GROUP
-    codes = load_codes(page, V_CODES_OFF, BLOCK_SIZE, HEAD_SIZE, V_BITS).to(tl.float32)
+    # V codes are stored channel-major (packed along tokens)
+    codes = tl.trans(load_codes(page, V_CODES_OFF, HEAD_SIZE, BLOCK_SIZE, V_BITS)).to(tl.float32)
     meta = fp16_ptr(page + V_META_OFF)
     offs = tl.arange(0, BLOCK_SIZE)[:, None] * GROUPS + tl.arange(0, GROUPS)[None, :]
     scale = broadcast_groups(tl.load(meta + offs).to(tl.float32), BLOCK_SIZE, GROUPS, V_GROUP)

@@ -4,8 +4,8 @@ A page is what vLLM calls a block: `block_size` consecutive tokens of one reques
 head of one layer. vLLM sees it as `num_kv_heads * bytes_per_head` raw bytes; we lay out each
 head's share as consecutive regions, each padded to `ALIGN_BYTES`:
 
-    k_codes   [block_size, head_size * k_bits / 8]  packed K codes, token-major
-    v_codes   [block_size, head_size * v_bits / 8]  packed V codes, token-major
+    k_codes   [block_size, head_size * k_bits / 8]  packed K codes, token-major (packed along channels)
+    v_codes   [head_size, block_size * v_bits / 8]  packed V codes, channel-major (packed along tokens)
     k_meta    K scales/zeros, in one of two forms (same bytes, chosen by block state):
                 complete block: fp16 scale[head_size], fp16 zero[head_size]   (per channel, KIVI)
                 partial block:  fp16 scale[block_size, k_stage_groups]        (per token and channel
@@ -16,8 +16,11 @@ head's share as consecutive regions, each padded to `ALIGN_BYTES`:
     k_sparse  int16 index[num_outliers] (token * head_size + channel), fp16 value[num_outliers]
     v_sparse  same for V
 
-Codes are packed little-end first: channel `c` of a token sits in byte `c * bits // 8` at bit
-`(c * bits) % 8`. A block is *complete* once all `block_size` tokens are written; until then its
+Codes are packed little-end first along the packed dimension: K channel `c` of a token sits in
+byte `c * bits // 8` of the token's row at bit `(c * bits) % 8`; V token `t` of a channel in byte
+`t * bits // 8` of the channel's row. Each tensor is packed along the dimension its attention
+matmul reduces over (K: channels, V: tokens), which lets the decode kernel feed the packed tiles
+to the tensor cores without a shared-memory transpose. A block is *complete* once all `block_size` tokens are written; until then its
 K codes are per-token ("staging"), because per-channel K statistics need the whole block (see
 docs/quantized_pages.md for why there is no separate bf16 window).
 """

@@ -55,14 +55,19 @@ def bench_compressed(name, settings, args, torch, triton_testing) -> dict:
     splits = num_decode_splits(args.batch, args.kv_heads, sms)
     buffers = split_buffers(args.batch * splits, args.heads, args.head_size, "cuda")
 
-    def run():
-        decode_attention(q, cache, block_table, seq_lens, out, layout, scale=args.head_size ** -0.5,
-                         num_splits=splits, split_buffers=buffers)
-
-    ms = triton_testing.do_bench_cudagraph(run, rep=200, return_mode="median")
     nbytes = args.batch * blocks_per_seq * args.kv_heads * layout.bytes_per_head
-    return {"config": name, "settings": settings, "ms": ms, "bytes": nbytes, "gb_per_s": nbytes / ms / 1e6,
-            "bytes_per_token_head": layout.bytes_per_token_head, "num_splits": splits}
+    rows = []
+    for num_warps in args.num_warps:
+        for num_stages in args.num_stages:
+            def run():
+                decode_attention(q, cache, block_table, seq_lens, out, layout, scale=args.head_size ** -0.5,
+                                 num_splits=splits, split_buffers=buffers, num_warps=num_warps, num_stages=num_stages)
+
+            ms = triton_testing.do_bench_cudagraph(run, rep=200, return_mode="median")
+            rows.append({"config": name, "settings": settings, "ms": ms, "bytes": nbytes, "gb_per_s": nbytes / ms / 1e6,
+                         "bytes_per_token_head": layout.bytes_per_token_head, "num_splits": splits,
+                         "num_warps": num_warps, "num_stages": num_stages})
+    return rows
 
 
 def bench_flash_attention_bf16(args, torch, triton_testing) -> dict:
@@ -97,6 +102,10 @@ def main(argv=None) -> int:
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--head-size", type=int, default=128)
     p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma list from {', '.join(CONFIGS)}")
+    p.add_argument("--num-warps", type=lambda v: [int(x) for x in v.split(",")], default=[4],
+                   help="comma list of decode launch num_warps to time")
+    p.add_argument("--num-stages", type=lambda v: [int(x) for x in v.split(",")], default=[3],
+                   help="comma list of decode launch num_stages to time")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
     import torch
@@ -105,7 +114,7 @@ def main(argv=None) -> int:
     copy_gbs = measure_copy_bandwidth(torch, triton_testing)
     rows = [bench_flash_attention_bf16(args, torch, triton_testing)]
     for name in args.configs.split(","):
-        rows.append(bench_compressed(name, CONFIGS[name], args, torch, triton_testing))
+        rows.extend(bench_compressed(name, CONFIGS[name], args, torch, triton_testing))
         torch.cuda.empty_cache()
     for r in rows:
         r["fraction_of_copy_bandwidth"] = r["gb_per_s"] / copy_gbs
@@ -122,9 +131,10 @@ def main(argv=None) -> int:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
     print(f"copy bandwidth {copy_gbs:.0f} GB/s on {result['gpu']}")
-    print(f"{'config':24} {'ms':>8} {'GB/s':>8} {'% copy':>7} {'vs bf16':>8} {'B/tok/head':>10}")
+    print(f"{'config':24} {'warps/stages':>12} {'ms':>8} {'GB/s':>8} {'% copy':>7} {'vs bf16':>8} {'B/tok/head':>10}")
     for r in rows:
-        print(f"{r['config']:24} {r['ms']:8.3f} {r['gb_per_s']:8.0f} {100 * r['fraction_of_copy_bandwidth']:6.1f}% "
+        launch = f"{r['num_warps']}/{r['num_stages']}" if "num_warps" in r else "-"
+        print(f"{r['config']:24} {launch:>12} {r['ms']:8.3f} {r['gb_per_s']:8.0f} {100 * r['fraction_of_copy_bandwidth']:6.1f}% "
               f"{r['speedup_vs_bf16']:7.2f}x {r['bytes_per_token_head']:10.1f}")
     return 0
 

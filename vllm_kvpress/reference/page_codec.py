@@ -54,6 +54,26 @@ def _from_groups(g: torch.Tensor, is_key: bool, tokens: int, layout: PageLayout)
     return g.t() if is_key else g.reshape(tokens, layout.head_size)
 
 
+def _codes_region(page: torch.Tensor, is_key: bool, layout: PageLayout) -> torch.Tensor:
+    """The packed codes of K ([tokens, channel bytes]) or V ([channels, token bytes])."""
+    regions = K_REGIONS if is_key else V_REGIONS
+    bits, bs, d = getattr(layout, regions.bits_attr), layout.block_size, layout.head_size
+    region = page[layout.offset(regions.codes) : layout.offset(regions.codes) + bs * d * bits // 8]
+    return region.view(bs, d * bits // 8) if is_key else region.view(d, bs * bits // 8)
+
+
+def _load_codes(page: torch.Tensor, is_key: bool, layout: PageLayout) -> torch.Tensor:
+    """Codes of a whole block, uint8 [block_size, head_size]."""
+    bits = layout.k_bits if is_key else layout.v_bits
+    codes = unpack_codes(_codes_region(page, is_key, layout), bits)
+    return codes if is_key else codes.t()
+
+
+def _store_codes(page: torch.Tensor, codes: torch.Tensor, is_key: bool, layout: PageLayout) -> None:
+    bits = layout.k_bits if is_key else layout.v_bits
+    _codes_region(page, is_key, layout)[:] = pack_codes(codes if is_key else codes.t().contiguous(), bits)
+
+
 def encode_complete(page: torch.Tensor, x: torch.Tensor, is_key: bool, layout: PageLayout, power_iters: int):
     """Encode a full block of one tensor of one head: x [block_size, head_size] -> page regions."""
     regions = K_REGIONS if is_key else V_REGIONS
@@ -67,9 +87,7 @@ def encode_complete(page: torch.Tensor, x: torch.Tensor, is_key: bool, layout: P
     codes, scale, zero = quantize_groups(groups, bits, exclude=_to_groups(outliers, is_key, layout))
     deq = _from_groups(dequantize_groups(codes, scale, zero), is_key, bs, layout)
     codes = _from_groups(codes, is_key, bs, layout)
-    page[layout.offset(regions.codes) : layout.offset(regions.codes) + bs * d * bits // 8] = pack_codes(
-        codes, bits
-    ).flatten()
+    _store_codes(page, codes, is_key, layout)
     n_meta = scale.numel()
     _view(page, layout.offset(regions.meta), torch.float16, n_meta)[:] = scale.flatten()
     _view(page, layout.offset(regions.meta) + 2 * n_meta, torch.float16, n_meta)[:] = zero.flatten()
@@ -97,16 +115,12 @@ def stage_token(page: torch.Tensor, offset: int, k: torch.Tensor, v: torch.Tenso
     """Write one token of a partial block: K symmetric per channel group, V asymmetric per group."""
     bs, d, kg = layout.block_size, layout.head_size, layout.k_stage_groups
     kc, ks = quantize_groups_symmetric(k.float().reshape(kg, -1), layout.k_bits)
-    row = d * layout.k_bits // 8
-    page[layout.offset("k_codes") + offset * row : layout.offset("k_codes") + (offset + 1) * row] = pack_codes(
-        kc.flatten(), layout.k_bits
-    )
+    _codes_region(page, True, layout)[offset] = pack_codes(kc.flatten(), layout.k_bits)
     _view(page, layout.offset("k_meta"), torch.float16, bs * kg)[offset * kg : (offset + 1) * kg] = ks
     vc, vs, vz = quantize_groups(v.float().reshape(-1, layout.v_group_size), layout.v_bits)
-    row = d * layout.v_bits // 8
-    page[layout.offset("v_codes") + offset * row : layout.offset("v_codes") + (offset + 1) * row] = pack_codes(
-        vc.flatten(), layout.v_bits
-    )
+    codes = _load_codes(page, False, layout)  # V bytes are shared by neighbouring tokens
+    codes[offset] = vc.flatten()
+    _store_codes(page, codes, False, layout)
     g = layout.v_groups
     _view(page, layout.offset("v_meta"), torch.float16, bs * g)[offset * g : (offset + 1) * g] = vs
     _view(page, layout.offset("v_meta") + 2 * bs * g, torch.float16, bs * g)[offset * g : (offset + 1) * g] = vz
@@ -115,8 +129,7 @@ def stage_token(page: torch.Tensor, offset: int, k: torch.Tensor, v: torch.Tenso
 def _decode_tensor(page: torch.Tensor, is_key: bool, layout: PageLayout, complete: bool) -> torch.Tensor:
     regions = K_REGIONS if is_key else V_REGIONS
     bits, bs, d = getattr(layout, regions.bits_attr), layout.block_size, layout.head_size
-    packed = page[layout.offset(regions.codes) : layout.offset(regions.codes) + bs * d * bits // 8]
-    codes = unpack_codes(packed.reshape(bs, d * bits // 8), bits)
+    codes = _load_codes(page, is_key, layout)
     meta = layout.offset(regions.meta)
     if is_key and not complete:  # staging: symmetric scales per token and channel group
         kg = layout.k_stage_groups
