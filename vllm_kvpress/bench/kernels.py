@@ -19,7 +19,12 @@ CONFIGS = {
     "kivi-2bit": {"method": "kivi", "bits": 2},
     "gear-4bit": {"method": "gear", "bits": 4},
     "gear-2bit": {"method": "gear", "bits": 2},
+    # variants that isolate one cost: V groups (kivi's default is 64 channels) and GEAR's outlier slots
+    "kivi-4bit-vhead": {"method": "kivi", "bits": 4, "group_size": "head"},
+    "gear-4bit-o0": {"method": "gear", "bits": 4, "outliers": 0},
+    "gear-4bit-o32": {"method": "gear", "bits": 4, "outliers": 32},
 }
+DEFAULT_CONFIGS = ("kivi-4bit", "kivi-2bit", "gear-4bit", "gear-2bit")
 
 
 def measure_copy_bandwidth(torch, triton_testing) -> float:
@@ -101,7 +106,7 @@ def main(argv=None) -> int:
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--head-size", type=int, default=128)
-    p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma list from {', '.join(CONFIGS)}")
+    p.add_argument("--configs", default=",".join(DEFAULT_CONFIGS), help=f"comma list from {', '.join(CONFIGS)}")
     p.add_argument("--num-warps", type=lambda v: [int(x) for x in v.split(",")], default=[4],
                    help="comma list of decode launch num_warps to time")
     p.add_argument("--num-stages", type=lambda v: [int(x) for x in v.split(",")], default=[3],

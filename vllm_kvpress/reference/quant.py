@@ -15,6 +15,13 @@ def qmax(bits: int) -> int:
     return (1 << bits) - 1
 
 
+def _divide(x: torch.Tensor, divisor) -> torch.Tensor:
+    """IEEE x / divisor on every device. PyTorch's CUDA kernels multiply by the reciprocal of a
+    Python-number divisor, which rounds differently from the kernels' division; a tensor divisor
+    takes the true division path."""
+    return x / torch.as_tensor(divisor, dtype=x.dtype, device=x.device)
+
+
 def quantize_groups(
     x: torch.Tensor, bits: int, exclude: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -37,7 +44,7 @@ def quantize_groups(
         hi = torch.where(exclude, -torch.inf, x).amax(-1)
         empty = torch.isinf(lo)  # every entry excluded: degenerate group
         lo, hi = torch.where(empty, 0.0, lo), torch.where(empty, 0.0, hi)
-    scale = ((hi - lo) / qmax(bits)).half()
+    scale = _divide(hi - lo, float(qmax(bits))).half()
     zero = lo.half()
     s, z = scale.float().unsqueeze(-1), zero.float().unsqueeze(-1)
     safe_s = torch.where(s > 0, s, torch.ones_like(s))
@@ -52,7 +59,7 @@ def quantize_groups_symmetric(x: torch.Tensor, bits: int) -> tuple[torch.Tensor,
     Returns codes uint8 [..., group_len] and scale fp16 [...] with x ~ (codes - qmax/2) * scale.
     """
     x = x.float()
-    scale = (2 * x.abs().amax(-1) / qmax(bits)).half()
+    scale = _divide(2 * x.abs().amax(-1), float(qmax(bits))).half()
     s = scale.float().unsqueeze(-1)
     safe_s = torch.where(s > 0, s, torch.ones_like(s))
     codes = torch.floor(x / safe_s + qmax(bits) / 2 + 0.5).clamp(0, qmax(bits))
