@@ -219,6 +219,12 @@ def evaluate(config: EvalConfig, method_configs: list, command: str) -> str:
         row, preds = run_method(config, run, method_config, samples, windows, head_size)
         rows.append(row)
         predictions += preds
+        # written after every method, so a run cut short (a time limit, a crash) keeps what it measured
+        _write(result_dir, config, command, rows, predictions)
+    return result_dir
+
+
+def _write(result_dir: str, config: EvalConfig, command: str, rows: list[dict], predictions: list[dict]) -> None:
     baseline = next((r for r in rows if r["method"] == UNCOMPRESSED and r.get("ppl")), None)
     for row in rows:
         if baseline is not None and row.get("ppl"):
@@ -227,4 +233,3 @@ def evaluate(config: EvalConfig, method_configs: list, command: str) -> str:
     results.write_results(
         result_dir, config.to_dict(), command, results.environment(rows[0]["device"]), payload, predictions
     )
-    return result_dir
