@@ -45,7 +45,7 @@ setup(
         "ray": ["ray[default]"],
         "models": ["gguf>=0.10", "accelerate"],
         "plots": ["matplotlib"],
-        "test": ["pytest", "hypothesis", "gguf>=0.10", "accelerate", "matplotlib"],
+        "test": ["pytest", "hypothesis", "gguf>=0.10", "accelerate", "matplotlib", "ray[default]"],
     },
     entry_points={
         "vllm.general_plugins": ["kvpress = vllm_kvpress.plugin:register"],
