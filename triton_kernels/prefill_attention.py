@@ -22,6 +22,9 @@ from vllm_kvpress.triton_kernels.page_format import dot_dtype, load_block_k, loa
 
 BLOCK_M = 64
 BLOCK_N = 64
+PREFILL_NUM_WARPS = 8
+"""With 4 warps the dequantized context tiles need more than 255 registers per thread under GEAR
+(sm_90 build: 224-byte spill stack); 8 warps hold them without spilling."""
 
 
 @triton.jit
@@ -148,6 +151,6 @@ def prefill_attention(
         cache, cache.stride(0), cache.stride(1), block_table, block_table.stride(0),
         query_start_loc, seq_lens, first_seq, scale * LOG2E,
         GROUP=num_heads // num_kv_heads, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, DOT_DTYPE=dot_dtype(query.dtype),
-        **layout.kernel_constants(), num_warps=4,
+        **layout.kernel_constants(), num_warps=PREFILL_NUM_WARPS,
     )
     return out
