@@ -31,8 +31,8 @@ from vllm_kvpress.triton_kernels.page_format import (
     dequantize_staged_k,
     dot_dtype,
     fp16_ptr,
-    int16_ptr,
     load_codes,
+    load_outliers,
 )
 
 LOG2E = 1.4426950408889634
@@ -53,12 +53,10 @@ def gear_score_terms(q_t, q_rows_ptr, row_valid, page, LOWRANK_OFF: tl.constexpr
         b = tl.load(lowrank + RANK * BLOCK_SIZE + r * HEAD_SIZE + tl.arange(0, HEAD_SIZE)).to(tl.float32)
         extra += a[:, None] * tl.sum(q_t * b[:, None], 0)[None, :]
     if NUM_OUTLIERS > 0:
-        slots = tl.arange(0, NUM_OUTLIERS)
-        index = tl.load(int16_ptr(page + SPARSE_OFF) + slots).to(tl.int32)
-        value = tl.load(fp16_ptr(page + SPARSE_OFF + 2 * NUM_OUTLIERS) + slots).to(tl.float32)
+        token, channel, value = load_outliers(page, SPARSE_OFF, NUM_OUTLIERS, HEAD_SIZE)
         # q[:, c_i] * value_i, gathered from global memory (the query rows are tiny and cached)
-        q_at = tl.load(q_rows_ptr[None, :] + (index % HEAD_SIZE)[:, None], mask=row_valid[None, :], other=0.0)
-        by_token = ((index // HEAD_SIZE)[None, :] == tokens[:, None]).to(tl.float16)  # [BLOCK_SIZE, NUM_OUTLIERS]
+        q_at = tl.load(q_rows_ptr[None, :] + channel[:, None], mask=row_valid[None, :], other=0.0)
+        by_token = (token[None, :] == tokens[:, None]).to(tl.float16)  # [BLOCK_SIZE, NUM_OUTLIERS]
         extra += tl.dot(by_token, (q_at.to(tl.float32) * value[:, None]).to(tl.float16))
     return extra
 
@@ -76,12 +74,10 @@ def gear_output_terms(p_t, page, LOWRANK_OFF: tl.constexpr, SPARSE_OFF: tl.const
         b = tl.load(lowrank + RANK * BLOCK_SIZE + r * HEAD_SIZE + cols).to(tl.float32)
         extra += b[:, None] * tl.sum(p_t * a[:, None], 0)[None, :]
     if NUM_OUTLIERS > 0:
-        slots = tl.arange(0, NUM_OUTLIERS)
-        index = tl.load(int16_ptr(page + SPARSE_OFF) + slots).to(tl.int32)
-        value = tl.load(fp16_ptr(page + SPARSE_OFF + 2 * NUM_OUTLIERS) + slots).to(tl.float32)
-        by_token = ((index // HEAD_SIZE)[:, None] == tl.arange(0, BLOCK_SIZE)[None, :]).to(tl.float16)
+        token, channel, value = load_outliers(page, SPARSE_OFF, NUM_OUTLIERS, HEAD_SIZE)
+        by_token = (token[:, None] == tl.arange(0, BLOCK_SIZE)[None, :]).to(tl.float16)
         p_at = tl.dot(by_token, p_t.to(tl.float16))  # [NUM_OUTLIERS, rows]: p[t_i, :]
-        by_channel = ((index % HEAD_SIZE)[None, :] == cols[:, None]).to(tl.float16)  # [HEAD_SIZE, NUM_OUTLIERS]
+        by_channel = (channel[None, :] == cols[:, None]).to(tl.float16)  # [HEAD_SIZE, NUM_OUTLIERS]
         extra += tl.dot(by_channel, (p_at * value[:, None]).to(tl.float16))
     return extra
 

@@ -196,6 +196,15 @@ def broadcast_groups(per_group, ROWS: tl.constexpr, GROUPS: tl.constexpr, GROUP:
 
 
 @triton.jit
+def load_outliers(page, SPARSE_OFF: tl.constexpr, NUM_OUTLIERS: tl.constexpr, HEAD_SIZE: tl.constexpr):
+    """A block's sparse slots: (token, channel) int32 [NUM_OUTLIERS] each, value fp32 (0 in empty slots)."""
+    slots = tl.arange(0, NUM_OUTLIERS)
+    index = tl.load(int16_ptr(page + SPARSE_OFF) + slots).to(tl.int32)
+    value = tl.load(fp16_ptr(page + SPARSE_OFF + 2 * NUM_OUTLIERS) + slots).to(tl.float32)
+    return index // HEAD_SIZE, index % HEAD_SIZE, value
+
+
+@triton.jit
 def add_gear_terms(x, page, LOWRANK_OFF: tl.constexpr, SPARSE_OFF: tl.constexpr,
                    BLOCK_SIZE: tl.constexpr, HEAD_SIZE: tl.constexpr,
                    RANK: tl.constexpr, NUM_OUTLIERS: tl.constexpr):
@@ -208,12 +217,10 @@ def add_gear_terms(x, page, LOWRANK_OFF: tl.constexpr, SPARSE_OFF: tl.constexpr,
         b = tl.load(lowrank + RANK * BLOCK_SIZE + r * HEAD_SIZE + cols).to(tl.float32)
         x += a[:, None] * b[None, :]
     if NUM_OUTLIERS > 0:
-        slots = tl.arange(0, NUM_OUTLIERS)
-        index = tl.load(int16_ptr(page + SPARSE_OFF) + slots).to(tl.int32)
-        value = tl.load(fp16_ptr(page + SPARSE_OFF + 2 * NUM_OUTLIERS) + slots)
+        token, channel, value = load_outliers(page, SPARSE_OFF, NUM_OUTLIERS, HEAD_SIZE)
         # one-hot product scatters the slots: x[t_i, c_i] += value_i (empty slots hold value 0)
-        by_token = tl.where((index // HEAD_SIZE)[None, :] == rows[:, None], value[None, :], 0.0)
-        by_channel = ((index % HEAD_SIZE)[:, None] == cols[None, :]).to(tl.float16)
+        by_token = tl.where(token[None, :] == rows[:, None], value[None, :], 0.0)
+        by_channel = (channel[:, None] == cols[None, :]).to(tl.float16)
         x += tl.dot(by_token.to(tl.float16), by_channel)
     return x
 
