@@ -154,3 +154,29 @@ def test_unsupported_head_size_is_named(engine_config, tmp_path):
         "vocab_size": 1000, "max_position_embeddings": 2048, "torch_dtype": "bfloat16"}))
     with pytest.raises(KVCompressionConfigError, match="head size 96 is not supported by method 'kivi'; supported head sizes: 64, 128"):
         engine_config(model=str(model), additional_config={"kv_compression": {"method": "kivi"}})
+
+
+def test_evicting_methods_switch_prefix_caching_off_with_a_warning(engine_config, monkeypatch, caplog):
+    """Evicted tokens' blocks are freed while their hashes would still claim the original tokens,
+    so a method that evicts must run without prefix caching; the plugin turns it off and says why."""
+    from dataclasses import dataclass
+
+    from vllm_kvpress import config as config_module
+    from vllm_kvpress.methods import kivi
+    from vllm_kvpress.methods.registry import Family, MethodInfo, Status
+
+    @dataclass(frozen=True)
+    class EvictingConfig(kivi.KiviConfig):
+        method = "kivi"
+
+        @property
+        def evicts_tokens(self) -> bool:
+            return True
+
+    monkeypatch.setitem(config_module.CONFIG_CLASSES, "kivi", EvictingConfig)
+    monkeypatch.setitem(config_module.METHODS, "kivi", MethodInfo("kivi", "test", None, Family.EVICTION,
+                                                                  Status.AVAILABLE, "test"))
+    with caplog.at_level("WARNING"):
+        cfg = engine_config(additional_config={"kv_compression": {"method": "kivi"}}, enable_prefix_caching=True)
+    assert cfg.cache_config.enable_prefix_caching is False
+    assert "prefix caching is switched off" in caplog.text
