@@ -4,10 +4,11 @@
     |----------------------------- seq_len --------------------------------------|
                                          |-------------- query_len ------------|
 
-`_prefill_kernel`, grid (num_prefill_seqs, cdiv(max_query_len, BLOCK_M), num_heads): one program
-holds BLOCK_M queries of one head. It first walks the context blocks (dequantized in registers,
-through the same helpers as decode), then the chunk's own keys from the fresh K/V tensors under
-the causal mask, with one online softmax. The chunk's tokens were already written to the pages;
+`_prefill_kernel`, grid (num_prefill_seqs, cdiv(max_query_len, BLOCK_M / group), num_kv_heads):
+one program holds BLOCK_M rows, every query head of one KV head for BLOCK_M / group query tokens
+(the GQA group padded to a power of two). It first walks the context blocks (dequantized in
+registers, once for the whole group, through the same helpers as decode), then the chunk's own
+keys from the fresh K/V tensors under the causal mask, with one online softmax. The chunk's tokens were already written to the pages;
 reading them fresh keeps prefill attention exact, as KIVI and GEAR do.
 """
 
@@ -46,7 +47,8 @@ def _prefill_kernel(
     out_ptr, stride_ot, stride_oh,
     cache_ptr, stride_cb, stride_ch, block_table_ptr, stride_bt,
     query_start_loc_ptr, seq_lens_ptr, first_seq, scale_log2,
-    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, HEAD_SIZE: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr,
     V_GROUP: tl.constexpr, K_STAGE_GROUP: tl.constexpr, RANK: tl.constexpr, NUM_OUTLIERS: tl.constexpr,
     K_CODES_OFF: tl.constexpr, V_CODES_OFF: tl.constexpr, K_META_OFF: tl.constexpr,
@@ -55,21 +57,24 @@ def _prefill_kernel(
 ):
     seq = first_seq + tl.program_id(0)
     tile = tl.program_id(1)
-    head = tl.program_id(2)
-    kv_head = head // GROUP
+    kv_head = tl.program_id(2)
+    TOKENS: tl.constexpr = BLOCK_M // GROUP_PAD  # query tokens per tile; rows are (token, head) pairs
     q_start = tl.load(query_start_loc_ptr + seq)
     query_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
-    if tile * BLOCK_M >= query_len:
+    if tile * TOKENS >= query_len:
         return
     seq_len = tl.load(seq_lens_ptr + seq)
     context_len = seq_len - query_len
 
-    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)  # query index within the chunk
-    row_valid = rows < query_len
+    r = tl.arange(0, BLOCK_M)
+    rows = tile * TOKENS + r // GROUP_PAD  # query index within the chunk, per row
+    head = kv_head * GROUP + r % GROUP_PAD
+    row_valid = (rows < query_len) & (r % GROUP_PAD < GROUP)
     cols = tl.arange(0, HEAD_SIZE)
     token = (q_start + rows).to(tl.int64)
-    # q : (BLOCK_M, HEAD_SIZE)
-    q = tl.load(q_ptr + token[:, None] * stride_qt + head * stride_qh + cols[None, :],
+    # q : (BLOCK_M, HEAD_SIZE), the whole GQA group of TOKENS query tokens, so each context block is
+    # dequantized once per KV head rather than once per query head
+    q = tl.load(q_ptr + token[:, None] * stride_qt + head[:, None] * stride_qh + cols[None, :],
                 mask=row_valid[:, None], other=0.0).to(DOT_DTYPE)
     running_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     running_sum = tl.zeros((BLOCK_M,), tl.float32)
@@ -90,7 +95,7 @@ def _prefill_kernel(
         running_max, running_sum, acc = online_softmax_step(scores, running_max, running_sum, acc, v.to(DOT_DTYPE))
 
     keys = tl.arange(0, BLOCK_N)
-    chunk_end = tl.minimum(query_len, (tile + 1) * BLOCK_M)  # causal: no key beyond the last row
+    chunk_end = tl.minimum(query_len, (tile + 1) * TOKENS)  # causal: no key beyond the last row
     for n in range(0, chunk_end, BLOCK_N):
         key_idx = n + keys
         key_valid = key_idx < query_len
@@ -106,7 +111,7 @@ def _prefill_kernel(
         running_max, running_sum, acc = online_softmax_step(scores, running_max, running_sum, acc, v)
 
     out = acc / tl.where(running_sum > 0, running_sum, 1.0)[:, None]
-    tl.store(out_ptr + token[:, None] * stride_ot + head * stride_oh + cols[None, :],
+    tl.store(out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + cols[None, :],
              out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
 
 
@@ -144,13 +149,15 @@ def prefill_attention(
     check_tensor("query_start_loc", query_start_loc, dtype=torch.int32, ndim=1)
     if num_seqs == 0:
         return out
-    grid = (num_seqs, triton.cdiv(max_query_len, BLOCK_M), num_heads)
+    group = num_heads // num_kv_heads
+    group_pad = triton.next_power_of_2(group)
+    grid = (num_seqs, triton.cdiv(max_query_len, BLOCK_M // group_pad), num_kv_heads)
     _prefill_kernel[grid](
         query, query.stride(0), query.stride(1), key, key.stride(0), key.stride(1),
         value, value.stride(0), value.stride(1), out, out.stride(0), out.stride(1),
         cache, cache.stride(0), cache.stride(1), block_table, block_table.stride(0),
         query_start_loc, seq_lens, first_seq, scale * LOG2E,
-        GROUP=num_heads // num_kv_heads, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, DOT_DTYPE=dot_dtype(query.dtype),
+        GROUP=group, GROUP_PAD=group_pad, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, DOT_DTYPE=dot_dtype(query.dtype),
         **layout.kernel_constants(), num_warps=PREFILL_NUM_WARPS,
     )
     return out
