@@ -145,31 +145,6 @@ def field_as_operand(packed, SHIFT: tl.constexpr, BITS: tl.constexpr, BIAS: tl.c
 
 
 @triton.jit
-def operand_from_packed3(packed, X: tl.constexpr, Y: tl.constexpr, Z: tl.constexpr, BITS: tl.constexpr,
-                         DOT_DTYPE: tl.constexpr, BIAS: tl.constexpr):
-    """uint8 [X, Y, Z * BITS // 8] packed along the last dim -> dot operand [X, Y, Z] of BIAS + code."""
-    if BITS == 8:
-        operand = codes_as_operand(packed.to(tl.int32), DOT_DTYPE, BIAS)
-    elif BIAS == 0:
-        x = packed.to(tl.int32)
-        if BITS == 4:
-            codes = tl.reshape(tl.join(x & 0xF, x >> 4), (X, Y, Z))
-        else:
-            codes = tl.reshape(tl.join(tl.join(x & 0x3, (x >> 4) & 0x3), tl.join((x >> 2) & 0x3, x >> 6)), (X, Y, Z))
-        operand = codes_as_operand(codes, DOT_DTYPE, BIAS)
-    elif BITS == 4:
-        operand = tl.reshape(tl.join(field_as_operand(packed, 0, 4, BIAS), field_as_operand(packed, 4, 4, BIAS)),
-                             (X, Y, Z))
-    else:  # same interleave as unpack_codes
-        c0 = field_as_operand(packed, 0, 2, BIAS)
-        c1 = field_as_operand(packed, 2, 2, BIAS)
-        c2 = field_as_operand(packed, 4, 2, BIAS)
-        c3 = field_as_operand(packed, 6, 2, BIAS)
-        operand = tl.reshape(tl.join(tl.join(c0, c2), tl.join(c1, c3)), (X, Y, Z))
-    return operand
-
-
-@triton.jit
 def load_codes_operand(page, CODES_OFF: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr,
                        BITS: tl.constexpr, DOT_DTYPE: tl.constexpr, BIAS: tl.constexpr):
     """A block's codes as a dot operand [ROWS, COLS] holding BIAS + code (BIAS 0: plain conversion)."""
