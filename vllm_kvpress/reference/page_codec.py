@@ -113,7 +113,7 @@ def encode_complete(page: torch.Tensor, x: torch.Tensor, is_key: bool, layout: P
 
 def stage_token(page: torch.Tensor, offset: int, k: torch.Tensor, v: torch.Tensor, layout: PageLayout):
     """Write one token of a partial block: K symmetric per channel group, V asymmetric per group."""
-    bs, d, kg = layout.block_size, layout.head_size, layout.k_stage_groups
+    bs, kg = layout.block_size, layout.k_stage_groups
     kc, ks = quantize_groups_symmetric(k.float().reshape(kg, -1), layout.k_bits)
     _codes_region(page, True, layout)[offset] = pack_codes(kc.flatten(), layout.k_bits)
     _view(page, layout.offset("k_meta"), torch.float16, bs * kg)[offset * kg : (offset + 1) * kg] = ks
