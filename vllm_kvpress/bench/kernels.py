@@ -11,8 +11,10 @@ and FlashAttention 3's bf16 paged decode on the same shapes.
 import argparse
 import json
 import platform
-import subprocess
 import sys
+from pathlib import Path
+
+from vllm_kvpress.provenance import git_state
 
 CONFIGS = {
     "kivi-4bit": {"method": "kivi", "bits": 4},
@@ -129,8 +131,7 @@ def main(argv=None) -> int:
         "shape": {k: getattr(args, k) for k in ("batch", "context", "heads", "kv_heads", "head_size")},
         "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_gb_per_s": copy_gbs,
         "command": " ".join([sys.executable.split("/")[-1], "-m", "vllm_kvpress.bench.kernels", *sys.argv[1:]]),
-        "git_commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-        or None, "host": platform.machine(), "rows": rows,
+        **git_state(Path.cwd()), "host": platform.machine(), "rows": rows,
     }
     if args.out:
         with open(args.out, "w") as f:

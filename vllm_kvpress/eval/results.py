@@ -11,13 +11,14 @@
 A directory is never overwritten: an existing name gets the next free `-N` suffix.
 """
 
-import importlib.metadata
 import json
 import math
 import os
 import re
-import subprocess
+from pathlib import Path
 from typing import Any
+
+from vllm_kvpress.provenance import git_state, package_version
 
 PACKAGES = ("torch", "transformers", "vllm", "vllm-kvpress")
 
@@ -45,29 +46,11 @@ def create_result_dir(out: str, name: str) -> str:
     raise RuntimeError(f"no free result directory name for {name} in {out}")
 
 
-def git_commit() -> dict[str, Any]:
-    """HEAD of the repository holding this package, and whether its tree had changes; empty if none."""
-    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True
-        )
-        status = subprocess.run(
-            ["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True, check=True
-        )
-    except (OSError, subprocess.CalledProcessError):
-        return {}
-    return {"git_commit": head.stdout.strip(), "git_dirty": bool(status.stdout.strip())}
-
-
 def environment(device_name: str) -> dict[str, Any]:
-    versions = {}
-    for package in PACKAGES:
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            versions[package] = None
-    return {**git_commit(), "versions": versions, "device": device_name}
+    versions = {package: package_version(package) for package in PACKAGES}
+    # the repository holding this package (an editable install), not the directory run from
+    repo = Path(__file__).resolve().parents[2]
+    return {**git_state(repo), "versions": versions, "device": device_name}
 
 
 def write_json(path: str, data: Any) -> None:
