@@ -53,12 +53,23 @@ def unpack_codes(packed, ROWS: tl.constexpr, COLS: tl.constexpr, BITS: tl.conste
     if BITS == 8:
         codes = x
     elif BITS == 4:
-        codes = tl.reshape(tl.join(x & 0xF, x >> 4), (ROWS, COLS))
+        codes = interleave_fields2(x & 0xF, x >> 4, ROWS, COLS)
     else:
-        # join(join(c0, c2), join(c1, c3)) puts code k of byte j at 4 * j + k after the reshape
-        c0, c1, c2, c3 = x & 0x3, (x >> 2) & 0x3, (x >> 4) & 0x3, x >> 6
-        codes = tl.reshape(tl.join(tl.join(c0, c2), tl.join(c1, c3)), (ROWS, COLS))
+        codes = interleave_fields4(x & 0x3, (x >> 2) & 0x3, (x >> 4) & 0x3, x >> 6, ROWS, COLS)
     return codes
+
+
+@triton.jit
+def interleave_fields2(c0, c1, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """Fields [ROWS, COLS // 2] of each byte (low first) -> [ROWS, COLS]: field k of byte j at 2j + k."""
+    return tl.reshape(tl.join(c0, c1), (ROWS, COLS))
+
+
+@triton.jit
+def interleave_fields4(c0, c1, c2, c3, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """Fields [ROWS, COLS // 4] of each byte (low first) -> [ROWS, COLS]: field k of byte j at 4j + k."""
+    # join(join(c0, c2), join(c1, c3)) puts field k of byte j at 4 * j + k after the reshape
+    return tl.reshape(tl.join(tl.join(c0, c2), tl.join(c1, c3)), (ROWS, COLS))
 
 
 @triton.jit
@@ -153,14 +164,12 @@ def load_codes_operand(page, CODES_OFF: tl.constexpr, ROWS: tl.constexpr, COLS: 
     if BIAS == 0 or BITS == 8:
         operand = codes_as_operand(unpack_codes(packed, ROWS, COLS, BITS), DOT_DTYPE, BIAS)
     elif BITS == 4:
-        operand = tl.reshape(tl.join(field_as_operand(packed, 0, 4, BIAS), field_as_operand(packed, 4, 4, BIAS)),
-                             (ROWS, COLS))
-    else:  # same interleave as unpack_codes
-        c0 = field_as_operand(packed, 0, 2, BIAS)
-        c1 = field_as_operand(packed, 2, 2, BIAS)
-        c2 = field_as_operand(packed, 4, 2, BIAS)
-        c3 = field_as_operand(packed, 6, 2, BIAS)
-        operand = tl.reshape(tl.join(tl.join(c0, c2), tl.join(c1, c3)), (ROWS, COLS))
+        operand = interleave_fields2(field_as_operand(packed, 0, 4, BIAS), field_as_operand(packed, 4, 4, BIAS),
+                                     ROWS, COLS)
+    else:
+        operand = interleave_fields4(field_as_operand(packed, 0, 2, BIAS), field_as_operand(packed, 2, 2, BIAS),
+                                     field_as_operand(packed, 4, 2, BIAS), field_as_operand(packed, 6, 2, BIAS),
+                                     ROWS, COLS)
     return operand
 
 
