@@ -24,7 +24,6 @@ CLI_GROUP = "KVCompression"
 CUSTOM_BACKEND = "CUSTOM"
 UNCOMPRESSED_CACHE_DTYPES = ("auto", "bfloat16", "float16")
 """Our pages hold their own codes; a second quantization by vLLM (fp8, int4...) cannot apply."""
-SUPPORTED_MODEL_DTYPES = ("torch.bfloat16", "torch.float16")
 
 
 def _method_help() -> str:
@@ -105,10 +104,11 @@ def model_problems(vllm_config, method_config: MethodConfig) -> list[str]:
         num_kv_heads=model_config.get_total_num_kv_heads(),
         max_model_len=model_config.max_model_len,
     )
-    if str(model_config.dtype) not in SUPPORTED_MODEL_DTYPES:
-        problems.append(
-            f"model dtype {model_config.dtype} is not supported; allowed: --dtype bfloat16 or float16"
-        )
+    from vllm_kvpress.backend.backend import KVPressBackend
+
+    if model_config.dtype not in KVPressBackend.supported_dtypes:
+        allowed = " or ".join(str(d).removeprefix("torch.") for d in KVPressBackend.supported_dtypes)
+        problems.append(f"model dtype {model_config.dtype} is not supported; allowed: --dtype {allowed}")
     if model_config.use_mla:
         problems.append("MLA models (DeepSeek-V2/V3 style latent attention) are not supported")
     if model_config.get_sliding_window() is not None:

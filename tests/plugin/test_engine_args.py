@@ -180,3 +180,9 @@ def test_evicting_methods_switch_prefix_caching_off_with_a_warning(engine_config
         cfg = engine_config(additional_config={"kv_compression": {"method": "kivi"}}, enable_prefix_caching=True)
     assert cfg.cache_config.enable_prefix_caching is False
     assert "prefix caching is switched off" in caplog.text
+
+
+def test_unsupported_model_dtype_is_named(engine_config):
+    with pytest.raises(KVCompressionConfigError,
+                       match="model dtype torch.float32 is not supported; allowed: --dtype float16 or bfloat16"):
+        engine_config(dtype="float32", additional_config={"kv_compression": {"method": "kivi"}})
