@@ -10,6 +10,8 @@ They touch disjoint blocks, so their order does not matter. The PyTorch oracle i
 `vllm_kvpress.reference.page_codec.write_tokens`.
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -306,16 +308,19 @@ def write_kv_pages(
         raise ValueError(f"Invalid shape of key: {key.shape[0]} rows for {num_tokens} slots")
     if num_tokens == 0:
         return
-    consts = layout.kernel_constants()
     grid = (num_tokens, num_kv_heads)
     common = (key, value, key.stride(0), key.stride(1), value.stride(0), value.stride(1),
               cache, cache.stride(0), cache.stride(1), slot_mapping)
-    _stage_tokens_kernel[grid](
-        *common, num_tokens,
-        **{k: consts[k] for k in ("BLOCK_SIZE", "HEAD_SIZE", "K_BITS", "V_BITS", "V_GROUP", "K_STAGE_GROUP",
-                                  "K_CODES_OFF", "V_CODES_OFF", "K_META_OFF", "V_META_OFF")},
-        num_warps=STAGE_NUM_WARPS,
-    )
+    _stage_tokens_kernel[grid](*common, num_tokens, **_stage_constants(layout), num_warps=STAGE_NUM_WARPS)
     _finalize_blocks_kernel[grid](
-        *common, POWER_ITERS=power_iters if layout.rank else 1, **consts, num_warps=FINALIZE_NUM_WARPS,
+        *common, POWER_ITERS=power_iters if layout.rank else 1, **layout.kernel_constants,
+        num_warps=FINALIZE_NUM_WARPS,
     )
+
+
+@functools.cache
+def _stage_constants(layout: PageLayout) -> dict[str, int]:
+    """The part of the layout the staging kernel takes (it has no GEAR regions)."""
+    return {k: layout.kernel_constants[k] for k in (
+        "BLOCK_SIZE", "HEAD_SIZE", "K_BITS", "V_BITS", "V_GROUP", "K_STAGE_GROUP",
+        "K_CODES_OFF", "V_CODES_OFF", "K_META_OFF", "V_META_OFF")}

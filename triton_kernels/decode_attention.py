@@ -281,7 +281,7 @@ def decode_attention(
         NUM_SPLITS=num_splits, GROUP=group, GROUP_PAD=triton.next_power_of_2(group),
         DOT_DTYPE=dot_dtype(query.dtype), K_BIAS=code_bias(query.dtype, layout.k_bits),
         V_BIAS=code_bias(query.dtype, layout.v_bits),
-        **layout.kernel_constants(), num_warps=num_warps, num_stages=num_stages,
+        **layout.kernel_constants, num_warps=num_warps, num_stages=num_stages,
     )
     _reduce_splits_kernel[(num_seqs, num_heads)](
         part_out, part_max, part_sum, out, out.stride(0), out.stride(1),

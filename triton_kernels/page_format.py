@@ -1,7 +1,7 @@
 """Owns the compressed page format on the Triton side: pack/unpack codes, dequantize a block.
 
 Mirrors `vllm_kvpress/layout.py` (byte offsets, passed in as constexprs from
-`PageLayout.kernel_constants()`, never recomputed here) and the PyTorch oracle
+`PageLayout.kernel_constants`, never recomputed here) and the PyTorch oracle
 `vllm_kvpress/reference/page_codec.py` (same rounding, same order of operations).
 """
 

@@ -158,6 +158,6 @@ def prefill_attention(
         cache, cache.stride(0), cache.stride(1), block_table, block_table.stride(0),
         query_start_loc, seq_lens, first_seq, scale * LOG2E,
         GROUP=group, GROUP_PAD=group_pad, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, DOT_DTYPE=dot_dtype(query.dtype),
-        **layout.kernel_constants(), num_warps=PREFILL_NUM_WARPS,
+        **layout.kernel_constants, num_warps=PREFILL_NUM_WARPS,
     )
     return out

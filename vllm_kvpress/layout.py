@@ -147,8 +147,11 @@ class PageLayout:
         """bf16 bytes of K+V per token and head divided by ours: the capacity multiplier."""
         return 2 * self.head_size * BF16_BYTES / self.bytes_per_token_head
 
+    @cached_property
     def kernel_constants(self) -> dict[str, int]:
-        """The layout as Triton constexpr keyword arguments (UPPER_CASE), for every kernel."""
+        """The layout as Triton constexpr keyword arguments (UPPER_CASE), for every kernel.
+
+        Cached: kernels are launched per layer and step; callers only unpack it, never mutate it."""
         return {
             "BLOCK_SIZE": self.block_size,
             "HEAD_SIZE": self.head_size,
