@@ -41,6 +41,19 @@ class Batch:
         return torch.cat([self.slots(i, c, c + q, block_size)
                           for i, (c, q) in enumerate(zip(self.context_lens, self.query_lens))])
 
+    def write_context(self, write, block_size: int) -> None:
+        """Write every sequence's context as one earlier step did: write(key, value, slot_mapping)."""
+        device = self.block_table.device
+        for i, c in enumerate(self.context_lens):
+            if c:
+                write(self.full_k[i][:c], self.full_v[i][:c], self.slots(i, 0, c, block_size).to(device))
+
+    def write_new(self, write, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this step's tokens of every sequence in one call; returns their (key, value)."""
+        k_new, v_new = self.new_kv()
+        write(k_new, v_new, self.new_slots(block_size).to(self.block_table.device))
+        return k_new, v_new
+
     def query_start_loc(self) -> torch.Tensor:
         return torch.tensor([0] + torch.tensor(self.query_lens).cumsum(0).tolist(), dtype=torch.int32)
 

@@ -34,15 +34,15 @@ def test_impl_serves_a_mixed_batch_like_the_reference(method, engine_config, mon
     # 3 decodes then 2 prefills (one continuing a context), as vLLM reorders them
     batch = make_batch([64, 100, 5, 70, 0], [1, 1, 1, 40, 77], kv_heads, head_size, layout.block_size, device=device)
     cache = torch.zeros(batch.block_table.max() + 1, kv_heads, layout.bytes_per_head, dtype=torch.uint8, device=device)
-    for i, c in enumerate(batch.context_lens):
-        if c:
-            impl.do_kv_cache_update(None, batch.full_k[i][:c], batch.full_v[i][:c], cache, batch.slots(i, 0, c, 64).to(device))
+    def write(k, v, slots):
+        impl.do_kv_cache_update(None, k, v, cache, slots)
+
+    batch.write_context(write, layout.block_size)
     common = _common_metadata(batch, device)
     metadata = builder.build(0, common)
     assert (metadata.num_decodes, metadata.num_prefills, metadata.num_decode_tokens) == (3, 2, 3)
-    k_new, v_new = batch.new_kv()
+    k_new, v_new = batch.write_new(write, layout.block_size)
     q = torch.randn(common.num_actual_tokens, heads, head_size, device=device).bfloat16()
-    impl.do_kv_cache_update(None, k_new, v_new, cache, common.slot_mapping)
     out = torch.full_like(q, float("nan"))
     impl.forward(None, q, k_new, v_new, cache, metadata, out)
     expected = paged_attention(

@@ -37,21 +37,20 @@ def test_write_decode_prefill_match_reference_at_real_shapes(method, settings, h
     num_blocks = base + int(batch.block_table.max()) + 1
     cache = torch.zeros(num_blocks, kv_heads, layout.bytes_per_head, dtype=torch.uint8, device="cuda")
     batch.block_table += base
-    for i, c in enumerate(CONTEXT_LENS):
-        if c:
-            write_kv_pages(batch.full_k[i][:c], batch.full_v[i][:c], cache, batch.slots(i, 0, c, bs).cuda(),
-                           layout, power_iters=iters)
-    k_new, v_new = batch.new_kv()
-    write_kv_pages(k_new, v_new, cache, batch.new_slots(bs).cuda(), layout, power_iters=iters)
+    def write(k, v, slots):
+        write_kv_pages(k, v, cache, slots, layout, power_iters=iters)
+
+    batch.write_context(write, bs)
+    k_new, v_new = batch.write_new(write, bs)
 
     # the write kernels against the reference writer, on the used blocks only
     used = torch.unique(batch.block_table.flatten())
     ref_cache = torch.zeros(num_blocks, kv_heads, layout.bytes_per_head, dtype=torch.uint8, device="cuda")
-    for i, c in enumerate(CONTEXT_LENS):
-        if c:
-            page_codec.write_tokens(ref_cache, batch.full_k[i][:c], batch.full_v[i][:c], batch.slots(i, 0, c, bs).cuda(),
-                                    layout, iters)
-    page_codec.write_tokens(ref_cache, k_new, v_new, batch.new_slots(bs).cuda(), layout, iters)
+    def write_reference(k, v, slots):
+        page_codec.write_tokens(ref_cache, k, v, slots, layout, iters)
+
+    batch.write_context(write_reference, bs)
+    batch.write_new(write_reference, bs)
     for i, s in enumerate(batch.seq_lens):
         got = page_codec.read_sequence(cache, batch.block_table[i], s, layout)
         want = page_codec.read_sequence(ref_cache, batch.block_table[i], s, layout)

@@ -35,12 +35,11 @@ def _setup(method, settings, heads, kv_heads, head_size, device):
     bs = layout.block_size
     batch = make_batch(CONTEXT_LENS, QUERY_LENS, kv_heads, head_size, bs, device=device)
     cache = torch.zeros(batch.block_table.max() + 5, kv_heads, layout.bytes_per_head, dtype=torch.uint8, device=device)
-    for i, c in enumerate(CONTEXT_LENS):
-        if c:
-            write_kv_pages(batch.full_k[i][:c], batch.full_v[i][:c], cache, batch.slots(i, 0, c, bs).to(device),
-                           layout, power_iters=iters)
-    k_new, v_new = batch.new_kv()
-    write_kv_pages(k_new, v_new, cache, batch.new_slots(bs).to(device), layout, power_iters=iters)
+    def write(k, v, slots):
+        write_kv_pages(k, v, cache, slots, layout, power_iters=iters)
+
+    batch.write_context(write, bs)
+    k_new, v_new = batch.write_new(write, bs)
     q = torch.randn(sum(QUERY_LENS), heads, head_size, device=device).bfloat16()
     expected = paged_attention(
         q.cpu(), k_new.cpu(), v_new.cpu(), batch.query_start_loc().tolist(), batch.seq_lens,
