@@ -1,4 +1,4 @@
-"""Owns the `vllm-kvpress` command: `methods`, `model`, `eval`, `bench`, `report`.
+"""Owns the `vllm-kvpress` command: `methods`, `model`, `eval`, `agree`, `bench`, `report`.
 
 Each subcommand's module registers its own parser through `add_parser(subparsers)` and sets
 `run`; those modules keep vLLM, torch and transformers imports inside `run`, so building the
@@ -13,6 +13,7 @@ SUBCOMMAND_MODULES = {
     "methods": "vllm_kvpress.methods.cli",
     "model": "vllm_kvpress.models",
     "eval": "vllm_kvpress.eval.cli",
+    "agree": "vllm_kvpress.eval.agreement",
     "bench": "vllm_kvpress.bench.cli",
     "report": "vllm_kvpress.bench.report",
 }

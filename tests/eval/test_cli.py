@@ -59,7 +59,7 @@ def test_bad_method_settings_are_rejected_with_the_allowed_values():
 
 def test_planned_method_says_it_is_not_implemented():
     with pytest.raises(MethodNotImplementedError, match="planned but not implemented"):
-        cli.main(["--engine", "reference", "--method", "scissorhands"])
+        cli.main(["--engine", "reference", "--method", "ems"])
 
 
 def test_lengths_beyond_the_context_are_rejected(smollm2_path):

@@ -32,7 +32,8 @@ def test_serve_help_lists_the_flags_and_methods():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     text = " ".join((out.stdout + out.stderr).split())  # argparse wraps lines
     assert "--kv-compression NAME" in text and "--kv-compression-config JSON|FILE" in text, text[-2000:]
-    for name in ("gear (available)", "kivi (available)", "scissorhands (planned)", "sub-moe (planned)"):
+    for name in ("gear (available)", "kivi (available)", "scissorhands (available)", "snapkv (available)",
+                 "sub-moe (planned)"):
         assert name in text
 
 
@@ -109,9 +110,9 @@ def test_without_the_flag_vllm_behaves_as_if_the_plugin_were_absent(tiny_llama_d
 @pytest.mark.parametrize("settings,kwargs,error,message", [
     ({"method": "foo"}, {}, KVCompressionConfigError,
      "method='foo' is unknown; allowed: ems, gear, kivi, kv-head-compress, kvcrush, lococo, loopserve"),
-    ({"method": "scissorhands"}, {}, MethodNotImplementedError,
-     "--kv-compression scissorhands: Scissorhands: persistence of importance for KV-cache compression is planned "
-     "but not implemented yet in vllm-kvpress; available now: kivi, gear"),
+    ({"method": "ems"}, {}, MethodNotImplementedError,
+     ("--kv-compression ems: EMS: adaptive evict-then-merge strategy for head-wise KV-cache compression is "
+      "planned but not implemented yet in vllm-kvpress; available now: kivi, gear, kvcrush, scissorhands, snapkv")),
     ({"method": "kivi", "bits": 3}, {}, KVCompressionConfigError, "kivi: bits=3 is not allowed; allowed: 2, 4, 8"),
     ({"method": "gear", "rank": 9}, {}, KVCompressionConfigError,
      "gear: rank=9 is not allowed; allowed: an integer from 0 to 4"),

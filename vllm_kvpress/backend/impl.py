@@ -5,6 +5,7 @@ from vllm.v1.attention.backend import AttentionImpl, AttentionType
 
 from vllm_kvpress.backend.metadata import KVPressMetadata
 from vllm_kvpress.backend.state import current_method_config
+from vllm_kvpress.eviction.compaction import compact_prompt
 from vllm_kvpress.triton_kernels.cache_write import write_kv_pages
 from vllm_kvpress.triton_kernels.decode_attention import decode_attention
 from vllm_kvpress.triton_kernels.prefill_attention import prefill_attention
@@ -43,6 +44,7 @@ class KVPressImpl(AttentionImpl[KVPressMetadata]):
         method_config = current_method_config()
         self.layout = method_config.page_layout(head_size)
         self.power_iters = getattr(method_config, "power_iters", 1)
+        self.eviction = method_config if method_config.evicts_tokens else None
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
         write_kv_pages(key, value, kv_cache, slot_mapping, self.layout, power_iters=self.power_iters)
@@ -80,5 +82,11 @@ class KVPressImpl(AttentionImpl[KVPressMetadata]):
                 query, key, value, output, kv_cache, m.block_table, m.query_start_loc, m.seq_lens,
                 self.layout, scale=self.scale, first_seq=m.num_decodes, num_seqs=m.num_prefills,
                 max_query_len=m.max_query_len,
+            )
+        # after attention: the compaction step itself still attends to every prompt token
+        for compaction in m.compactions:
+            compact_prompt(
+                self.eviction, self.layout, kv_cache, m.physical_block_table[compaction.row], query,
+                compaction, self.scale, power_iters=self.power_iters,
             )
         return output

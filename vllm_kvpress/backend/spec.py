@@ -5,7 +5,7 @@ page is the compressed size is all it takes for vLLM's own memory profiling to h
 proportionally more blocks. The page bytes come from `layout.py` and nowhere else.
 """
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Self
 
 import torch
@@ -34,10 +34,14 @@ class KVPressAttentionSpec(FullAttentionSpec):
     @classmethod
     def merge(cls, specs: list[Self]) -> Self:
         merged = super().merge(specs)
+        # vLLM's merge rebuilds the spec from FullAttentionSpec's fields; ours (and a subclass's)
+        # must agree across the group and carry over
+        ours = {f.name for f in fields(cls)} - {f.name for f in fields(FullAttentionSpec)}
+        first = {name: getattr(specs[0], name) for name in ours}
         for spec in specs:
-            if (spec.bytes_per_head, spec.compression_tag) != (specs[0].bytes_per_head, specs[0].compression_tag):
+            if {name: getattr(spec, name) for name in ours} != first:
                 raise ValueError("all layers of one KV-cache group must share one page layout")
-        return replace(merged, bytes_per_head=specs[0].bytes_per_head, compression_tag=specs[0].compression_tag)
+        return replace(merged, **first)
 
 
 def compressed_spec_for_layer(spec: FullAttentionSpec, vllm_config) -> KVPressAttentionSpec:
@@ -57,15 +61,21 @@ def compressed_spec_for_layer(spec: FullAttentionSpec, vllm_config) -> KVPressAt
             "--kv-compression-config"
         )
     layout = method_config.page_layout(spec.head_size)
-    return KVPressAttentionSpec(
-        block_size=spec.block_size,
-        num_kv_heads=spec.num_kv_heads,
-        head_size=spec.head_size,
-        head_size_v=spec.head_size_v,
-        dtype=torch.uint8,
-        bytes_per_head=layout.bytes_per_head,
-        compression_tag=repr(sorted(method_config.to_dict().items())),
-    )
+    common = {
+        "block_size": spec.block_size,
+        "num_kv_heads": spec.num_kv_heads,
+        "head_size": spec.head_size,
+        "head_size_v": spec.head_size_v,
+        "dtype": torch.uint8,
+        "bytes_per_head": layout.bytes_per_head,
+        "compression_tag": repr(sorted(method_config.to_dict().items())),
+    }
+    if method_config.evicts_tokens:
+        # every layer of the group gets it: vLLM builds a group's manager from one layer's spec
+        from vllm_kvpress.eviction.manager import KVPressEvictionSpec
+
+        return KVPressEvictionSpec(**common, budget=method_config.budget)
+    return KVPressAttentionSpec(**common)
 
 
 def patch_attention_kv_cache_spec() -> None:

@@ -92,7 +92,9 @@ def markdown_tables(results: dict[str, Any]) -> str:
         lines.append("| " + " | ".join(row) + " |")
     out = ["## Accuracy (correct/total) and perplexity", "", *lines, ""]
     out.append(
-        "KV bytes vs bf16: stored bytes per token and head over bf16's (`1 / layout.compression_vs_bf16`)."
+        "KV bytes vs bf16: stored bytes per token and head over bf16's (`1 / layout.compression_vs_bf16`); "
+        "for an eviction method times the tokens kept after prefill over the prompt tokens of the "
+        "generation tasks (perplexity windows are not evicted)."
     )
     out.append(
         "Accuracy: a sample is correct when every expected string is in the completion; RULER's "

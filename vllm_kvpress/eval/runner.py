@@ -8,6 +8,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from vllm_kvpress.eval import multiturn, niah, perplexity, results, ruler
 from vllm_kvpress.eval.samples import Sample
 from vllm_kvpress.eval.scoring import score_task
@@ -81,11 +83,27 @@ def model_geometry(model_path: str) -> tuple[int, int]:
     return head_size, config.num_key_value_heads
 
 
-def compression_ratio(run: MethodRun, method_config, head_size: int, kv_cache_dtype: str) -> float:
-    """Stored KV bytes per token and head over bf16's: 1 / layout.compression_vs_bf16."""
+def kept_token_fraction(method_config, prompt_lengths: list[int]) -> float:
+    """Tokens an eviction method stores after prefill over the prompt tokens, summed over prompts:
+    the kept blocks plus each prompt's last partial block (`eviction.policy`); 1.0 for a method
+    that evicts nothing or without prompts."""
+    if not method_config.evicts_tokens or not prompt_lengths:
+        return 1.0
+    prompt_lengths = np.asarray(prompt_lengths, dtype=np.int64)
+    bs = method_config.block_size
+    kept = method_config.kept_prompt_blocks(prompt_lengths) * bs + prompt_lengths % bs
+    return float(kept.sum() / prompt_lengths.sum())
+
+
+def compression_ratio(
+    run: MethodRun, method_config, head_size: int, kv_cache_dtype: str, prompt_lengths: list[int] = ()
+) -> float:
+    """Stored KV bytes over bf16 bytes of the full context: 1 / layout.compression_vs_bf16, times the
+    kept-token fraction of the generation prompts for a method that evicts (`kept_token_fraction`)."""
     if method_config is None:
         return VLLM_DTYPE_BYTES_VS_BF16[kv_cache_dtype]
-    return 1.0 / method_config.page_layout(head_size).compression_vs_bf16
+    bytes_ratio = 1.0 / method_config.page_layout(head_size).compression_vs_bf16
+    return bytes_ratio * kept_token_fraction(method_config, list(prompt_lengths))
 
 
 def build_samples(config: EvalConfig, tokenizer) -> list[Sample]:
@@ -170,7 +188,9 @@ def run_method(
         "method": run.method,
         "method_config": run.resolved,
         "kv_cache_dtype": config.kv_cache_dtype,
-        "compression_ratio": compression_ratio(run, method_config, head_size, config.kv_cache_dtype),
+        "compression_ratio": compression_ratio(
+            run, method_config, head_size, config.kv_cache_dtype, [s.num_prompt_tokens for s in samples]
+        ),
         "tasks": task_scores,
         "niah_grid": niah_grid(samples, correct),
         "seconds": round(time.perf_counter() - started, 1),

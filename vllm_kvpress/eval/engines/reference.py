@@ -10,10 +10,20 @@ block i = tokens [i * block_size, (i + 1) * block_size)), written and read with
 
 The model runs with a DynamicCache only to hand the attention function this step's K/V; for a
 compressed method the exact past it also holds is never read.
+
+Eviction methods (`config.evicts_tokens`) evict as the vLLM worker does, once, after the attention
+of the chunk that completes the prompt: each layer scores the prompt with that chunk's last
+`observation_window` queries (`eviction.scoring.select_kept_tokens`), writes the kept tokens of
+every KV head as complete blocks into the sequence's first pages (re-quantized by the page codec)
+and moves the tail (the last partial prompt block) right after them, bytes unchanged. Later steps
+read kept + tail + decoded tokens; their positions (RoPE) stay the original ones.
 """
 
 import torch
 
+from vllm_kvpress.eviction.compaction import gather_kept
+from vllm_kvpress.eviction.policy import compacts
+from vllm_kvpress.eviction.scoring import select_kept_tokens
 from vllm_kvpress.layout import PageLayout
 from vllm_kvpress.reference import page_codec
 from vllm_kvpress.reference.attention import causal_attention
@@ -29,13 +39,33 @@ class SequencePages:
 
     A complete block is never written again (slots only grow), so its dequantized K/V are decoded
     once and kept; each call decodes only the blocks completed by this write and the partial one.
+
+    With an eviction config and a prompt length, the sequence is compacted once, after the forward
+    whose tokens complete the prompt (`evict_prompt`); `num_evicted` tokens are then gone.
     """
 
     def __init__(
-        self, layout: PageLayout, power_iters: int, num_kv_heads: int, max_tokens: int, device: torch.device
+        self,
+        layout: PageLayout,
+        power_iters: int,
+        num_kv_heads: int,
+        max_tokens: int,
+        device: torch.device,
+        *,
+        eviction=None,
+        prompt_len: int | None = None,
     ):
+        """
+        Args:
+            eviction: an `EvictionConfig`, or None for a method that keeps every token.
+            prompt_len: prompt tokens of the sequence; None never evicts (e.g. teacher-forced NLL,
+                where vLLM would evict only after the last chunk, with every number computed).
+        """
         self.layout = layout
         self.power_iters = power_iters
+        self.eviction = eviction
+        self.prompt_len = prompt_len
+        self.num_evicted = 0
         num_blocks = -(-max_tokens // layout.block_size)
         self.cache = torch.zeros(
             num_blocks, num_kv_heads, layout.bytes_per_head, dtype=torch.uint8, device=device
@@ -79,6 +109,49 @@ class SequencePages:
         k, v = self._read_blocks(full, partial)
         return torch.cat([self._complete_k, k]), torch.cat([self._complete_v, v])
 
+    def evicts_now(self) -> bool:
+        """Whether the tokens just appended complete the prompt of a sequence that compacts."""
+        return (
+            self.eviction is not None
+            and self.num_evicted == 0
+            and self.num_tokens == self.prompt_len
+            and bool(compacts(self.prompt_len, self.eviction.budget, self.layout.block_size))
+        )
+
+    def evict_prompt(
+        self, queries: torch.Tensor, k_prompt: torch.Tensor, v_prompt: torch.Tensor, scale: float
+    ) -> None:
+        """Keep the tokens the method selects and compact them into the first blocks.
+
+        Args:
+            queries: [T, num_heads, head_size] post-RoPE queries of the chunk completing the prompt.
+            k_prompt, v_prompt: [prompt_len, num_kv_heads, head_size] dequantized from the pages.
+        """
+        bs, prompt_len = self.layout.block_size, self.prompt_len
+        num_candidates = prompt_len // bs * bs
+        num_keep = self.eviction.kept_prompt_blocks(prompt_len) * bs
+        window = queries[-min(self.eviction.observation_window, queries.shape[0]) :]
+        positions = torch.arange(prompt_len - window.shape[0], prompt_len, device=queries.device)
+        kept = select_kept_tokens(self.eviction, window, positions, k_prompt, scale, num_candidates, num_keep)
+        kept_k, kept_v = gather_kept(k_prompt, v_prompt, kept)
+        tail = self.cache[prompt_len // bs].clone() if prompt_len % bs else None
+        # the worker hands the write kernel bf16 K/V, as for fresh tokens; every block is complete,
+        # so each is encoded whole (per-channel K) from the kept tokens alone
+        slots = torch.arange(num_keep, device=self.cache.device)
+        page_codec.write_tokens(
+            self.cache,
+            kept_k.to(torch.bfloat16),
+            kept_v.to(torch.bfloat16),
+            slots,
+            self.layout,
+            self.power_iters,
+        )
+        if tail is not None:
+            self.cache[num_keep // bs] = tail
+        self.num_evicted = num_candidates - num_keep
+        self.num_tokens = prompt_len - self.num_evicted
+        self._complete_k, self._complete_v = self._read_blocks(0, num_keep)
+
 
 def compressed_attention_forward(
     module: torch.nn.Module,
@@ -104,20 +177,26 @@ def compressed_attention_forward(
     k_all, v_all = key[0].transpose(0, 1), value[0].transpose(0, 1)  # [S, num_kv_heads, head_size]
     if pages is not None:
         layer = pages[module.layer_idx]
-        if layer.num_tokens != seq_len - num_new:
+        if layer.num_tokens + layer.num_evicted != seq_len - num_new:
             raise RuntimeError(
                 f"layer {module.layer_idx}: pages hold {layer.num_tokens} tokens, the model "
-                f"cache {seq_len - num_new}; reset the engine state between sequences"
+                f"cache {seq_len - num_new} ({layer.num_evicted} evicted); reset the engine state "
+                "between sequences"
             )
         # vLLM's model hands bf16 K/V to the page writer
         k_new = k_all[seq_len - num_new :].to(torch.bfloat16)
         v_new = v_all[seq_len - num_new :].to(torch.bfloat16)
-        k_pages, v_pages = layer.append(k_new, v_new)
+        k_stored, v_stored = layer.append(k_new, v_new)
+        k_all, v_all = k_stored, v_stored
         if num_new > 1:  # prefill chunk: its own tokens come from the fresh K/V, not from pages
-            k_pages = torch.cat([k_pages[: seq_len - num_new], k_new.float()])
-            v_pages = torch.cat([v_pages[: seq_len - num_new], v_new.float()])
-        k_all, v_all = k_pages, v_pages
-    out = causal_attention(q, k_all, v_all, scale)
+            past = layer.num_tokens - num_new
+            k_all = torch.cat([k_stored[:past], k_new.float()])
+            v_all = torch.cat([v_stored[:past], v_new.float()])
+        out = causal_attention(q, k_all, v_all, scale)
+        if layer.evicts_now():  # after this chunk's attention, as the vLLM worker
+            layer.evict_prompt(q, k_stored, v_stored, scale)
+    else:
+        out = causal_attention(q, k_all, v_all, scale)
     return out.to(query.dtype).unsqueeze(0), None
 
 
@@ -209,13 +288,18 @@ class ReferenceEngine:
             return torch.cuda.get_device_name(self.device)
         return f"cpu ({_cpu_model_name()}, {torch.get_num_threads()} threads)"
 
-    def _new_sequence(self, max_tokens: int):
+    def _new_sequence(self, max_tokens: int, prompt_len: int | None = None):
+        """A fresh DynamicCache and pages; `prompt_len` lets an eviction method compact the prompt."""
         from transformers import DynamicCache
 
         pages = None
         if self.layout is not None:
+            eviction = self.method_config if self.method_config.evicts_tokens else None
             pages = [
-                SequencePages(self.layout, self.power_iters, self.num_kv_heads, max_tokens, self.device)
+                SequencePages(
+                    self.layout, self.power_iters, self.num_kv_heads, max_tokens, self.device,
+                    eviction=eviction, prompt_len=prompt_len,
+                )
                 for _ in range(self.num_layers)
             ]
         return DynamicCache(config=self.model.config), pages
@@ -252,7 +336,7 @@ class ReferenceEngine:
         outputs = []
         for prompt, limit in zip(prompts, max_tokens, strict=True):
             self._check_length(len(prompt) + limit)
-            cache, pages = self._new_sequence(len(prompt) + limit)
+            cache, pages = self._new_sequence(len(prompt) + limit, prompt_len=len(prompt))
             for start, end in self._chunks(len(prompt)):
                 logits = self._forward(prompt[start:end], start, cache, pages, last_only=True)
             generated: list[int] = []
@@ -275,6 +359,7 @@ class ReferenceEngine:
     def token_nll(self, token_ids: list[int]) -> list[float]:
         """NLL (nats) of token i given tokens < i, for i = 1..N-1, teacher-forced in prefill chunks."""
         self._check_length(len(token_ids))
+        # no prompt_len: vLLM would evict after the last chunk, when every NLL is already computed
         cache, pages = self._new_sequence(len(token_ids))
         nll: list[float] = []
         for start, end in self._chunks(len(token_ids)):

@@ -1,0 +1,85 @@
+"""An evicting method through KVPressMetadataBuilder + KVPressImpl over vLLM-shaped steps (CPU
+interpreter): the step that completes the prompt compacts it, later steps attend over kept + tail +
+new tokens through the compacted view, exactly as the reference engine does."""
+
+import pytest
+import torch
+from helpers import make_batch
+from vllm.v1.attention.backend import CommonAttentionMetadata
+
+from vllm_kvpress.backend import impl as impl_module
+from vllm_kvpress.backend.metadata import KVPressMetadataBuilder
+from vllm_kvpress.config import load_method_config
+from vllm_kvpress.eval.engines.reference import SequencePages
+from vllm_kvpress.reference import page_codec
+from vllm_kvpress.reference.attention import causal_attention
+
+HEADS, KV_HEADS, HEAD_SIZE = 8, 2, 64  # the tiny_llama_dir model
+SETTINGS = {"method": "snapkv", "budget": 48, "block_size": 16, "window": 8, "sink": 4, "observation_window": 8}
+PROMPT = 150  # 9 full blocks of 16 + a tail of 6; the budget keeps 3 blocks
+STEPS = [(0, 128), (128, 150), (150, 151), (151, 152)]  # (context, seq_len): two prefill chunks, two decodes
+
+
+def _metadata(builder, block_table, context, seq_len, slot_mapping, device):
+    query_len = seq_len - context
+    qsl = torch.tensor([0, query_len], dtype=torch.int32)
+    seq = torch.tensor([seq_len], dtype=torch.int32)
+    common = CommonAttentionMetadata(
+        query_start_loc=qsl.to(device), query_start_loc_cpu=qsl, seq_lens=seq.to(device), _seq_lens_cpu=seq,
+        num_reqs=1, num_actual_tokens=query_len, max_query_len=query_len, max_seq_len=seq_len,
+        block_table_tensor=block_table, slot_mapping=slot_mapping,
+        rswa_prefix_lens=torch.tensor([PROMPT], dtype=torch.int32),
+    )
+    return builder.build(0, common)
+
+
+@pytest.mark.parametrize("budget", [48, 0.3])  # 0.3 x 150 = 45 tokens -> 3 blocks as well
+def test_prompt_is_compacted_once_and_decode_reads_the_view(budget, engine_config, monkeypatch, device):
+    settings = {**SETTINGS, "budget": budget}
+    vllm_config = engine_config(block_size=16, additional_config={"kv_compression": settings})
+    # vLLM picks its V1 runner on a CPU platform (no Triton backend there); on the GPU it is V2
+    monkeypatch.setattr(type(vllm_config), "use_v2_model_runner", property(lambda self: True))
+    config = load_method_config(settings)
+    monkeypatch.setattr(impl_module, "current_method_config", lambda: config)
+    impl = impl_module.KVPressImpl(HEADS, HEAD_SIZE, HEAD_SIZE ** -0.5, KV_HEADS, None, None, "auto")
+    builder = KVPressMetadataBuilder(None, ["layer"], vllm_config, torch.device(device))
+    layout, bs = impl.layout, 16
+    batch = make_batch([0], [STEPS[-1][1]], KV_HEADS, HEAD_SIZE, bs, device=device)
+    k_all, v_all = batch.full_k[0], batch.full_v[0]
+    cache = torch.zeros(batch.block_table.max() + 1, KV_HEADS, layout.bytes_per_head, dtype=torch.uint8,
+                        device=device)
+    reference = SequencePages(layout, 1, KV_HEADS, STEPS[-1][1], torch.device("cpu"), eviction=config,
+                              prompt_len=PROMPT)
+    for context, seq_len in STEPS:
+        slots = batch.slots(0, context, seq_len, bs).to(device)
+        metadata = _metadata(builder, batch.block_table, context, seq_len, slots, device)
+        assert len(metadata.compactions) == (1 if seq_len == PROMPT else 0)
+        shifted = 9 - 3 if context >= PROMPT else 0
+        assert int(metadata.seq_lens[0]) == seq_len - shifted * bs
+        assert metadata.block_table[0, 3].item() == batch.block_table[0, 3 + shifted].item()
+        k_new, v_new = k_all[context:seq_len], v_all[context:seq_len]
+        impl.do_kv_cache_update(None, k_new, v_new, cache, slots)
+        q = torch.randn(seq_len - context, HEADS, HEAD_SIZE, device=device).bfloat16()
+        out = torch.full_like(q, float("nan"))
+        impl.forward(None, q, k_new, v_new, cache, metadata, out)
+
+        # the reference engine's attention for the same step (prefill chunks use their fresh K/V)
+        stored_k, stored_v = reference.append(k_new.cpu(), v_new.cpu())
+        past = reference.num_tokens - (seq_len - context)
+        if seq_len - context > 1:
+            stored_k = torch.cat([stored_k[:past], k_new.cpu().float()])
+            stored_v = torch.cat([stored_v[:past], v_new.cpu().float()])
+        expected = causal_attention(q.cpu(), stored_k, stored_v, HEAD_SIZE ** -0.5)
+        torch.testing.assert_close(out.float().cpu(), expected, atol=3e-2, rtol=2e-2)
+        if reference.evicts_now():
+            reference.evict_prompt(q.cpu().float(), *page_codec.read_sequence(
+                reference.cache, torch.arange(reference.cache.shape[0]), PROMPT, layout), HEAD_SIZE ** -0.5)
+    assert reference.num_tokens == 3 * bs + 6 + 2
+
+
+def test_eviction_refuses_vllms_v1_runner(engine_config):
+    # on a CPU platform vLLM picks its V1 runner, which never hands the builder prompt lengths
+    vllm_config = engine_config(block_size=16, additional_config={"kv_compression": SETTINGS})
+    assert not vllm_config.use_v2_model_runner
+    with pytest.raises(Exception, match="evicts tokens and needs vLLM's V2 model runner"):
+        KVPressMetadataBuilder(None, ["layer"], vllm_config, torch.device("cpu"))

@@ -1,0 +1,127 @@
+"""The reference engine evicts as the vLLM worker will: once, after the attention of the chunk that
+completes the prompt, compacting the kept tokens into the first blocks, the tail after them.
+
+- after compaction the pages hold kept_blocks * block_size + tail tokens: the kept ones are the
+  tokens `select_kept_tokens` picks (re-quantized), the tail's bytes are unchanged;
+- decode steps then attend to kept + tail + decoded tokens;
+- with a budget that keeps the whole prompt nothing changes: outputs and pages equal kivi's.
+"""
+
+import types
+
+import pytest
+import torch
+
+from vllm_kvpress.config import load_method_config
+from vllm_kvpress.eval.engines.reference import PAGES_KWARG, SequencePages, compressed_attention_forward
+from vllm_kvpress.eviction.scoring import select_kept_tokens
+from vllm_kvpress.reference import page_codec
+from vllm_kvpress.reference.attention import causal_attention
+
+NUM_HEADS, NUM_KV_HEADS, HEAD_SIZE = 6, 2, 64
+SCALE = HEAD_SIZE**-0.5
+BLOCK_SIZE = 16
+PROMPT_CHUNKS = [40, 35]  # prompt of 75 tokens: 4 full blocks + an 11-token tail
+PROMPT_LEN = sum(PROMPT_CHUNKS)
+DECODE_STEPS = 7  # the 7th completes the tail's block after compaction
+EVICTION = {"block_size": BLOCK_SIZE, "bits": 8, "group_size": "head", "window": 16, "sink": 4,
+            "observation_window": 8}
+
+
+@pytest.fixture
+def generator():
+    return torch.Generator().manual_seed(75)
+
+
+def _pages(config, prompt_len=PROMPT_LEN):
+    evicts = config.evicts_tokens
+    return SequencePages(config.page_layout(HEAD_SIZE), 1, NUM_KV_HEADS, PROMPT_LEN + DECODE_STEPS,
+                         torch.device("cpu"), eviction=config if evicts else None, prompt_len=prompt_len)
+
+
+def _call(q_new, k_seen, v_seen, pages):
+    module = types.SimpleNamespace(layer_idx=0)
+    out, _ = compressed_attention_forward(
+        module, q_new.transpose(0, 1)[None], k_seen.transpose(0, 1)[None], v_seen.transpose(0, 1)[None],
+        attention_mask=None, scaling=SCALE, **{PAGES_KWARG: [pages]},
+    )
+    return out[0]
+
+
+def _sequence(generator):
+    total = PROMPT_LEN + DECODE_STEPS
+    q = torch.randn(total, NUM_HEADS, HEAD_SIZE, generator=generator)
+    k = torch.randn(total, NUM_KV_HEADS, HEAD_SIZE, generator=generator)
+    v = torch.randn(total, NUM_KV_HEADS, HEAD_SIZE, generator=generator)
+    return q, k, v
+
+
+def _run(pages, q, k, v):
+    """Feed the prompt in chunks, then decode steps; outputs of every step."""
+    outs, seen = [], 0
+    for num_new in PROMPT_CHUNKS + [1] * DECODE_STEPS:
+        end = seen + num_new
+        outs.append(_call(q[seen:end], k[:end], v[:end], pages))
+        seen = end
+    return outs
+
+
+@pytest.mark.parametrize("method", ["snapkv", "scissorhands", "kvcrush"])
+def test_compaction_keeps_the_selected_tokens_then_the_tail(generator, method):
+    config = load_method_config({"method": method, "budget": 32, **EVICTION})
+    q, k, v = _sequence(generator)
+    pages = _pages(config)
+    _call(q[:40], k[:40], v[:40], pages)
+    assert pages.num_evicted == 0, "evicted before the prompt was complete"
+    k_before, v_before = pages.append(k[40:PROMPT_LEN].bfloat16(), v[40:PROMPT_LEN].bfloat16())
+    # what the worker will see: the prompt from pages, the last chunk's last queries
+    pages = _pages(config)
+    _call(q[:40], k[:40], v[:40], pages)
+    out = _call(q[40:PROMPT_LEN], k[:PROMPT_LEN], v[:PROMPT_LEN], pages)
+    assert pages.num_evicted == 64 - 32
+    assert pages.num_tokens == 32 + PROMPT_LEN % BLOCK_SIZE
+
+    window = q[PROMPT_LEN - 8 : PROMPT_LEN]
+    kept = select_kept_tokens(config, window, torch.arange(PROMPT_LEN - 8, PROMPT_LEN), k_before, SCALE, 64, 32)
+    block_table = torch.arange(pages.cache.shape[0])
+    k_now, v_now = page_codec.read_sequence(pages.cache, block_table, pages.num_tokens, pages.layout)
+    for h in range(NUM_KV_HEADS):
+        # re-quantized at 8 bits: within about one code step of the values read before
+        torch.testing.assert_close(k_now[:32, h], k_before[kept[h], h], rtol=0, atol=0.05, msg=f"K head {h}")
+        torch.testing.assert_close(v_now[:32, h], v_before[kept[h], h], rtol=0, atol=0.05, msg=f"V head {h}")
+    assert torch.equal(k_now[32:], k_before[64:]) and torch.equal(v_now[32:], v_before[64:]), "tail changed"
+    # the prompt's own chunk attended before eviction: to the whole prompt
+    full = causal_attention(q[40:PROMPT_LEN], torch.cat([k_before[:40], k[40:PROMPT_LEN].bfloat16().float()]),
+                            torch.cat([v_before[:40], v[40:PROMPT_LEN].bfloat16().float()]), SCALE)
+    torch.testing.assert_close(out, full, rtol=0, atol=1e-6, msg="prompt chunk output")
+
+    # decode reads kept + tail + decoded tokens from the pages
+    for step in range(DECODE_STEPS):
+        end = PROMPT_LEN + step + 1
+        out = _call(q[end - 1 : end], k[:end], v[:end], pages)
+        k_all, v_all = page_codec.read_sequence(pages.cache, block_table, pages.num_tokens, pages.layout)
+        assert k_all.shape[0] == 32 + PROMPT_LEN % BLOCK_SIZE + step + 1
+        torch.testing.assert_close(out, causal_attention(q[end - 1 : end], k_all, v_all, SCALE), rtol=0, atol=1e-6)
+    assert pages.num_complete_blocks == 3, "the tail's block completed after compaction"
+
+
+def test_eviction_changes_the_decode_output(generator):
+    """Guards the test above against a no-op: the compacted past must differ from the full one."""
+    evicting = load_method_config({"method": "snapkv", "budget": 32, **EVICTION})
+    keeping = load_method_config({"method": "kivi", "bits": 8, "group_size": "head", "block_size": BLOCK_SIZE})
+    q, k, v = _sequence(generator)
+    a, b = _run(_pages(evicting), q, k, v), _run(_pages(keeping), q, k, v)
+    assert torch.equal(a[0], b[0]), "the first chunk cannot see any eviction"
+    assert (a[-1] - b[-1]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("method", ["snapkv", "scissorhands", "kvcrush"])
+def test_a_budget_that_keeps_the_prompt_equals_kivi(generator, method):
+    evicting = load_method_config({"method": method, "budget": 96, **EVICTION})
+    keeping = load_method_config({"method": "kivi", "bits": 8, "group_size": "head", "block_size": BLOCK_SIZE})
+    q, k, v = _sequence(generator)
+    pages_evicting, pages_keeping = _pages(evicting), _pages(keeping)
+    for step, (a, b) in enumerate(zip(_run(pages_evicting, q, k, v), _run(pages_keeping, q, k, v), strict=True)):
+        assert torch.equal(a, b), f"step {step}"
+    assert pages_evicting.num_evicted == 0
+    assert torch.equal(pages_evicting.cache, pages_keeping.cache)

@@ -1,0 +1,63 @@
+"""Token eviction in vLLM 0.26.0 on the GPU: the blocks of evicted prompt tokens go back to vLLM's
+free pool, with CUDA graphs and chunked prefill on (vLLM's defaults). Each engine runs in its own
+process; the engine core runs in that process too (VLLM_ENABLE_V1_MULTIPROCESSING=0) so the test
+can read the scheduler's block pool between steps.
+
+    pytest -m gpu tests/gpu/test_eviction_e2e.py -s
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.gpu
+
+LLAMA_CONFIG = Path(__file__).parents[2] / "vllm_kvpress" / "bench" / "model_configs" / "llama-3.1-8b"
+PROMPT_LEN, BUDGET, BLOCK = 16000, 2048, 64
+
+FREE_BLOCK_TRACE = """
+import json, os, sys
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+import numpy as np
+from vllm import LLM, SamplingParams
+model, settings, prompt_len = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+llm = LLM(model=model, load_format="dummy", skip_tokenizer_init=True, max_model_len=16640,
+          gpu_memory_utilization=0.6, seed=0, additional_config={"kv_compression": settings})
+engine = llm.llm_engine
+pool = engine.engine_core.engine_core.scheduler.kv_cache_manager.block_pool
+ids = np.random.default_rng(0).integers(1000, 100000, prompt_len).tolist()
+trace = [pool.get_num_free_blocks()]
+engine.add_request("r0", {"prompt_token_ids": ids}, SamplingParams(max_tokens=32, ignore_eos=True, detokenize=False))
+outputs = []
+while engine.has_unfinished_requests():
+    outputs += engine.step()
+    trace.append(pool.get_num_free_blocks())
+print("RESULT " + json.dumps({"trace": trace, "num_gpu_blocks": llm.llm_engine.vllm_config.cache_config.num_gpu_blocks,
+                              "generated": len(outputs[-1].outputs[0].token_ids)}))
+"""
+
+
+def test_evicted_prompt_blocks_return_to_the_free_pool():
+    settings = {"method": "snapkv", "budget": BUDGET, "bits": 4}
+    out = subprocess.run(
+        [sys.executable, "-c", FREE_BLOCK_TRACE, str(LLAMA_CONFIG), json.dumps(settings), str(PROMPT_LEN)],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert out.returncode == 0, (out.stdout + out.stderr)[-5000:]
+    result = json.loads([line for line in out.stdout.splitlines() if line.startswith("RESULT ")][-1][7:])
+    trace = result["trace"]
+    print(settings, "free blocks per step:", trace)
+    lowest = min(trace)
+    full_prompt_blocks = -(-PROMPT_LEN // BLOCK)
+    # during prefill the whole prompt is held (the scheduler admits on the full length) ...
+    assert trace[0] - lowest >= full_prompt_blocks
+    # ... and after the compaction step the evicted blocks are back: the prompt keeps 32 blocks of
+    # kept tokens plus its tail block (16000 = 250 x 64, so the tail holds the decode tokens)
+    freed = PROMPT_LEN // BLOCK - BUDGET // BLOCK
+    after = trace[trace.index(lowest):]
+    assert max(after) - lowest >= freed
+    assert result["generated"] == 32
+    assert trace[-1] == trace[0]  # everything back once the request finished

@@ -1,0 +1,90 @@
+"""Owns compacting one request's prompt in one layer's pages: score the stored tokens, keep the
+method's choice and rewrite it into the request's first blocks.
+
+Runs in the attention layer's forward, after the attention of the step whose tokens complete the
+prompt (the compaction step), so that step still attends to every token:
+
+    logical blocks  |b0|b1|b2|b3|b4|b5|b6|b7|tail..      (tail = block P // block_size)
+    after           |k0|k1|k2|b3|b4|b5|b6|b7|tail..      k = kept tokens, re-packed per head
+                              ^ freed by the scheduler's block manager after this step; every later
+                                step sees |k0|k1|k2|tail.. through the compacted block-table view
+
+The kept tokens are read back (dequantized) from the pages, gathered per KV head and written again
+as complete blocks with the same cache-write kernel as fresh tokens, so the kernels need nothing
+new to read them. Positions are not renumbered: keys are stored after RoPE.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from vllm_kvpress.eviction.scoring import select_kept_tokens
+
+
+@dataclass(frozen=True)
+class PromptCompaction:
+    """A request whose prompt completes in this step and whose pages are compacted after it."""
+
+    row: int
+    """Row of the request in the batch."""
+    prompt_len: int
+    query_start: int
+    """Index of the row's first query token in this step's batch."""
+    context_len: int
+    """Tokens of the request computed before this step."""
+    kept_blocks: int
+    """Leading blocks that hold the kept tokens (`EvictionConfig.kept_prompt_blocks`)."""
+
+
+def gather_kept(
+    keys: torch.Tensor, values: torch.Tensor, kept: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """K/V of the kept tokens, per KV head: keys/values [P, Hkv, D], kept [Hkv, n] -> [n, Hkv, D]."""
+    index = kept.t()[:, :, None].expand(-1, -1, keys.shape[-1])
+    return keys.gather(0, index), values.gather(0, index)
+
+
+def window_queries(query: torch.Tensor, compaction: PromptCompaction, observation_window: int):
+    """The last prompt queries of this step's chunk and their positions: ([w, H, D], [w] int64)."""
+    last = compaction.prompt_len  # the chunk may run past the prompt (re-prefill after preemption)
+    w = min(observation_window, last - compaction.context_len)
+    first = compaction.query_start + (last - w - compaction.context_len)
+    positions = torch.arange(last - w, last, device=query.device, dtype=torch.int64)
+    return query[first : first + w], positions
+
+
+def compact_prompt(
+    config,
+    layout,
+    cache: torch.Tensor,
+    block_table_row: torch.Tensor,
+    query: torch.Tensor,
+    compaction: PromptCompaction,
+    scale: float,
+    *,
+    power_iters: int,
+) -> None:
+    """Keep `config`'s choice of the prompt's tokens in the first `kept_blocks` blocks of the row.
+
+    Args:
+        config: the layer's `EvictionConfig`.
+        layout: the layer's `PageLayout`.
+        cache: this layer's pages, uint8 [num_blocks, num_kv_heads, bytes_per_head].
+        block_table_row: the request's physical block ids (not the compacted view).
+        query: [num_tokens, num_heads, head_size] this step's post-RoPE queries.
+    """
+    from vllm_kvpress.triton_kernels.cache_write import write_kv_pages
+    from vllm_kvpress.triton_kernels.read_pages import read_pages
+
+    bs = layout.block_size
+    prompt_len = compaction.prompt_len
+    keys, values = read_pages(cache, block_table_row, prompt_len, layout)
+    queries, positions = window_queries(query, compaction, config.observation_window)
+    num_keep = compaction.kept_blocks * bs
+    kept = select_kept_tokens(
+        config, queries.float(), positions, keys, scale, prompt_len // bs * bs, num_keep
+    )
+    kept_k, kept_v = gather_kept(keys, values, kept)
+    token = torch.arange(num_keep, device=cache.device)
+    slots = block_table_row[token // bs].to(torch.int64) * bs + token % bs
+    write_kv_pages(kept_k.to(query.dtype), kept_v.to(query.dtype), cache, slots, layout, power_iters=power_iters)

@@ -1,0 +1,46 @@
+"""Scissorhands: keep the pivotal tokens, those whose importance persists.
+
+Based on Scissorhands (https://arxiv.org/abs/2305.17118): tokens that received more than average
+attention in a history window keep receiving it later (persistence of importance), so under a fixed
+budget the tokens that were pivotal most often are the ones to keep.
+
+Once per request, on the forward that completes the prompt (`eviction/scoring.py`):
+
+1. The last `observation_window` prompt queries (the history window) attend to every prompt token.
+2. Token j is pivotal for query q of head h when softmax(q_h K^T * scale)_j > 1 / (keys visible to q).
+3. Per KV head, count over the window queries of its GQA group how often each token is pivotal;
+   ties are broken by the summed attention.
+4. The top-(budget - sink - window) tokens by count are kept, plus the sink and the window.
+
+How this relates to the paper's decode-time schedule: Scissorhands keeps a KV cache of at most B
+tokens during generation; whenever it is full it drops the m tokens that were least often pivotal
+over the last w steps, the recent r tokens exempt. Here the schedule runs once, at the end of
+prefill, with the last `observation_window` prompt queries as the history (they are the queries
+the paper would have seen had the prompt been generated), `window` as the exempt recent tokens and
+one drop of P - budget tokens instead of repeated drops of m. Decode tokens are not evicted later:
+freeing blocks during decode would need a second compaction per request, which the block manager
+does not do. Counting "above average" is the complement of the paper's "below average" count for
+every token the whole window saw; tokens inside the window are in the kept recent window anyway.
+
+Other deviations: the budget is rounded up to whole blocks and the last partial prompt block stays;
+attention sinks (`sink`) are kept explicitly; the kept tokens are re-quantized into `bits`-bit pages.
+
+Parameters (defaults in configs/scissorhands.yaml)
+----------
+budget, window, sink, observation_window : as for every eviction method (methods/eviction.py);
+    observation_window is the paper's history window.
+bits, group_size, block_size : as for KIVI (methods/kivi.py).
+"""
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from vllm_kvpress.methods.eviction import EvictionConfig
+
+
+@dataclass(frozen=True)
+class ScissorhandsConfig(EvictionConfig):
+    """No settings of its own: the paper's history window, budget and recent window are the shared
+    `observation_window`, `budget` and `window`, and its threshold (1 / visible keys) has no knob."""
+
+    method: ClassVar[str] = "scissorhands"
