@@ -52,6 +52,7 @@ def make_request(tmp_path: Path, worker_argv, **overrides) -> BenchRequest:
         command="vllm-kvpress bench --workloads A,B,multi-turn --configs ...",
         worker_argv=worker_argv,
         memory_release_timeout_s=1.0,
+        sample_interval_s=0.01,  # the fake engine holds its gauges until sampled (fake_vllm/vllm)
     )
     fields.update(overrides)
     return BenchRequest(**fields)

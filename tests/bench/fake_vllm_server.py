@@ -4,12 +4,16 @@ Serves GET /health, GET /metrics (Prometheus text made by prometheus_client, as 
 streamed POST /v1/completions whose events look like vLLM 0.26.0's with `return_token_ids`:
 the first event repeats the prompt's ids, every event carries `token_ids`, a usage event and
 `[DONE]` end the stream. `--kv-compression kivi` exits at start-up, as a server that fails would.
+`vllm:num_requests_running` counts the completions in flight. While a client samples /metrics
+(a read within the last second), each completion is held until /metrics has been read once after
+it started (at most 2 s), so the sampler sees it without timing luck.
 """
 
 import argparse
 import asyncio
 import json
 import sys
+import time
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
@@ -49,13 +53,32 @@ def main() -> None:
     queries = Counter("vllm:prefix_cache_queries", "queried tokens", ["engine"], registry=registry)
     hits = Counter("vllm:prefix_cache_hits", "hit tokens", ["engine"], registry=registry)
     preemptions.labels(engine="0").inc(0)
+    running = Gauge("vllm:num_requests_running", "running", ["engine"], registry=registry)
+    waiting = Gauge("vllm:num_requests_waiting", "waiting", ["engine"], registry=registry)
+    running.labels(engine="0").set(0)
+    waiting.labels(engine="0").set(0)
+    scrapes = {"last": -1e9, "event": asyncio.Event()}
     delay_s = 2.0 / blocks  # more capacity, faster tokens
 
     async def health(request):
         return web.Response(text="")
 
     async def metrics(request):
-        return web.Response(body=generate_latest(registry), content_type="text/plain")
+        body = generate_latest(registry)
+        scrapes["last"] = time.monotonic()
+        scrapes["event"].set()
+        scrapes["event"] = asyncio.Event()
+        return web.Response(body=body, content_type="text/plain")
+
+    async def wait_for_scrape():
+        """Until /metrics has been read after this call began (at most 2 s), if anyone samples it."""
+        if time.monotonic() - scrapes["last"] > 1.0:
+            return
+        event = scrapes["event"]
+        try:
+            await asyncio.wait_for(event.wait(), timeout=2.0)
+        except TimeoutError:
+            pass
 
     async def completions(request):
         body = await request.json()
@@ -63,6 +86,14 @@ def main() -> None:
         prompt = body["prompt"]
         queries.labels(engine="0").inc(len(prompt))
         hits.labels(engine="0").inc(len(prompt) // 2)
+        running.labels(engine="0").inc()
+        try:
+            await wait_for_scrape()
+            return await stream(request, body, prompt)
+        finally:
+            running.labels(engine="0").dec()
+
+    async def stream(request, body, prompt):
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         for k in range(body["max_tokens"]):

@@ -22,6 +22,8 @@ from vllm_kvpress.config import load_method_config
 from vllm_kvpress.errors import MethodNotImplementedError
 
 FIRST_GPU_RUN = ["auto", "fp8", "int4_per_token_head", "gear", 'gear:{"bits": 2}', 'kivi:{"bits":2}']
+EVICTION_SPECS = ['snapkv:{"budget":2048,"bits":4}', "scissorhands", 'kvcrush:{"budget": 0.25}']
+"""Token-eviction methods: their gain is in observed concurrency, not in capacity (bench.md)."""
 
 
 def test_split_keeps_commas_inside_json():
@@ -77,6 +79,38 @@ def test_bad_specs_fail_with_what_is_allowed(spec, fragments):
         assert fragment in message
 
 
+def test_eviction_spec_with_settings():
+    config = parse_config_spec('snapkv:{"budget":2048,"bits":4}')
+    assert config.label == "snapkv:bits=4,budget=2048" and config.slug == "snapkv-bits4-budget2048"
+    assert config.overrides == {"budget": 2048, "bits": 4}
+    assert config.kv_cache_dtype == "auto" and not config.is_baseline
+    resolved = load_method_config({"method": "snapkv", "budget": 2048, "bits": 4}).to_dict()
+    assert config.method_settings == resolved
+    assert resolved["bits"] == 4 and resolved["budget"] == 2048 and resolved["block_size"] == 64
+    # the defaults the user did not type are filled in (configs/snapkv.yaml)
+    assert {"window", "sink", "observation_window", "kernel_size", "group_size"} <= set(resolved)
+    both = resolve_configs(['auto,snapkv:{"budget":2048,"bits":4},kvcrush:{"budget":0.25}'], baselines=[])
+    assert [c.label for c in both] == ["auto", "snapkv:bits=4,budget=2048", "kvcrush:budget=0.25"]
+    for name in ("snapkv", "scissorhands", "kvcrush"):
+        assert parse_config_spec(name).method_settings == load_method_config({"method": name}).to_dict()
+
+
+@pytest.mark.parametrize(
+    "spec, fragments",
+    [
+        ('snapkv:{"kernel_size": 4}', ["kernel_size=4 is not allowed", "allowed: 1, 3, 5"]),
+        ('snapkv:{"budget": 16}', ["budget=16 is not allowed", "at least one block"]),
+        ('kvcrush:{"budget": 1.5}', ["budget=1.5 is not allowed", "(0, 1)"]),
+        ('scissorhands:{"budgt": 2048}', ["unknown setting(s) budgt", "budget"]),
+    ],
+)
+def test_bad_eviction_settings_fail_with_what_is_allowed(spec, fragments):
+    with pytest.raises(ConfigSpecError) as info:
+        parse_config_spec(spec)
+    for fragment in fragments:
+        assert fragment in str(info.value)
+
+
 def test_planned_method_is_not_implemented():
     with pytest.raises(MethodNotImplementedError, match="mikv.*planned"):
         parse_config_spec("mikv")
@@ -105,7 +139,7 @@ def _settings(spec: str, options: EngineOptions | None = None) -> dict:
     )
 
 
-@pytest.mark.parametrize("spec", FIRST_GPU_RUN)
+@pytest.mark.parametrize("spec", FIRST_GPU_RUN + EVICTION_SPECS)
 def test_offline_kwargs_are_accepted_by_vllm_engine_args(spec):
     from vllm.engine.arg_utils import EngineArgs
 
@@ -123,6 +157,8 @@ def test_offline_kwargs_are_accepted_by_vllm_engine_args(spec):
         assert method_config.to_dict() == parse_config_spec(spec).method_settings
         assert engine_args.attention_backend == "CUSTOM"
         assert engine_args.block_size == method_config.block_size
+        # evicted tokens cannot be shared: eviction runs without prefix caching (bench.md)
+        assert (engine_args.enable_prefix_caching is False) == method_config.evicts_tokens
 
 
 def test_same_settings_for_every_configuration():
@@ -141,7 +177,7 @@ def test_same_settings_for_every_configuration():
     assert shared[0]["seed"] == 0 and shared[0]["enforce_eager"] is False  # CUDA graphs on
 
 
-@pytest.mark.parametrize("spec", FIRST_GPU_RUN)
+@pytest.mark.parametrize("spec", FIRST_GPU_RUN + EVICTION_SPECS)
 def test_serve_flags_parse_to_the_same_settings(spec, vllm_cpu_platform):
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.entrypoints.openai.cli_args import make_arg_parser

@@ -4,12 +4,18 @@ import numpy as np
 import pytest
 
 from vllm_kvpress.bench.figures import (
+    KV_CACHE_USAGE,
+    NUM_RUNNING,
+    NUM_WAITING,
     RequestTiming,
     add_ratios_vs_bf16,
     capacity_figures,
+    concurrency_figures,
     counter_deltas,
     counter_figures,
+    gauge_totals,
     latency_figures,
+    request_limit,
     summarize,
     throughput_figures,
 )
@@ -70,8 +76,42 @@ def test_counters_are_differenced_per_workload():
     assert counter_figures({"vllm:prefix_cache_queries": 0})["prefix_cache_hit_rate"] is None
 
 
-def _row(label, workload, tokens, output_tps, status="ok", mode="offline"):
-    return {
+def test_gauges_sum_requests_over_engines_and_take_the_fullest_cache():
+    samples = [
+        (NUM_RUNNING, 20.0),
+        (NUM_RUNNING, 7.0),  # a second engine (data parallel)
+        (NUM_WAITING, 3.0),
+        (KV_CACHE_USAGE, 0.5),
+        (KV_CACHE_USAGE, 0.9),
+        ("vllm:num_requests_waiting_by_reason", 3.0),
+        ("vllm:engine_sleep_state", 1.0),
+    ]
+    assert gauge_totals(samples) == {NUM_RUNNING: 27.0, NUM_WAITING: 3.0, KV_CACHE_USAGE: 0.9}
+    assert gauge_totals([]) == {}
+
+
+def test_observed_concurrency_is_saturated_only_at_the_request_limit():
+    assert request_limit(64, 256) == 64
+    assert request_limit(64, 256, None) == 64  # online without --max-concurrency
+    assert request_limit(300, 256, 8) == 8
+    peaks = {NUM_RUNNING: 27.0, NUM_WAITING: 37.0, KV_CACHE_USAGE: 0.98}
+    figures = concurrency_figures(peaks, num_samples=40, interval_s=0.25, limit=64)
+    assert figures == {
+        "max_running_requests": 27,
+        "max_waiting_requests": 37,
+        "max_kv_cache_usage": 0.98,
+        "request_limit": 64,
+        "saturated": False,
+        "num_samples": 40,
+        "sample_interval_s": 0.25,
+    }
+    assert concurrency_figures({NUM_RUNNING: 64.0}, num_samples=1, interval_s=0.25, limit=64)["saturated"]
+    nothing = concurrency_figures({}, num_samples=0, interval_s=0.25, limit=64)
+    assert nothing["max_running_requests"] is None and nothing["saturated"] is None
+
+
+def _row(label, workload, tokens, output_tps, status="ok", mode="offline", running=None):
+    row = {
         "config": {"label": label},
         "status": status,
         "mode": mode,
@@ -79,29 +119,40 @@ def _row(label, workload, tokens, output_tps, status="ok", mode="offline"):
         "capacity": {"kv_capacity_tokens": tokens},
         "throughput": {"output_tokens_per_s": output_tps, "total_tokens_per_s": output_tps * 10},
     }
+    if running is not None:
+        row["concurrency"] = {"max_running_requests": running}
+    return row
 
 
 def test_ratios_are_taken_against_bf16_of_the_same_workload():
     rows = [
-        _row("auto", "A", 444528, 1000.0),
-        _row("fp8", "A", 889056, 1400.0),
+        _row("auto", "A", 444528, 1000.0, running=27),
+        _row("fp8", "A", 889056, 1400.0, running=54),
         _row("auto", "B", 444528, 2000.0, status="failed"),
-        _row("gear", "B", 1458000, 1500.0),
+        _row("gear", "B", 1458000, 1500.0, running=64),
         _row("auto", "C", 444528, 800.0, mode="online"),
         _row("fp8", "C", 889056, 1200.0),
     ]
     add_ratios_vs_bf16(rows)
     assert rows[0]["ratio_vs_bf16"] == {
         "kv_capacity": 1.0,
+        "max_running_requests": 1.0,
         "output_tokens_per_s": 1.0,
         "total_tokens_per_s": 1.0,
     }
     assert rows[1]["ratio_vs_bf16"]["kv_capacity"] == pytest.approx(2.0)
+    assert rows[1]["ratio_vs_bf16"]["max_running_requests"] == pytest.approx(2.0)
     assert rows[1]["ratio_vs_bf16"]["output_tokens_per_s"] == pytest.approx(1.4)
     # no successful bf16 row for B, and C's bf16 row was measured in another mode
     assert rows[3]["ratio_vs_bf16"] == {
         "kv_capacity": None,
+        "max_running_requests": None,
         "output_tokens_per_s": None,
         "total_tokens_per_s": None,
     }
     assert rows[5]["ratio_vs_bf16"]["kv_capacity"] is None
+    # rows from before observed concurrency was measured: no ratio, the others unchanged
+    old = [_row("auto", "A", 444528, 1000.0), _row("fp8", "A", 889056, 1400.0, running=54)]
+    add_ratios_vs_bf16(old)
+    assert old[1]["ratio_vs_bf16"]["max_running_requests"] is None
+    assert old[1]["ratio_vs_bf16"]["kv_capacity"] == pytest.approx(2.0)

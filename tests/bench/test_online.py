@@ -36,6 +36,26 @@ def test_parse_metrics_reads_vllm_prometheus_text():
     assert cache_info["num_gpu_blocks"] == "27783" and cache_info["block_size"] == "16"
 
 
+def test_parse_gauges_reads_vllm_prometheus_text():
+    from prometheus_client import CollectorRegistry, Gauge, generate_latest
+
+    registry = CollectorRegistry()
+    # as vLLM 0.26.0's PrometheusStatLogger registers them (v1/metrics/loggers.py)
+    running = Gauge("vllm:num_requests_running", "", ["model_name", "engine"], registry=registry)
+    running.labels(model_name="bench", engine="0").set(30)
+    running.labels(model_name="bench", engine="1").set(4)
+    Gauge("vllm:num_requests_waiting", "", ["engine"], registry=registry).labels(engine="0").set(2)
+    usage = Gauge("vllm:kv_cache_usage_perc", "", ["engine"], registry=registry)
+    usage.labels(engine="0").set(0.25)
+    usage.labels(engine="1").set(0.75)
+    Gauge("vllm:num_requests_waiting_by_reason", "", ["reason"], registry=registry).labels(reason="x").set(9)
+    assert online.parse_gauges(generate_latest(registry).decode()) == {
+        "vllm:num_requests_running": 34,
+        "vllm:num_requests_waiting": 2,
+        "vllm:kv_cache_usage_perc": 0.75,
+    }
+
+
 def test_poisson_arrivals_are_seeded_and_have_the_requested_rate():
     offsets = arrival_offsets(4000, request_rate=4.0, seed=0)
     assert offsets == arrival_offsets(4000, request_rate=4.0, seed=0)
@@ -135,6 +155,14 @@ def test_online_run_measures_each_configuration_on_its_own_server(
     assert serve[:3] == ["vllm", "serve", "vllm_kvpress/bench/model_configs/llama-3.1-8b"]
     assert serve[serve.index("--kv-compression") + 1] == "gear"
     assert "ITL p50 / p99 (ms)" in (run_dir / results.TABLE_FILE).read_text()
+    # sampled from the server's /metrics while the load ran (the fake counts requests in flight)
+    for (label, _), row in rows.items():
+        if row["status"] == "ok":
+            concurrency = row["concurrency"]
+            assert concurrency["request_limit"] == 3 and concurrency["num_samples"] >= 2
+            assert 1 <= concurrency["max_running_requests"] <= 3, (label, concurrency)
+            assert concurrency["max_waiting_requests"] == 0
+    assert "max running (observed)" in (run_dir / results.TABLE_FILE).read_text()
 
 
 def test_a_server_that_exits_is_reported_with_its_log(tmp_path):

@@ -1,11 +1,13 @@
 """Results JSON -> markdown -> `vllm-kvpress report` round trip, and the run directory rules."""
 
 import argparse
+import copy
+import json
 import shutil
 
 from vllm_kvpress.bench import report, results
 from vllm_kvpress.bench.configs import resolve_configs
-from vllm_kvpress.bench.tables import markdown_table, terminal_table
+from vllm_kvpress.bench.tables import SATURATED_NOTE, markdown_table, terminal_table
 from vllm_kvpress.bench.workloads import resolve_workloads
 
 
@@ -25,6 +27,8 @@ def test_report_rebuilds_results_md_from_committed_files(offline_run, tmp_path):
         if r["config"]["label"] == "fp8" and r["workload"]["name"] == "long-prompt"
     )
     assert f"| long-prompt | fp8 | ok | {fp8['capacity']['kv_capacity_tokens']:,} | 2.00x |" in text
+    assert "| max running (observed) | max running vs bf16 |" in text
+    assert "| 3* | >=1.00x |" in text and SATURATED_NOTE in text
     assert "- kivi:bits=2: failed:" in text  # why a row is empty
     for name in report.FIGURES:
         link = f"(results/{offline_run.name}/{name})"
@@ -91,3 +95,45 @@ def test_eval_result_directories_beside_bench_runs_are_not_bench_runs(offline_ru
     eval_dir.mkdir()
     (eval_dir / "results.json").write_text('{"name": "smollm2-vllm-none+gear", "runs": []}')
     assert results.find_runs(results_dir) == [results_dir / offline_run.name]
+
+
+def _without_observed_concurrency(rows: list[dict]) -> list[dict]:
+    """Rows as result files written before the figure existed hold them."""
+    rows = copy.deepcopy(rows)
+    for row in rows:
+        row.pop("concurrency", None)
+        (row.get("ratio_vs_bf16") or {}).pop("max_running_requests", None)
+    return rows
+
+
+def test_report_of_old_and_new_result_files(offline_run, tmp_path):
+    results_dir = tmp_path / "results"
+    new_dir = results_dir / offline_run.name
+    shutil.copytree(offline_run, new_dir)
+    old_dir = results_dir / "old-run"
+    shutil.copytree(offline_run, old_dir)
+    combined = results.load_combined(old_dir)
+    old = {**combined, "name": "old-run", "rows": _without_observed_concurrency(combined["rows"])}
+    (old_dir / results.COMBINED_FILE).write_text(json.dumps(old))
+    text = report.write_report(results_dir, tmp_path / "results.md").read_text()
+    old_section = text[text.index("### old-run") :]
+    new_section = text[text.index(f"### {offline_run.name}") : text.index("### old-run")]
+    assert "max running" not in old_section and SATURATED_NOTE not in old_section
+    assert markdown_table(old["rows"]) in old_section
+    assert "| max running (observed) | max running vs bf16 |" in new_section and SATURATED_NOTE in new_section
+
+
+def test_tables_with_and_without_observed_concurrency(offline_run):
+    rows = results.load_combined(offline_run)["rows"]
+    old = _without_observed_concurrency(rows)
+    assert "max running" not in markdown_table(old) and "max run" not in terminal_table(old)
+    # figures of the other columns are the same with or without the new ones
+    assert markdown_table(old).splitlines()[2].count("|") == markdown_table(rows).splitlines()[2].count("|") - 2
+    mixed = [rows[0], old[1]]  # e.g. a resumed run: one row measured before the figure existed
+    lines = markdown_table(mixed).splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    at = header.index("max running (observed)")
+    measured, missing = ([c.strip() for c in line.strip("|").split("|")] for line in lines[2:])
+    assert measured[at : at + 2] == ["3*", ">=1.00x"]
+    assert missing[at : at + 2] == ["-", "-"]
+    assert "max run" in terminal_table(mixed)

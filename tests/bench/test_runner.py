@@ -10,6 +10,9 @@ import pytest
 
 from vllm_kvpress.bench import results, runner
 from vllm_kvpress.bench.configs import resolve_configs
+from vllm_kvpress.bench.report import run_markdown
+from vllm_kvpress.bench.tables import SATURATED_NOTE, markdown_table, terminal_table
+from vllm_kvpress.bench.workloads import LLAMA, SHORT_CONTEXT, Workload
 
 CONFIG_LABELS = ["auto", "fp8", "int4_per_token_head", "gear", "gear:bits=2", "kivi:bits=2"]
 WORKLOAD_NAMES = ["long-prompt", "decode-heavy", "multi-turn"]
@@ -56,6 +59,77 @@ def test_capacity_and_ratios_come_from_each_engine(offline_run):
     assert multi_turn["throughput"]["num_requests"] == 3 * 4  # 3 conversations x 4 turns
     assert multi_turn["counters"]["prefix_cache_hit_rate"] > 0.5  # later turns resend their history
     assert rows[("gear", "long-prompt")]["counters"]["prefix_cache_hit_rate"] == 0.0
+
+
+def test_observed_concurrency_is_sampled_while_each_workload_runs(offline_run):
+    for row in results.load_combined(offline_run)["rows"]:
+        if row["status"] != "ok":
+            assert "concurrency" not in row
+            continue
+        concurrency = row["concurrency"]
+        # 3 small requests fit in every fake engine: all of them ran at once, none waited
+        assert concurrency["max_running_requests"] == 3, (row["config"]["label"], concurrency)
+        assert concurrency["request_limit"] == 3 and concurrency["saturated"] is True
+        assert concurrency["max_waiting_requests"] == 0
+        assert 0 < concurrency["max_kv_cache_usage"] < 1
+        assert concurrency["num_samples"] >= 3 and "sampler_error" not in concurrency
+        assert row["ratio_vs_bf16"]["max_running_requests"] == pytest.approx(1.0)
+
+
+EVICTION_WORKLOAD = Workload(
+    "long-evict", LLAMA, num_requests=64, prompt_len=4000, output_len=6, max_model_len=SHORT_CONTEXT
+)
+
+
+def test_eviction_shows_in_observed_concurrency_not_in_capacity(tmp_path, fake_worker_argv, bench_request):
+    """The fake engine holds what vLLM's scheduler would: 1000 blocks of 16 tokens hold 3 requests
+    of 4,006 tokens; gear's 3280 blocks of 64 hold 52; snapkv keeps 128 prompt tokens per request,
+    so all 64 run at once (`*`, a floor), more than its KV capacity's quotient says."""
+    out = io.StringIO()
+    run_dir = runner.run_bench(
+        bench_request(
+            tmp_path,
+            fake_worker_argv,
+            workloads=[EVICTION_WORKLOAD],
+            configs=resolve_configs(["gear", 'snapkv:{"budget": 128}'], baselines=["auto"]),
+            warmup=False,
+            out=out,
+        )
+    )
+    combined = results.load_combined(run_dir)
+    rows = {r["config"]["label"]: r for r in combined["rows"]}
+    running = {label: r["concurrency"]["max_running_requests"] for label, r in rows.items()}
+    assert running == {"auto": 3, "gear": 52, "snapkv:budget=128": 64}
+    assert {label: r["concurrency"]["saturated"] for label, r in rows.items()} == {
+        "auto": False,
+        "gear": False,
+        "snapkv:budget=128": True,
+    }
+    assert rows["auto"]["concurrency"]["max_waiting_requests"] == 61
+    snapkv = rows["snapkv:budget=128"]
+    # capacity counts stored tokens: the same pages for gear and snapkv, eviction not included
+    assert snapkv["capacity"] == rows["gear"]["capacity"]
+    assert snapkv["capacity"]["max_concurrency"] == pytest.approx(3280 * 64 / 4006)
+    assert running["snapkv:budget=128"] > snapkv["capacity"]["max_concurrency"]
+    assert snapkv["ratio_vs_bf16"]["max_running_requests"] == pytest.approx(64 / 3)
+    assert rows["gear"]["ratio_vs_bf16"]["max_running_requests"] == pytest.approx(52 / 3)
+
+    md = markdown_table(combined["rows"])
+    header = [cell.strip() for cell in md.splitlines()[0].strip("|").split("|")]
+    at = header.index("max running (observed)")
+    assert header[at - 1] == "max concurrency (KV capacity)" and header[at + 1] == "max running vs bf16"
+    cells = {
+        line.split("|")[2].strip(): [c.strip() for c in line.strip("|").split("|")]
+        for line in md.splitlines()[2:]
+    }
+    assert cells["bf16 (auto)"][at : at + 2] == ["3", "1.00x"]
+    assert cells["gear"][at : at + 2] == ["52", "17.33x"]
+    assert cells["snapkv:budget=128"][at : at + 2] == ["64*", ">=21.33x"]
+    assert SATURATED_NOTE in run_markdown(combined)
+    assert SATURATED_NOTE in (run_dir / results.TABLE_FILE).read_text()
+    snapkv_line = next(line for line in terminal_table(combined["rows"]).splitlines() if "snapkv" in line)
+    assert "64*" in snapkv_line and ">=21.33x" in snapkv_line
+    assert "at most 64 requests running" in out.getvalue()  # the worker's progress line
 
 
 def test_the_terminal_table_is_printed_last(offline_run):

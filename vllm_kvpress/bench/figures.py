@@ -5,6 +5,9 @@ is tested on CPU from fake engine results:
 
     KV capacity (tokens)  = num_gpu_blocks x block_size           (what vLLM allocated)
     max concurrency       = KV capacity / max context of one request   (prompt + output tokens)
+    max running (observed) = largest sample of vLLM's `vllm:num_requests_running` gauge while the
+                             workload ran (eviction frees blocks after prefill, so it can exceed
+                             the capacity quotient above)
     output tokens/s       = generated tokens / wall time of the whole batch
     total tokens/s        = (prompt + generated tokens) / wall time
     TPOT (per request)    = (time of last token - time of first token) / (output tokens - 1)
@@ -110,8 +113,54 @@ def counter_figures(deltas: Mapping[str, float]) -> dict[str, float | None]:
     }
 
 
+NUM_RUNNING = "vllm:num_requests_running"
+NUM_WAITING = "vllm:num_requests_waiting"
+KV_CACHE_USAGE = "vllm:kv_cache_usage_perc"
+GAUGES = (NUM_RUNNING, NUM_WAITING, KV_CACHE_USAGE)
+"""vLLM 0.26.0 scheduler gauges sampled while a workload runs (v1/metrics/loggers.py
+`PrometheusStatLogger`; set from every step's `SchedulerStats`, one label set per engine)."""
+
+
+def gauge_totals(samples: Iterable[tuple[str, float]]) -> dict[str, float]:
+    """One reading of `GAUGES` from (name, value) pairs of every label set: request counts are
+    summed over engines, the KV-cache usage fraction is the fullest engine's."""
+    totals: dict[str, float] = {}
+    for name, value in samples:
+        if name not in GAUGES:
+            continue
+        combine = max if name == KV_CACHE_USAGE else (lambda a, b: a + b)
+        totals[name] = combine(totals[name], value) if name in totals else float(value)
+    return totals
+
+
+def request_limit(num_requests: int, *caps: int | None) -> int:
+    """Most requests of a workload that can run at once whatever the KV cache holds: its requests
+    (conversations), `max_num_seqs`, and online the client's `--max-concurrency`."""
+    return min([num_requests, *(c for c in caps if c)])
+
+
+def concurrency_figures(
+    peaks: Mapping[str, float], *, num_samples: int, interval_s: float, limit: int
+) -> dict[str, float | int | bool | None]:
+    """What the gauge sampler saw over one workload. `saturated`: every request the workload (or
+    `max_num_seqs`) allows ran at once, so the observed maximum is a floor of what the KV cache
+    could hold, not its measure."""
+    running = peaks.get(NUM_RUNNING)
+    waiting = peaks.get(NUM_WAITING)
+    return {
+        "max_running_requests": None if running is None else int(running),
+        "max_waiting_requests": None if waiting is None else int(waiting),
+        "max_kv_cache_usage": peaks.get(KV_CACHE_USAGE),
+        "request_limit": limit,
+        "saturated": None if running is None else running >= limit,
+        "num_samples": num_samples,
+        "sample_interval_s": interval_s,
+    }
+
+
 RATIO_FIGURES = {
     "kv_capacity": ("capacity", "kv_capacity_tokens"),
+    "max_running_requests": ("concurrency", "max_running_requests"),
     "output_tokens_per_s": ("throughput", "output_tokens_per_s"),
     "total_tokens_per_s": ("throughput", "total_tokens_per_s"),
 }

@@ -17,6 +17,8 @@ Where the figures come from (vLLM 0.26.0):
   the request was added; `first_token_ts`/`last_token_ts` are engine-core monotonic timestamps.
   All requests of a turn are added at once, so offline TTFT includes waiting for KV space.
 - preemptions, prefix-cache hits: Prometheus counters via `llm.get_metrics()`, differenced.
+- requests running / waiting at once, KV-cache usage: Prometheus gauges via `llm.get_metrics()`,
+  sampled on a thread while `generate` runs (gauges.py says why that is safe); the peaks.
 """
 
 import functools
@@ -33,11 +35,15 @@ from vllm_kvpress.bench.figures import (
     COUNTERS,
     RequestTiming,
     capacity_figures,
+    concurrency_figures,
     counter_deltas,
     counter_figures,
+    gauge_totals,
     latency_figures,
+    request_limit,
     throughput_figures,
 )
+from vllm_kvpress.bench.gauges import PeakGaugeSampler
 from vllm_kvpress.bench.results import engine_file_name, row_file_name, write_json
 from vllm_kvpress.bench.workloads import Workload, make_prompts, next_turn_prompt, warmup_for
 
@@ -90,7 +96,23 @@ def read_counters(llm) -> dict[str, float]:
     return totals
 
 
-def run_workload(llm, workload: Workload, *, seed: int, device_index: int) -> dict:
+def read_gauges(llm) -> dict[str, float]:
+    """Current values of `figures.GAUGES` (`figures.gauge_totals`); safe to call from a thread
+    other than the one running `llm.generate` (gauges.py)."""
+    from vllm.v1.metrics.reader import Gauge
+
+    return gauge_totals((m.name, m.value) for m in llm.get_metrics() if isinstance(m, Gauge))
+
+
+def run_workload(
+    llm,
+    workload: Workload,
+    *,
+    seed: int,
+    device_index: int,
+    max_num_seqs: int | None = None,
+    sample_interval_s: float = gpu.SAMPLE_INTERVAL_S,
+) -> dict:
     """Run every turn of `workload` and return its measured figures."""
     from vllm import SamplingParams
 
@@ -102,7 +124,8 @@ def run_workload(llm, workload: Workload, *, seed: int, device_index: int) -> di
     timings: list[RequestTiming] = []
     prompt_tokens = output_tokens = 0
     before = read_counters(llm)
-    with gpu.PeakMemorySampler(device_index) as memory:
+    gauges = PeakGaugeSampler(functools.partial(read_gauges, llm), sample_interval_s)
+    with gpu.PeakMemorySampler(device_index, sample_interval_s) as memory, gauges:
         start = time.perf_counter()
         for turn in range(workload.turns):
             label = (
@@ -130,6 +153,15 @@ def run_workload(llm, workload: Workload, *, seed: int, device_index: int) -> di
         "latency": latency_figures(timings),
         "counters": counter_figures(counter_deltas(before, read_counters(llm))),
         "memory": {"peak_used_bytes": memory.peak_bytes},
+        "concurrency": {
+            **concurrency_figures(
+                gauges.peaks,
+                num_samples=gauges.num_samples,
+                interval_s=sample_interval_s,
+                limit=request_limit(workload.num_requests, max_num_seqs),
+            ),
+            **({"sampler_error": gauges.error} if gauges.error else {}),
+        },
     }
 
 
@@ -169,15 +201,20 @@ def run_plan(plan: dict) -> None:
         f"{engine['num_gpu_blocks']} blocks x {engine['block_size']} tokens",
         flush=True,
     )
+    sampling = {
+        "max_num_seqs": settings.get("max_num_seqs"),
+        "sample_interval_s": plan.get("sample_interval_s", gpu.SAMPLE_INTERVAL_S),
+    }
     if plan.get("warmup", True):
         run_workload(
             llm,
             warmup_for(workloads[0].model, settings["max_model_len"]),
             seed=seed,
             device_index=device_index,
+            **sampling,
         )
     for workload in workloads:
-        measured = run_workload(llm, workload, seed=seed, device_index=device_index)
+        measured = run_workload(llm, workload, seed=seed, device_index=device_index, **sampling)
         measured["capacity"] = capacity_figures(
             num_gpu_blocks=engine["num_gpu_blocks"],
             block_size=engine["block_size"],
@@ -187,7 +224,8 @@ def run_plan(plan: dict) -> None:
         write_json(rows_dir / row_file_name(workload.name, slug), measured)
         print(
             f"{ECHO_PREFIX} {slug}: {workload.name} done in {measured['throughput']['wall_s']:.0f} s, "
-            f"{measured['throughput']['output_tokens_per_s']:.0f} output tok/s",
+            f"{measured['throughput']['output_tokens_per_s']:.0f} output tok/s, "
+            f"at most {measured['concurrency']['max_running_requests']} requests running",
             flush=True,
         )
 

@@ -6,7 +6,9 @@ also ends its engine core and workers and the next configuration gets the whole 
 Figures read from the server (vLLM 0.26.0, `GET /metrics`, Prometheus text):
 - `vllm:cache_config_info{num_gpu_blocks=..., block_size=..., kv_cache_size_tokens=...}`: an info
   gauge whose labels are `CacheConfig.metrics_info()`, set once the engine is initialized;
-- `vllm:num_preemptions_total`, `vllm:prefix_cache_{queries,hits}_total`: differenced per workload.
+- `vllm:num_preemptions_total`, `vllm:prefix_cache_{queries,hits}_total`: differenced per workload;
+- `vllm:num_requests_running`, `vllm:num_requests_waiting`, `vllm:kv_cache_usage_perc`: gauges,
+  sampled on a thread while the workload runs (gauges.py); their peaks.
 Output lines the server writes go to its log file only.
 """
 
@@ -25,12 +27,17 @@ from vllm_kvpress.bench import gpu
 from vllm_kvpress.bench.configs import SERVED_MODEL_NAME
 from vllm_kvpress.bench.figures import (
     COUNTERS,
+    GAUGES,
     capacity_figures,
+    concurrency_figures,
     counter_deltas,
     counter_figures,
+    gauge_totals,
     latency_figures,
+    request_limit,
     throughput_figures,
 )
+from vllm_kvpress.bench.gauges import PeakGaugeSampler
 from vllm_kvpress.bench.loadgen import run_load
 from vllm_kvpress.bench.results import engine_file_name, row_file_name, write_json
 from vllm_kvpress.bench.workloads import Workload, make_prompts, warmup_for
@@ -159,6 +166,25 @@ def parse_metrics(text: str) -> tuple[dict[str, float], dict[str, str]]:
     return counters, cache_info
 
 
+def parse_gauges(text: str) -> dict[str, float]:
+    """`figures.GAUGES` from Prometheus text (`figures.gauge_totals`)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return gauge_totals(
+        (family.name, sample.value)
+        for family in text_string_to_metric_families(text)
+        if family.name in GAUGES
+        for sample in family.samples
+        if sample.name == family.name
+    )
+
+
+def _read_gauges(base_url: str) -> dict[str, float] | None:
+    """One reading of the server's gauges; None if /metrics did not answer this time."""
+    status, text = http_get(base_url + "/metrics", timeout_s=5.0)
+    return parse_gauges(text) if status == 200 else None
+
+
 def _read_metrics(base_url: str) -> tuple[dict[str, float], dict[str, str]]:
     status, text = http_get(base_url + "/metrics")
     if status != 200:
@@ -181,10 +207,13 @@ def run_workload_online(
     device_index: int,
     timeout_s: float | None,
     on_request_done=None,
+    max_num_seqs: int | None = None,
+    sample_interval_s: float = gpu.SAMPLE_INTERVAL_S,
 ) -> dict:
     prompts = make_prompts(workload, seed)
     before, _ = _read_metrics(base_url)
-    with gpu.PeakMemorySampler(device_index) as memory:
+    gauges = PeakGaugeSampler(lambda: _read_gauges(base_url), sample_interval_s)
+    with gpu.PeakMemorySampler(device_index, sample_interval_s) as memory, gauges:
         load = asyncio.run(
             asyncio.wait_for(
                 run_load(
@@ -205,6 +234,15 @@ def run_workload_online(
         "latency": latency_figures(load.timings),
         "counters": counter_figures(counter_deltas(before, after)),
         "memory": {"peak_used_bytes": memory.peak_bytes},
+        "concurrency": {
+            **concurrency_figures(
+                gauges.peaks,
+                num_samples=gauges.num_samples,
+                interval_s=sample_interval_s,
+                limit=request_limit(workload.num_requests, max_num_seqs, max_concurrency),
+            ),
+            **({"sampler_error": gauges.error} if gauges.error else {}),
+        },
         "failed_requests": len(load.errors),
         "errors": sorted(set(load.errors))[:5],
     }
@@ -235,6 +273,8 @@ def run_online_config(
     warmup: bool = True,
     start_timeout_s: float = 900.0,
     on_request_done=None,
+    max_num_seqs: int | None = None,
+    sample_interval_s: float = gpu.SAMPLE_INTERVAL_S,
 ) -> None:
     """Serve one configuration and measure `workloads` on it; rows land in `rows_dir` as they finish.
 
@@ -272,6 +312,8 @@ def run_online_config(
                 max_concurrency=None,
                 device_index=device_index,
                 timeout_s=remaining(),
+                max_num_seqs=max_num_seqs,
+                sample_interval_s=sample_interval_s,
             )
         for workload in workloads:
             measured = run_workload_online(
@@ -283,6 +325,8 @@ def run_online_config(
                 device_index=device_index,
                 timeout_s=remaining(),
                 on_request_done=on_request_done,
+                max_num_seqs=max_num_seqs,
+                sample_interval_s=sample_interval_s,
             )
             if engine["num_gpu_blocks"] is not None and engine["block_size"] is not None:
                 measured["capacity"] = capacity_figures(

@@ -74,6 +74,8 @@ class BenchRequest:
     serve_prefix: tuple[str, ...] = (sys.executable, "-m", "vllm.entrypoints.cli.main", "serve")
     """How `vllm serve` is started; the same interpreter as this process, whatever PATH says."""
     memory_release_timeout_s: float = 90.0
+    sample_interval_s: float = gpu.SAMPLE_INTERVAL_S
+    """How often device memory and vLLM's running / waiting gauges are sampled during a workload."""
     out: TextIO | None = field(default=None, compare=False)
     """Where progress and the final table go; None = sys.stdout at call time."""
 
@@ -244,6 +246,8 @@ def _run_task(
                 deadline=None if deadline is None else deadline - FINAL_RESERVE_S,
                 warmup=req.warmup,
                 on_request_done=bar.update,
+                max_num_seqs=settings.get("max_num_seqs"),
+                sample_interval_s=req.sample_interval_s,
             )
         except TimeoutError:
             return "timeout", "deadline reached while this configuration ran", launch
@@ -263,6 +267,7 @@ def _run_task(
         "rows_dir": str(rows_dir.resolve()),
         "device_index": req.device_index,
         "warmup": req.warmup,
+        "sample_interval_s": req.sample_interval_s,
     }
     plan_path = run_dir / results.LOGS_DIR / f"plan__{engine_name}.json"
     results.write_json(plan_path, plan)

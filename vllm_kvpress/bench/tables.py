@@ -1,6 +1,8 @@
 """Owns how benchmark rows are shown as tables: markdown for the docs, plain text for the terminal.
 
 A missing figure prints as "-"; a row that failed shows its status in place of its figures.
+Columns of a figure no row has (ITL offline; observed concurrency in runs from before it was
+measured) are left out.
 """
 
 from collections.abc import Callable
@@ -33,6 +35,28 @@ def _ratio(row: dict, name: str) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
 
+def _saturated(row: dict) -> bool:
+    return bool(_get(row, "concurrency", "saturated"))
+
+
+def _max_running(row: dict) -> str:
+    """Observed peak of requests running at once; `*` where every request the workload (or
+    `max_num_seqs`) allows ran at once, so the figure is a floor."""
+    value = _get(row, "concurrency", "max_running_requests")
+    return "-" if value is None else f"{value:.0f}" + ("*" if _saturated(row) else "")
+
+
+def _running_ratio(row: dict) -> str:
+    ratio = _ratio(row, "max_running_requests")
+    return ">=" + ratio if ratio != "-" and _saturated(row) else ratio
+
+
+SATURATED_NOTE = (
+    "`*`: every request the workload (or `max_num_seqs`) allows was running at once, so the "
+    "observed maximum and its ratio (`>=`) are floors: a workload with more requests could show more."
+)
+
+
 def _config_name(row: dict) -> str:
     label = row["config"]["label"]
     return "bf16 (auto)" if label == "auto" else label
@@ -44,7 +68,9 @@ MARKDOWN_COLUMNS: list[tuple[str, Callable[[dict], str]]] = [
     ("status", lambda r: r.get("status", "-")),
     ("KV capacity (tokens)", lambda r: _num(_get(r, "capacity", "kv_capacity_tokens"), ",")),
     ("capacity vs bf16", lambda r: _ratio(r, "kv_capacity")),
-    ("max concurrency (requests)", lambda r: _num(_get(r, "capacity", "max_concurrency"), ".1f")),
+    ("max concurrency (KV capacity)", lambda r: _num(_get(r, "capacity", "max_concurrency"), ".1f")),
+    ("max running (observed)", _max_running),
+    ("max running vs bf16", _running_ratio),
     ("output tok/s", lambda r: _num(_get(r, "throughput", "output_tokens_per_s"), ",.0f")),
     ("output tok/s vs bf16", lambda r: _ratio(r, "output_tokens_per_s")),
     ("total tok/s", lambda r: _num(_get(r, "throughput", "total_tokens_per_s"), ",.0f")),
@@ -62,10 +88,19 @@ def _scaled(value, unit: float):
     return None if value is None else value / unit
 
 
+_RUNNING_CELLS = (_max_running, _running_ratio)
+
+
+def _has_observed_concurrency(rows: list[dict]) -> bool:
+    return any(_get(r, "concurrency", "max_running_requests") is not None for r in rows)
+
+
 def markdown_table(rows: list[dict]) -> str:
     columns = MARKDOWN_COLUMNS
     if not any(_get(r, "latency", "itl_s") for r in rows):
         columns = [c for c in columns if not c[0].startswith("ITL")]  # offline mode measures no ITL
+    if not _has_observed_concurrency(rows):  # result files from before it was measured
+        columns = [c for c in columns if c[1] not in _RUNNING_CELLS]
     lines = [
         "| " + " | ".join(name for name, _ in columns) + " |",
         "|" + "|".join("---" if i < 3 else "---:" for i in range(len(columns))) + "|",
@@ -83,6 +118,8 @@ TERMINAL_COLUMNS: list[tuple[str, Callable[[dict], str]]] = [
     ("xbf16", lambda r: _ratio(r, "kv_capacity")),
     ("out tok/s", lambda r: _num(_get(r, "throughput", "output_tokens_per_s"), ",.0f")),
     ("xbf16", lambda r: _ratio(r, "output_tokens_per_s")),
+    ("max run", _max_running),
+    ("xbf16", _running_ratio),
     ("TPOT p50 ms", lambda r: _num(_scaled(_get(r, "latency", "tpot_s", "p50"), 1e-3), ".1f")),
     ("wall s", lambda r: _num(_get(r, "throughput", "wall_s"), ".0f")),
 ]
@@ -90,9 +127,12 @@ TERMINAL_COLUMNS: list[tuple[str, Callable[[dict], str]]] = [
 
 def terminal_table(rows: list[dict]) -> str:
     """A compact fixed-width table: the GPU machine returns only the tail of the output."""
-    cells = [[name for name, _ in TERMINAL_COLUMNS]]
-    cells += [[cell(row) for _, cell in TERMINAL_COLUMNS] for row in rows]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(TERMINAL_COLUMNS))]
+    columns = TERMINAL_COLUMNS
+    if not _has_observed_concurrency(rows):
+        columns = [c for c in columns if c[1] not in _RUNNING_CELLS]
+    cells = [[name for name, _ in columns]]
+    cells += [[cell(row) for _, cell in columns] for row in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
     text = []
     for n, line in enumerate(cells):
         text.append(

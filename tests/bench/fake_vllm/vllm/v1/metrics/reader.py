@@ -1,4 +1,4 @@
-"""Stand-in for vllm.v1.metrics.reader: the Counter dataclass the worker filters on."""
+"""Stand-in for vllm.v1.metrics.reader: the Counter and Gauge dataclasses the worker filters on."""
 
 from dataclasses import dataclass
 
@@ -8,3 +8,10 @@ class Counter:
     name: str
     labels: dict
     value: int
+
+
+@dataclass
+class Gauge:
+    name: str
+    labels: dict
+    value: float
