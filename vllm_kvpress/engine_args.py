@@ -130,9 +130,14 @@ def prepare_engine_args(engine_args) -> MethodConfig | None:
         engine_args.attention_backend = CUSTOM_BACKEND
     engine_args.block_size = method_config.block_size
     if method_config.evicts_tokens and engine_args.enable_prefix_caching is not False:
-        logger.warning(
-            "kv-compression %s frees the blocks of evicted tokens, whose hashes would then be wrong: "
-            "prefix caching is switched off", method_config.method,
+        # a compacted block holds kept tokens under the hash of the tokens it held before, so a
+        # prefix-cache hit on it would serve another request the wrong KV
+        log = logger.warning if engine_args.enable_prefix_caching else logger.info
+        log(
+            "--kv-compression %s evicts prompt tokens: it rewrites the kept ones into a request's first "
+            "blocks and frees the rest, so block hashes no longer match the tokens a block holds; "
+            "prefix caching is switched off%s", method_config.method,
+            " (--enable-prefix-caching is ignored)" if engine_args.enable_prefix_caching else "",
         )
         engine_args.enable_prefix_caching = False
     return method_config

@@ -18,12 +18,12 @@ def register() -> None:
 
     from vllm_kvpress.backend.spec import patch_attention_kv_cache_spec
     from vllm_kvpress.engine_args import patch_engine_args
-    from vllm_kvpress.eviction.manager import patch_spec_registry
+    from vllm_kvpress.eviction.manager import register_eviction_spec
 
     # CUSTOM is never auto-selected, so claiming it changes nothing unless --kv-compression
     # (or --attention-backend CUSTOM) asks for it. The backend module is imported lazily.
     register_backend(AttentionBackendEnum.CUSTOM, BACKEND_PATH)
     patch_attention_kv_cache_spec()
     patch_engine_args()
-    patch_spec_registry()
+    register_eviction_spec()
     _registered = True

@@ -50,7 +50,8 @@ def test_merge_keeps_the_layout_and_rejects_mixed_layouts():
     assert KVPressAttentionSpec.merge([a, a]) == a
     b = KVPressAttentionSpec(block_size=64, num_kv_heads=2, head_size=64, dtype=torch.uint8, bytes_per_head=2048,
                              compression_tag="y")
-    with pytest.raises(ValueError, match="share one page layout"):
+    # AssertionError is what vLLM's is_kv_cache_spec_uniform reads as "group the layers by type"
+    with pytest.raises(AssertionError, match="share one page layout"):
         KVPressAttentionSpec.merge([a, b])
 
 

@@ -21,6 +21,7 @@ EXPECTED_SHAPES = {
     "long-prompt": ("llama-3.1-8b", 64, 8000, 512, 1),
     "decode-heavy": ("llama-3.1-8b", 96, 4000, 1500, 1),
     "long-16k": ("llama-3.1-8b", 64, 16000, 512, 1),
+    "long-16k-192": ("llama-3.1-8b", 192, 16000, 512, 1),
     "multi-turn": ("llama-3.1-8b", 32, 4000, 256, 4),
 }
 

@@ -18,8 +18,8 @@ def _parse_error(capsys, argv) -> str:
     [
         (["--engine", "hf", "--method", "none"], ["--engine", "invalid choice: 'hf'", "reference", "vllm"]),
         (
-            ["--engine", "reference", "--method", "none,snapkv"],
-            ["--method", "unknown snapkv", "none", "kivi", "gear"],
+            ["--engine", "reference", "--method", "none,snapkw"],
+            ["--method", "unknown snapkw", "none", "kivi", "gear", "snapkv"],
         ),
         (
             ["--engine", "reference", "--method", "none", "--tasks", "niah,longbench"],

@@ -128,6 +128,10 @@ def test_without_the_flag_vllm_behaves_as_if_the_plugin_were_absent(tiny_llama_d
      "--attention-backend FLASH_ATTN conflicts with --kv-compression"),
     ({"method": "kivi"}, {"block_size": 16}, KVCompressionConfigError,
      "--block-size 16 differs from block_size=64 of method 'kivi'"),
+    ({"method": "snapkv", "budget": 8192}, {}, KVCompressionConfigError,
+     "budget=8192 is larger than the model's max_model_len=4096, so nothing would ever be evicted"),
+    ({"method": "snapkv", "budget": 1.5}, {}, KVCompressionConfigError,
+     "budget=1.5 is not allowed; allowed: a fraction of the prompt in (0, 1) or a token count (integer)"),
 ])
 def test_bad_settings_fail_before_the_engine_starts(engine_config, settings, kwargs, error, message):
     with pytest.raises(error) as info:
@@ -155,32 +159,6 @@ def test_unsupported_head_size_is_named(engine_config, tmp_path):
         "vocab_size": 1000, "max_position_embeddings": 2048, "torch_dtype": "bfloat16"}))
     with pytest.raises(KVCompressionConfigError, match="head size 96 is not supported by method 'kivi'; supported head sizes: 64, 128"):
         engine_config(model=str(model), additional_config={"kv_compression": {"method": "kivi"}})
-
-
-def test_evicting_methods_switch_prefix_caching_off_with_a_warning(engine_config, monkeypatch, caplog):
-    """Evicted tokens' blocks are freed while their hashes would still claim the original tokens,
-    so a method that evicts must run without prefix caching; the plugin turns it off and says why."""
-    from dataclasses import dataclass
-
-    from vllm_kvpress import config as config_module
-    from vllm_kvpress.methods import kivi
-    from vllm_kvpress.methods.registry import Family, MethodInfo, Status
-
-    @dataclass(frozen=True)
-    class EvictingConfig(kivi.KiviConfig):
-        method = "kivi"
-
-        @property
-        def evicts_tokens(self) -> bool:
-            return True
-
-    monkeypatch.setitem(config_module.CONFIG_CLASSES, "kivi", EvictingConfig)
-    monkeypatch.setitem(config_module.METHODS, "kivi", MethodInfo("kivi", "test", None, Family.EVICTION,
-                                                                  Status.AVAILABLE, "test"))
-    with caplog.at_level("WARNING"):
-        cfg = engine_config(additional_config={"kv_compression": {"method": "kivi"}}, enable_prefix_caching=True)
-    assert cfg.cache_config.enable_prefix_caching is False
-    assert "prefix caching is switched off" in caplog.text
 
 
 def test_unsupported_model_dtype_is_named(engine_config):

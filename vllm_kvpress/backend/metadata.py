@@ -157,6 +157,7 @@ class KVPressMetadataBuilder(AttentionMetadataBuilder[KVPressMetadata]):
         """Host side, from the rows' prompt lengths: (kept blocks, shift) of the view per row, and
         the rows whose prompt completes in this step."""
         from vllm_kvpress.eviction.policy import compacts
+        from vllm_kvpress.eviction.view import shift_blocks
 
         bs = self.eviction.block_size
         prompt = np.zeros(num_reqs, dtype=np.int64)
@@ -174,9 +175,8 @@ class KVPressMetadataBuilder(AttentionMetadataBuilder[KVPressMetadata]):
             for i in np.nonzero(compacting_now)[0]
         )
         # rows compacted in an earlier step skip their freed blocks; the others see their table
-        shift = np.where(evicting & (context >= prompt), prompt // bs - kept, 0)
-        kept = np.where(shift > 0, kept, width)
-        return kept.astype(np.int32), shift.astype(np.int32), compactions
+        shift = shift_blocks(prompt, context, self.eviction.budget, bs)
+        return np.where(shift > 0, kept, width).astype(np.int32), shift, compactions
 
     def build(
         self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata, fast_build: bool = False

@@ -34,13 +34,15 @@ class KVPressAttentionSpec(FullAttentionSpec):
     @classmethod
     def merge(cls, specs: list[Self]) -> Self:
         merged = super().merge(specs)
-        # vLLM's merge rebuilds the spec from FullAttentionSpec's fields; ours (and a subclass's)
-        # must agree across the group and carry over
+        # vLLM's merge rebuilds the spec from FullAttentionSpec's fields; ours (and a subclass's,
+        # such as the eviction budget) must agree across the group and carry over
         ours = {f.name for f in fields(cls)} - {f.name for f in fields(FullAttentionSpec)}
         first = {name: getattr(specs[0], name) for name in ours}
         for spec in specs:
             if {name: getattr(spec, name) for name in ours} != first:
-                raise ValueError("all layers of one KV-cache group must share one page layout")
+                # AssertionError, as vLLM's own merges raise: `is_kv_cache_spec_uniform` takes it
+                # to mean "not one spec" and groups the layers by type instead of failing
+                raise AssertionError("all layers of one KV-cache group must share one page layout")
         return replace(merged, **first)
 
 
@@ -72,8 +74,9 @@ def compressed_spec_for_layer(spec: FullAttentionSpec, vllm_config) -> KVPressAt
     }
     if method_config.evicts_tokens:
         # every layer of the group gets it: vLLM builds a group's manager from one layer's spec
-        from vllm_kvpress.eviction.manager import KVPressEvictionSpec
+        from vllm_kvpress.eviction.manager import KVPressEvictionSpec, register_eviction_spec
 
+        register_eviction_spec()  # the spec is useless to vLLM without its manager (idempotent)
         return KVPressEvictionSpec(**common, budget=method_config.budget)
     return KVPressAttentionSpec(**common)
 

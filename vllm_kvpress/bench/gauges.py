@@ -19,6 +19,7 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Self
 
+from vllm_kvpress.bench import gpu
 from vllm_kvpress.bench.gpu import SAMPLE_INTERVAL_S
 
 
@@ -71,3 +72,17 @@ class PeakGaugeSampler:
         if self._thread is not None:
             self._thread.join()
         self._sample()
+
+
+USED_BYTES = "used_bytes"
+
+
+def peak_memory_sampler(device_index: int = 0, interval_s: float = SAMPLE_INTERVAL_S) -> PeakGaugeSampler:
+    """Samples device-level used memory (`gpu.memory_used_bytes`) the same way; its peak is
+    `peaks.get(USED_BYTES)`, None without NVML."""
+
+    def read() -> dict[str, float] | None:
+        used = gpu.memory_used_bytes(device_index)
+        return None if used is None else {USED_BYTES: used}
+
+    return PeakGaugeSampler(read, interval_s)

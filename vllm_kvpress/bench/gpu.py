@@ -4,13 +4,12 @@ Why NVML and not torch: vLLM allocates the KV cache in its engine-core process (
 so `torch.cuda.max_memory_reserved()` in the benchmark process sees none of it. NVML's
 `nvmlDeviceGetMemoryInfo(...).used` is the device-wide figure nvidia-smi shows: every process,
 including the CUDA contexts, the weights, the KV cache, CUDA graphs and allocator slack. The peak
-is sampled (`SAMPLE_INTERVAL_S`), so a spike shorter than that can be missed; vLLM reserves its
+is sampled (`SAMPLE_INTERVAL_S`, `gauges.peak_memory_sampler`), so a spike shorter than that can be missed; vLLM reserves its
 memory up front, so the device-level figure is flat while a workload runs.
 
 `pynvml` comes with vLLM (package nvidia-ml-py). Without a GPU every function returns None.
 """
 
-import threading
 import time
 from types import ModuleType
 
@@ -52,42 +51,6 @@ def memory_used_bytes(device_index: int = 0) -> int | None:
 def memory_total_bytes(device_index: int = 0) -> int | None:
     handle = _handle(device_index)
     return None if handle is None else int(_nvml.nvmlDeviceGetMemoryInfo(handle).total)
-
-
-class PeakMemorySampler:
-    """Samples device-level used memory on a thread while the `with` block runs.
-
-    `peak_bytes` is the largest sample (None without NVML).
-    """
-
-    def __init__(self, device_index: int = 0, interval_s: float = SAMPLE_INTERVAL_S):
-        self.device_index = device_index
-        self.interval_s = interval_s
-        self.peak_bytes: int | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def _sample(self) -> None:
-        used = memory_used_bytes(self.device_index)
-        if used is not None:
-            self.peak_bytes = used if self.peak_bytes is None else max(self.peak_bytes, used)
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self._sample()
-
-    def __enter__(self) -> "PeakMemorySampler":
-        self._sample()
-        if self.peak_bytes is not None:
-            self._thread = threading.Thread(target=self._loop, name="bench-memory-sampler", daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        self._sample()
 
 
 def wait_for_memory_release(

@@ -43,7 +43,7 @@ from vllm_kvpress.bench.figures import (
     request_limit,
     throughput_figures,
 )
-from vllm_kvpress.bench.gauges import PeakGaugeSampler
+from vllm_kvpress.bench.gauges import USED_BYTES, PeakGaugeSampler, peak_memory_sampler
 from vllm_kvpress.bench.results import engine_file_name, row_file_name, write_json
 from vllm_kvpress.bench.workloads import Workload, make_prompts, next_turn_prompt, warmup_for
 
@@ -125,7 +125,7 @@ def run_workload(
     prompt_tokens = output_tokens = 0
     before = read_counters(llm)
     gauges = PeakGaugeSampler(functools.partial(read_gauges, llm), sample_interval_s)
-    with gpu.PeakMemorySampler(device_index, sample_interval_s) as memory, gauges:
+    with peak_memory_sampler(device_index, sample_interval_s) as memory, gauges:
         start = time.perf_counter()
         for turn in range(workload.turns):
             label = (
@@ -152,7 +152,7 @@ def run_workload(
         ),
         "latency": latency_figures(timings),
         "counters": counter_figures(counter_deltas(before, read_counters(llm))),
-        "memory": {"peak_used_bytes": memory.peak_bytes},
+        "memory": {"peak_used_bytes": memory.peaks.get(USED_BYTES)},
         "concurrency": {
             **concurrency_figures(
                 gauges.peaks,

@@ -37,7 +37,7 @@ from vllm_kvpress.bench.figures import (
     request_limit,
     throughput_figures,
 )
-from vllm_kvpress.bench.gauges import PeakGaugeSampler
+from vllm_kvpress.bench.gauges import USED_BYTES, PeakGaugeSampler, peak_memory_sampler
 from vllm_kvpress.bench.loadgen import run_load
 from vllm_kvpress.bench.results import engine_file_name, row_file_name, write_json
 from vllm_kvpress.bench.workloads import Workload, make_prompts, warmup_for
@@ -213,7 +213,7 @@ def run_workload_online(
     prompts = make_prompts(workload, seed)
     before, _ = _read_metrics(base_url)
     gauges = PeakGaugeSampler(lambda: _read_gauges(base_url), sample_interval_s)
-    with gpu.PeakMemorySampler(device_index, sample_interval_s) as memory, gauges:
+    with peak_memory_sampler(device_index, sample_interval_s) as memory, gauges:
         load = asyncio.run(
             asyncio.wait_for(
                 run_load(
@@ -233,7 +233,7 @@ def run_workload_online(
     measured = {
         "latency": latency_figures(load.timings),
         "counters": counter_figures(counter_deltas(before, after)),
-        "memory": {"peak_used_bytes": memory.peak_bytes},
+        "memory": {"peak_used_bytes": memory.peaks.get(USED_BYTES)},
         "concurrency": {
             **concurrency_figures(
                 gauges.peaks,

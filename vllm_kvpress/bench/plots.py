@@ -75,7 +75,8 @@ def _subtitle(run: dict) -> str:
     env = (run.get("invocations") or [{}])[0].get("environment", {})
     models = ", ".join(sorted({w["model"] for w in run["workloads"]}))
     gpu_name = env.get("gpu_name") or "unknown GPU"
-    return f"{models} (dummy weights), {gpu_name}, vLLM {env.get('vllm_version') or '?'}, {run['mode']} mode"
+    # two lines: one line of all of it is wider than a one-workload figure
+    return f"{models} (dummy weights), vLLM {env.get('vllm_version') or '?'}, {run['mode']} mode\n{gpu_name}"
 
 
 def _capacities(rows: list[dict]) -> tuple[dict[str, float], bool]:
@@ -244,7 +245,8 @@ def throughput_by_workload_figure(run: dict, rows: list[dict]):
         "output tokens/s relative to bf16 (1.0 = bf16)" if relative else "output throughput (tokens/s)"
     )
     ax.set_title(f"Output throughput by workload\n{_subtitle(run)}", fontsize=10)
-    ax.legend(fontsize=8, loc="best")
+    ax.set_ylim(top=ax.get_ylim()[1] * 1.3)  # headroom, so the legend never covers a bar
+    ax.legend(fontsize=8, loc="upper right")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     return fig

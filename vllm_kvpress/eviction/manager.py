@@ -4,83 +4,100 @@ that returns the blocks of evicted prompt tokens to vLLM's free pool.
 vLLM picks a block manager per KV-cache group from its spec registry (an MRO walk over registered
 spec classes). `KVPressEvictionSpec` is registered with `EvictionBlockManager`, a
 `FullAttentionManager` that frees a middle range of blocks once the prompt has been processed,
-modelled on vLLM's `RSWAManager`:
+modelled on vLLM 0.26.0's `RSWAManager`:
 
     logical blocks  |k0|k1|k2|b3|b4|b5|b6|b7|tail..     freed: [kept, P // block_size)
 
-vLLM calls `remove_skipped_blocks` with the *processed* token count (steps still in flight are
-excluded), so the blocks are freed only after the step that compacted them ran; GPU stream order
-puts every later writer of those blocks behind it. Freed entries become vLLM's null block in the
-request's list, which keeps `get_num_blocks_to_allocate` and `free` right (the pool skips nulls).
+When the blocks are freed (vLLM 0.26.0 `KVCacheManager.allocate_slots`): at the first
+`allocate_slots` of the request whose *processed* computed tokens (`num_computed_tokens -
+num_in_flight_tokens`, so steps still in flight are excluded) reach P. That is the schedule after
+the output of the compacting step was processed: the next step with synchronous scheduling, the
+one after with async scheduling. The freed blocks go to the head of the free queue (they carry no
+hash), so another request may be handed them, and write them, in that very step; GPU stream order
+puts those writes after the compaction. A request that finishes without being scheduled again is
+freed whole by `free`.
+
+Freed entries become vLLM's null block in the request's list, so the list keeps one entry per
+logical block: `get_num_blocks_to_allocate` and `allocate_new_blocks` count entries (nulls
+included) and stay right, and `free` / `BlockPool.free_blocks` skip nulls, so nothing is freed
+twice. Preemption frees everything; the re-prefill starts from 0 tokens and is compacted again.
 """
 
 from dataclasses import dataclass
 
+from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
+
 from vllm_kvpress.backend.spec import KVPressAttentionSpec
-from vllm_kvpress.eviction.policy import kept_prompt_blocks
+from vllm_kvpress.eviction.policy import Budget, compacts, kept_prompt_blocks
 
 
 @dataclass(frozen=True, kw_only=True)
 class KVPressEvictionSpec(KVPressAttentionSpec):
     """Compressed pages of a method that evicts prompt tokens (resolves to `EvictionBlockManager`)."""
 
-    budget: int | float = 0
-    """The method's `budget` (`EvictionConfig.budget`): kept prompt tokens, or a fraction of the prompt."""
+    budget: Budget = 0
+    """The method's `budget` (`EvictionConfig.budget`): kept prompt tokens (int), or a fraction of
+    the prompt (float). The default exists only because vLLM's `FullAttentionSpec.merge` builds the
+    merged spec from its own fields before `KVPressAttentionSpec.merge` copies ours over; a manager
+    refuses it."""
 
 
-def _manager_class():
-    from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
+class EvictionBlockManager(FullAttentionManager):
+    """Frees blocks [kept, P // block_size) of a request once its prompt (P tokens) is processed.
 
-    class EvictionBlockManager(FullAttentionManager):
-        """Frees blocks [kept, P // block_size) of a request once its prompt (P tokens) is processed."""
+    Compacted blocks no longer hold the tokens their hashes name, so nothing is cached or reused:
+    no prefix-cache hits, no common prefix (cascade attention), no block hashing.
+    """
 
-        def remove_skipped_blocks(
-            self, request_id: str, processed_computed_tokens: int, num_prompt_tokens: int | None = None
-        ) -> None:
-            if num_prompt_tokens is None or processed_computed_tokens < num_prompt_tokens:
-                return  # the compaction step has not run yet
-            kept = kept_prompt_blocks(num_prompt_tokens, self.kv_cache_spec.budget, self.block_size)
-            # idempotent: the range is freed backwards and stops at the first null block
-            self._remove_blocks_in_range(request_id, kept, num_prompt_tokens // self.block_size)
+    def __init__(self, kv_cache_spec: KVPressEvictionSpec, **kwargs) -> None:
+        budget = kv_cache_spec.budget
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0:
+            raise ValueError(f"{type(kv_cache_spec).__name__} needs a positive budget, got {budget!r}")
+        super().__init__(kv_cache_spec, **kwargs)
 
-        @classmethod
-        def find_longest_cache_hit(cls, block_hashes, max_length, kv_cache_group_ids, *args, **kwargs):
-            # compacted blocks no longer hold the tokens their hashes name (prefix caching is off
-            # for evicting methods; this keeps a request from ever reusing one)
-            return tuple([] for _ in kv_cache_group_ids), 0
+    def remove_skipped_blocks(
+        self, request_id: str, processed_computed_tokens: int, num_prompt_tokens: int | None = None
+    ) -> None:
+        # vLLM 0.26.0 passes num_prompt_tokens from allocate_slots and from the KV-connector finish
+        # path; without it the compaction point is unknown, and a full-attention request frees nothing
+        if num_prompt_tokens is None or processed_computed_tokens < num_prompt_tokens:
+            return  # the compacting step has not run (or is still in flight)
+        budget = self.kv_cache_spec.budget
+        if not compacts(num_prompt_tokens, budget, self.block_size):
+            return  # the budget keeps the whole prompt: the worker compacts nothing
+        kept = kept_prompt_blocks(num_prompt_tokens, budget, self.block_size)
+        # idempotent and O(1) on later calls: vLLM frees the range backwards and stops at the first
+        # null block, which is block P // block_size - 1 once the range is freed
+        self._remove_blocks_in_range(request_id, kept, num_prompt_tokens // self.block_size)
 
-        def get_num_common_prefix_blocks(self, running_request_id: str) -> int:
-            return 0
+    @classmethod
+    def find_longest_cache_hit(cls, block_hashes, max_length, kv_cache_group_ids, *args, **kwargs):
+        return tuple([] for _ in kv_cache_group_ids), 0
 
-    return EvictionBlockManager
+    def cache_blocks(self, request, num_tokens: int, retention_interval: int | None = None) -> None:
+        # prefix caching is switched off for evicting methods (engine_args); should it be on anyway,
+        # a compacted block must never enter the prefix cache under its original tokens' hash
+        return None
+
+    def get_num_common_prefix_blocks(self, running_request_id: str) -> int:
+        return 0
 
 
-EvictionBlockManager = None
-"""The manager class, built on first registration (vLLM's manager module is heavy to import)."""
+def register_eviction_spec() -> None:
+    """Register `KVPressEvictionSpec` with `EvictionBlockManager` in vLLM's spec registry.
 
+    Idempotent and cheap (the registry module and vLLM's manager module are already loaded by the
+    API server, the engine core and the workers). vLLM registers its built-in specs only while the
+    registry is empty, so they are registered first: registering ours into an empty registry would
+    leave plain `FullAttentionSpec` layers without a manager. The uniform-type base is our spec
+    itself, so a mix of our layers and plain ones is never one group whose manager comes from
+    whichever layer is first (vLLM builds a uniform-type group's manager from one layer's spec).
+    """
+    from vllm.v1.kv_cache_spec_registry import _REGISTRY_KVCACHESPEC_LIST, KVCacheSpecRegistry
 
-def patch_spec_registry() -> None:
-    """Register `KVPressEvictionSpec` in every process, lazily and after vLLM's built-in specs.
-
-    vLLM registers its built-in specs only while the registry is empty (`_ensure_registered`, run
-    by every lookup); registering ours first would leave plain `FullAttentionSpec` layers without
-    a manager. So this wraps `_ensure_registered`: built-ins first, then ours. Idempotent."""
-    from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
-
-    if getattr(KVCacheSpecRegistry._ensure_registered, "_kvpress_wrapped", False):
+    if KVPressEvictionSpec in _REGISTRY_KVCACHESPEC_LIST:
         return
-    original = KVCacheSpecRegistry._ensure_registered.__func__
-
-    def _ensure_registered(cls, vllm_config=None) -> None:
-        global EvictionBlockManager
-        original(cls, vllm_config)
-        from vllm.v1.kv_cache_interface import FullAttentionSpec
-        from vllm.v1.kv_cache_spec_registry import _REGISTRY_KVCACHESPEC_LIST
-
-        if KVPressEvictionSpec not in _REGISTRY_KVCACHESPEC_LIST:
-            if EvictionBlockManager is None:
-                EvictionBlockManager = _manager_class()
-            cls.register(KVPressEvictionSpec, EvictionBlockManager, uniform_type_base_spec=FullAttentionSpec)
-
-    _ensure_registered._kvpress_wrapped = True  # type: ignore[attr-defined]
-    KVCacheSpecRegistry._ensure_registered = classmethod(_ensure_registered)
+    KVCacheSpecRegistry._ensure_registered()
+    KVCacheSpecRegistry.register(
+        KVPressEvictionSpec, EvictionBlockManager, uniform_type_base_spec=KVPressEvictionSpec
+    )

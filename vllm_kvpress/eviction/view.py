@@ -1,8 +1,9 @@
 """Owns the compacted block-table view: what the attention kernels see of a compacted request.
 
 After compaction the worker's block table still lists the freed blocks (vLLM sends only new block
-ids, never the null replacements), so the kernels must never read those entries. Each step the
-metadata builder writes a view that skips them:
+ids, never the null replacements), and the scheduler may already have handed them to other
+requests, so the kernels must never read those entries. Each step the metadata builder writes a
+view that skips them:
 
     table     |k0|k1|k2|f3|f4|f5|f6|f7|t8|t9|        kept = 3, shift = 5 (freed f3..f7)
     view      |k0|k1|k2|t8|t9|..                     seq_len_view = seq_len - shift * block_size
@@ -10,9 +11,35 @@ metadata builder writes a view that skips them:
 Token j of the view is kept token j for j < kept * block_size, then tail token j - kept *
 block_size; any paged kernel works on it unchanged. Keys carry RoPE already, so positions need no
 renumbering, and causal masking holds because the newest tokens stay last.
+
+Two halves: `shift_blocks` on the host (numpy, from the rows' prompt and context lengths, which
+the builder has on the CPU), `write_compacted_view` on the device (torch, no host sync).
 """
 
+import numpy as np
 import torch
+
+from vllm_kvpress.eviction.policy import Budget, compacts, kept_prompt_blocks
+
+
+def shift_blocks(prompt_lens, context_lens, budget: Budget, block_size: int) -> np.ndarray:
+    """Freed blocks each row's view skips: `P // block_size - kept` for a row whose compaction has
+    already run (its context, the tokens computed before this step, covers the prompt P), else 0.
+
+    The step that completes the prompt gets 0: it attends to the whole prompt and compacts after.
+    Rows with P = 0 (CUDA-graph padding) get 0.
+
+    Args:
+        prompt_lens: int [B] prompt length per row.
+        context_lens: int [B] tokens computed before this step (seq_len - query_len).
+    Returns:
+        int32 [B].
+    """
+    prompt = np.asarray(prompt_lens, dtype=np.int64)
+    context = np.asarray(context_lens, dtype=np.int64)
+    freed = prompt // block_size - kept_prompt_blocks(prompt, budget, block_size)
+    done = (context >= prompt) & compacts(prompt, budget, block_size)
+    return np.where(done, freed, 0).astype(np.int32)
 
 
 def write_compacted_view(
@@ -24,20 +51,26 @@ def write_compacted_view(
     out_seq_lens: torch.Tensor,
     block_size: int,
 ) -> None:
-    """Write the view of B rows into preallocated tensors, on the device, without a host sync
-    (so a captured decode graph reads it from the same addresses at every replay).
+    """Write the view of B rows into preallocated tensors with device ops only (no host sync), so
+    a captured decode graph can read it from the same addresses at every replay.
+
+        out_block_table[i, j] = block_table[i, j]            for j < kept_blocks[i]
+                              = block_table[i, j + shift[i]] otherwise (clamped to the last column)
+        out_seq_lens[i]       = seq_lens[i] - shift[i] * block_size
 
     Args:
-        block_table: int32 [B, W] physical block ids per row.
+        block_table: int32 [B, W] physical block ids per row (the worker's table, stale ids included).
         seq_lens: int32 [B] tokens per row including this step's.
-        kept_blocks: int32 [B] leading blocks kept as they are (W or more: the row is not compacted).
-        shift: int32 [B] freed blocks skipped after the kept ones (0: not compacted).
-        out_block_table: int32 [B, W] view, entries past a row's view length are don't-care.
-        out_seq_lens: int32 [B].
+        kept_blocks: integer [B] leading blocks kept as they are (`kept_prompt_blocks`); any value
+            when shift is 0 (the row is copied as is).
+        shift: int32 [B] freed blocks skipped after the kept ones (`shift_blocks`).
+        out_block_table: int32 [B, W], written; entries past a row's view length are don't-care.
+        out_seq_lens: int32 [B], written.
+    All on one device. `out_*` must not alias the inputs.
     """
     width = block_table.shape[1]
     columns = torch.arange(width, device=block_table.device, dtype=torch.int64)[None, :]
     kept = kept_blocks.to(torch.int64)[:, None]
     source = torch.where(columns < kept, columns, columns + shift.to(torch.int64)[:, None])
     torch.gather(block_table, 1, source.clamp_(max=width - 1), out=out_block_table)
-    torch.sub(seq_lens, shift * block_size, out=out_seq_lens)
+    torch.sub(seq_lens, shift.to(seq_lens.dtype) * block_size, out=out_seq_lens)
