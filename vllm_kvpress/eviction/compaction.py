@@ -53,6 +53,31 @@ def window_queries(query: torch.Tensor, compaction: PromptCompaction, observatio
     return query[first : first + w], positions
 
 
+def kept_prompt_kv(
+    config,
+    query: torch.Tensor,
+    compaction: PromptCompaction,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    scale: float,
+    block_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The method's choice of the prompt's tokens: the chunk's last queries score every prompt key
+    (`select_kept_tokens`), and each KV head's kept K/V are gathered, [kept_blocks * block_size,
+    Hkv, D] each. Shared by the worker (`compact_prompt`) and the reference engine.
+
+    Args:
+        query: [num_tokens, num_heads, head_size] the step's post-RoPE queries (`window_queries`).
+        keys, values: [prompt_len, num_kv_heads, head_size] every prompt token, dequantized.
+    """
+    queries, positions = window_queries(query, compaction, config.observation_window)
+    num_candidates = compaction.prompt_len // block_size * block_size
+    kept = select_kept_tokens(
+        config, queries.float(), positions, keys, scale, num_candidates, compaction.kept_blocks * block_size
+    )
+    return gather_kept(keys, values, kept)
+
+
 def compact_prompt(
     config,
     layout,
@@ -77,14 +102,8 @@ def compact_prompt(
     from vllm_kvpress.triton_kernels.read_pages import read_pages
 
     bs = layout.block_size
-    prompt_len = compaction.prompt_len
-    keys, values = read_pages(cache, block_table_row, prompt_len, layout)
-    queries, positions = window_queries(query, compaction, config.observation_window)
-    num_keep = compaction.kept_blocks * bs
-    kept = select_kept_tokens(
-        config, queries.float(), positions, keys, scale, prompt_len // bs * bs, num_keep
-    )
-    kept_k, kept_v = gather_kept(keys, values, kept)
-    token = torch.arange(num_keep, device=cache.device)
+    keys, values = read_pages(cache, block_table_row, compaction.prompt_len, layout)
+    kept_k, kept_v = kept_prompt_kv(config, query, compaction, keys, values, scale, bs)
+    token = torch.arange(compaction.kept_blocks * bs, device=cache.device)
     slots = block_table_row[token // bs].to(torch.int64) * bs + token % bs
     write_kv_pages(kept_k.to(query.dtype), kept_v.to(query.dtype), cache, slots, layout, power_iters=power_iters)

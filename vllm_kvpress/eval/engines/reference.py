@@ -21,9 +21,8 @@ read kept + tail + decoded tokens; their positions (RoPE) stay the original ones
 
 import torch
 
-from vllm_kvpress.eviction.compaction import gather_kept
+from vllm_kvpress.eviction.compaction import PromptCompaction, kept_prompt_kv
 from vllm_kvpress.eviction.policy import compacts
-from vllm_kvpress.eviction.scoring import select_kept_tokens
 from vllm_kvpress.layout import PageLayout
 from vllm_kvpress.reference import page_codec
 from vllm_kvpress.reference.attention import causal_attention
@@ -130,10 +129,10 @@ class SequencePages:
         bs, prompt_len = self.layout.block_size, self.prompt_len
         num_candidates = prompt_len // bs * bs
         num_keep = self.eviction.kept_prompt_blocks(prompt_len) * bs
-        window = queries[-min(self.eviction.observation_window, queries.shape[0]) :]
-        positions = torch.arange(prompt_len - window.shape[0], prompt_len, device=queries.device)
-        kept = select_kept_tokens(self.eviction, window, positions, k_prompt, scale, num_candidates, num_keep)
-        kept_k, kept_v = gather_kept(k_prompt, v_prompt, kept)
+        # the chunk ends at the prompt's last token; its queries are the batch's only ones
+        compaction = PromptCompaction(row=0, prompt_len=prompt_len, query_start=0,
+                                      context_len=prompt_len - queries.shape[0], kept_blocks=num_keep // bs)
+        kept_k, kept_v = kept_prompt_kv(self.eviction, queries, compaction, k_prompt, v_prompt, scale, bs)
         tail = self.cache[prompt_len // bs].clone() if prompt_len % bs else None
         # the worker hands the write kernel bf16 K/V, as for fresh tokens; every block is complete,
         # so each is encoded whole (per-channel K) from the kept tokens alone
