@@ -1,9 +1,12 @@
-"""Owns reading a sequence's compressed pages back as dense K/V (dequantized), for the code that
-must look at stored tokens outside attention: eviction scores them and re-packs the kept ones.
+"""Owns reading stored pages back as dense K/V (dequantized), for the code that must look at stored
+tokens outside the attention kernels: eviction scores them and re-packs the kept ones, and the
+FlashAttention prefill attends to a chunk's compressed context through them.
 
-`_read_pages_kernel`, grid (num_blocks, num_kv_heads): one program dequantizes one head's block
-with the same `load_block_k/v` the attention kernels use, so what eviction scores is exactly what
-attention reads.
+`_read_pages_kernel`, grid (num_rows, max_blocks, num_kv_heads): one program dequantizes one
+head's block of one row with the same `load_block_k/v` the attention kernels use, so what is
+read here is exactly what attention reads. Row r's first `num_tokens[r]` stored tokens land at
+`dest_start[r] + t` of the output, so several sequences can share one packed [tokens, Hkv, D]
+buffer (FlashAttention's varlen layout).
 """
 
 import torch
@@ -16,7 +19,8 @@ from vllm_kvpress.layout import PageLayout
 
 @triton.jit
 def _read_pages_kernel(
-    cache_ptr, stride_cb, stride_ch, block_ids_ptr, num_tokens,
+    cache_ptr, stride_cb, stride_ch, block_table_ptr, stride_bt, first_row,
+    num_tokens_ptr, seq_lens_ptr, dest_start_ptr,
     k_out_ptr, v_out_ptr, stride_ot, stride_oh,
     BLOCK_SIZE: tl.constexpr, HEAD_SIZE: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr,
     V_GROUP: tl.constexpr, K_STAGE_GROUP: tl.constexpr, RANK: tl.constexpr, NUM_OUTLIERS: tl.constexpr,
@@ -24,20 +28,62 @@ def _read_pages_kernel(
     K_LOWRANK_OFF: tl.constexpr, V_LOWRANK_OFF: tl.constexpr, K_SPARSE_OFF: tl.constexpr,
     V_SPARSE_OFF: tl.constexpr,
 ):
-    b = tl.program_id(0)
-    head = tl.program_id(1)
-    block_id = tl.load(block_ids_ptr + b).to(tl.int64)
+    r = tl.program_id(0)
+    b = tl.program_id(1)
+    head = tl.program_id(2)
+    num_tokens = tl.load(num_tokens_ptr + r)
+    if b * BLOCK_SIZE >= num_tokens:
+        return
+    row = (first_row + r).to(tl.int64)
+    block_id = tl.load(block_table_ptr + row * stride_bt + b).to(tl.int64)
     page = cache_ptr + block_id * stride_cb + head * stride_ch
-    complete = (b + 1) * BLOCK_SIZE <= num_tokens
+    # a block is complete (per-channel K, GEAR terms) once the sequence's stored tokens fill it,
+    # which can be after the tokens read here (a prefill chunk completes its context's last block)
+    complete = (b + 1) * BLOCK_SIZE <= tl.load(seq_lens_ptr + row)
     k = load_block_k(page, complete, BLOCK_SIZE, HEAD_SIZE, K_BITS, K_STAGE_GROUP, K_CODES_OFF, K_META_OFF,
                      K_LOWRANK_OFF, K_SPARSE_OFF, RANK, NUM_OUTLIERS)
     v = load_block_v(page, complete, BLOCK_SIZE, HEAD_SIZE, V_BITS, V_GROUP, V_CODES_OFF, V_META_OFF,
                      V_LOWRANK_OFF, V_SPARSE_OFF, RANK, NUM_OUTLIERS)
     token = b * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-    offs = token.to(tl.int64)[:, None] * stride_ot + head * stride_oh + tl.arange(0, HEAD_SIZE)[None, :]
+    dest = tl.load(dest_start_ptr + r).to(tl.int64) + token
+    offs = dest[:, None] * stride_ot + head * stride_oh + tl.arange(0, HEAD_SIZE)[None, :]
     mask = (token < num_tokens)[:, None]
     tl.store(k_out_ptr + offs, k.to(k_out_ptr.dtype.element_ty), mask=mask)
     tl.store(v_out_ptr + offs, v.to(v_out_ptr.dtype.element_ty), mask=mask)
+
+
+def read_pages_into(
+    cache: torch.Tensor,
+    block_table: torch.Tensor,
+    num_tokens: torch.Tensor,
+    seq_lens: torch.Tensor,
+    dest_start: torch.Tensor,
+    k_out: torch.Tensor,
+    v_out: torch.Tensor,
+    layout: PageLayout,
+    *,
+    first_row: int,
+    max_blocks: int,
+) -> None:
+    """Dequantize the first `num_tokens[r]` stored tokens of rows `first_row + r` of `block_table`
+    into `k_out/v_out[dest_start[r] + t]`.
+
+    Args:
+        cache: uint8 [num_blocks, num_kv_heads, layout.bytes_per_head].
+        block_table: int [>= first_row + R, >= max_blocks] physical block of each logical block.
+        num_tokens, dest_start: int32 [R]; seq_lens: int32 [>= first_row + R], the tokens each row
+            has stored (a block is read as complete iff they fill it).
+        k_out, v_out: [>= max(dest_start + num_tokens), num_kv_heads, head_size], written there.
+        max_blocks: an upper bound of cdiv(num_tokens[r], block_size) (sets the grid).
+    """
+    num_rows, num_kv_heads = num_tokens.shape[0], cache.shape[1]
+    if num_rows == 0 or max_blocks == 0:
+        return
+    _read_pages_kernel[(num_rows, max_blocks, num_kv_heads)](
+        cache, cache.stride(0), cache.stride(1), block_table, block_table.stride(0), first_row,
+        num_tokens, seq_lens, dest_start, k_out, v_out, k_out.stride(0), k_out.stride(1),
+        **layout.kernel_constants,
+    )
 
 
 def read_pages(
@@ -60,9 +106,9 @@ def read_pages(
         raise ValueError(f"{num_tokens} tokens need {num_blocks} blocks, got {block_ids.shape[0]} block ids")
     k = torch.empty(num_tokens, num_kv_heads, layout.head_size, dtype=dtype, device=cache.device)
     v = torch.empty_like(k)
-    if num_tokens:
-        _read_pages_kernel[(num_blocks, num_kv_heads)](
-            cache, cache.stride(0), cache.stride(1), block_ids, num_tokens,
-            k, v, k.stride(0), k.stride(1), **layout.kernel_constants,
-        )
+    # one row: its stored tokens are the ones read; device scalars by fill, no host-to-device copy
+    one = dict(dtype=torch.int32, device=cache.device)
+    count = torch.full((1,), num_tokens, **one)
+    read_pages_into(cache, block_ids[None, :], count, count, torch.zeros(1, **one), k, v, layout,
+                    first_row=0, max_blocks=num_blocks)
     return k, v

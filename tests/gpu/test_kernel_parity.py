@@ -1,9 +1,11 @@
 """Kernel parity at real shapes on the GPU (Llama-3.1-8B, SmolLM2, Qwen2.5-0.5B heads), against the
 PyTorch reference on the same pages. Run on the GPU machine: pytest -m gpu tests/gpu."""
 
+import numpy as np
 import pytest
 import torch
 
+from vllm_kvpress.backend.flash_prefill import flash_attention_version, flash_prefill_attention, plan_flash_prefill
 from vllm_kvpress.reference import page_codec
 from vllm_kvpress.reference.attention import paged_attention
 from vllm_kvpress.triton_kernels.cache_write import write_kv_pages
@@ -74,6 +76,14 @@ def test_write_decode_prefill_match_reference_at_real_shapes(method, settings, h
                                lambda i, s: page_codec.read_sequence(cache, batch.block_table[i], s, layout),
                                head_size ** -0.5)
     torch.testing.assert_close(out.float(), expected, **TOL)
+
+    # the prefill vLLM runs on Hopper: FlashAttention over the dequantized context and the chunk
+    plan = plan_flash_prefill(batch.query_start_loc().numpy(), np.array(batch.seq_lens), 2, 2, bs, "cuda")
+    out_fa = torch.full_like(q, float("nan"))
+    flash_prefill_attention(q, k_new, v_new, out_fa, cache, batch.block_table, seq_lens, layout, plan,
+                            scale=head_size ** -0.5, first_seq=2, fa_version=flash_attention_version())
+    torch.testing.assert_close(out_fa[2:].float(), expected[2:], **TOL)
+    assert out_fa[:2].isnan().all()
 
 
 def test_decode_replays_correctly_in_a_cuda_graph():

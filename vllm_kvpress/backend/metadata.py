@@ -25,6 +25,7 @@ from vllm.v1.attention.backend import (
 )
 from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 
+from vllm_kvpress.backend.flash_prefill import FlashPrefillPlan, flash_attention_version, plan_flash_prefill
 from vllm_kvpress.backend.state import method_config_from_vllm_config
 from vllm_kvpress.errors import KVCompressionConfigError
 from vllm_kvpress.eviction.compaction import PromptCompaction
@@ -59,6 +60,8 @@ class KVPressMetadata:
     `block_table` and `seq_lens` are then the compacted view (`eviction/view.py`), and these rows'
     own (uncompacted) block ids are in `physical_block_table`."""
     physical_block_table: torch.Tensor | None = None
+    flash_prefill: FlashPrefillPlan | None = None
+    """The prefill sequences' varlen layout for FlashAttention, where the impl uses it."""
 
 
 def num_decode_splits(num_decodes: int, num_kv_heads: int, num_sms: int) -> int:
@@ -68,6 +71,14 @@ def num_decode_splits(num_decodes: int, num_kv_heads: int, num_sms: int) -> int:
     """
     wanted = -(-SPLIT_TARGET_WAVES * num_sms // max(1, num_decodes * num_kv_heads))
     return max(1, min(MAX_SPLITS, wanted))
+
+
+def host_seq_lens(cm: CommonAttentionMetadata) -> np.ndarray:
+    """int64 [num_reqs] seq lens on the host. The runner's upper bound is exact for prefill rows
+    and, without speculative decoding (which the plugin refuses), for every row; reading the device
+    copy instead would sync."""
+    seq_cpu = cm.seq_lens_cpu_upper_bound if cm.seq_lens_cpu_upper_bound is not None else cm.seq_lens_cpu
+    return seq_cpu.numpy()[: cm.num_reqs].astype(np.int64)
 
 
 class KVPressMetadataBuilder(AttentionMetadataBuilder[KVPressMetadata]):
@@ -90,13 +101,17 @@ class KVPressMetadataBuilder(AttentionMetadataBuilder[KVPressMetadata]):
         self.split_buffers = split_buffers(capacity, self.num_heads, model_config.get_head_size(), device)
         method_config = method_config_from_vllm_config(vllm_config)
         layout = method_config.page_layout(model_config.get_head_size())
+        self.block_size = layout.block_size
+        # the impl of every layer makes the same choice (backend/impl.py)
+        self.plans_flash_prefill = torch.device(device).type == "cuda" and flash_attention_version() is not None
         self.eviction = method_config if method_config.evicts_tokens else None
         if self.eviction is not None:
             self._init_eviction(vllm_config, device)
         logger.info(
             "vllm-kvpress: %s pages with %s; %.1f bytes per token and KV head (%.2fx the bf16 capacity), "
-            "block size %d", method_config.method, method_config.to_dict(), layout.bytes_per_token_head,
-            layout.compression_vs_bf16, layout.block_size,
+            "block size %d; prefill attention: %s", method_config.method, method_config.to_dict(),
+            layout.bytes_per_token_head, layout.compression_vs_bf16, layout.block_size,
+            "FlashAttention over the dequantized context" if self.plans_flash_prefill else "Triton kernel",
         )
 
     def _init_eviction(self, vllm_config, device) -> None:
@@ -119,8 +134,9 @@ class KVPressMetadataBuilder(AttentionMetadataBuilder[KVPressMetadata]):
 
     def _compacted_view(
         self, cm: CommonAttentionMetadata
-    ) -> tuple[torch.Tensor, torch.Tensor, tuple[PromptCompaction, ...]]:
-        """(block table, seq lens) the kernels read, and the compactions this step performs.
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[PromptCompaction, ...], np.ndarray | None]:
+        """(block table, seq lens) the kernels read, the compactions this step performs, and each
+        row's shift (host; None where nothing is compacted).
 
         Host work on the rows' prompt lengths (CPU, from the runner patch), then one small copy and
         a gather on the device; no device-to-host sync, so decode steps stay graph-capturable.
@@ -135,12 +151,12 @@ class KVPressMetadataBuilder(AttentionMetadataBuilder[KVPressMetadata]):
             self.view_block_table = torch.zeros(
                 self.view_seq_lens.shape[0], width, dtype=block_table.dtype, device=block_table.device
             )
-        if cm.rswa_prefix_lens is None:  # capture or profiling: the view is the table
-            self.view_kept[:num_reqs].fill_(width)
+        if cm.rswa_prefix_lens is None:  # capture or profiling: no shift, the view is the table
             self.view_shift[:num_reqs].zero_()
             compactions: tuple[PromptCompaction, ...] = ()
+            shift = None
         else:
-            kept, shift, compactions = self._plan_compaction(cm, num_reqs, width)
+            kept, shift, compactions = self._plan_compaction(cm, num_reqs)
             self.view_kept[:num_reqs].copy_(torch.from_numpy(kept), non_blocking=True)
             self.view_shift[:num_reqs].copy_(torch.from_numpy(shift), non_blocking=True)
         out_table = self.view_block_table[:num_reqs, :width]
@@ -149,13 +165,14 @@ class KVPressMetadataBuilder(AttentionMetadataBuilder[KVPressMetadata]):
             block_table, cm.seq_lens[:num_reqs], self.view_kept[:num_reqs], self.view_shift[:num_reqs],
             out_table, out_seq, self.eviction.block_size,
         )
-        return out_table, out_seq, compactions
+        return out_table, out_seq, compactions, shift
 
     def _plan_compaction(
-        self, cm: CommonAttentionMetadata, num_reqs: int, width: int
+        self, cm: CommonAttentionMetadata, num_reqs: int
     ) -> tuple[np.ndarray, np.ndarray, tuple[PromptCompaction, ...]]:
-        """Host side, from the rows' prompt lengths: (kept blocks, shift) of the view per row, and
-        the rows whose prompt completes in this step."""
+        """Host side, from the rows' prompt lengths: (kept blocks, shift) of the view per row (a row
+        with shift 0 is copied whatever its kept count), and the rows whose prompt completes in
+        this step."""
         from vllm_kvpress.eviction.policy import compacts
         from vllm_kvpress.eviction.view import shift_blocks
 
@@ -164,19 +181,18 @@ class KVPressMetadataBuilder(AttentionMetadataBuilder[KVPressMetadata]):
         given = cm.rswa_prefix_lens.cpu().numpy()[:num_reqs]
         prompt[: given.shape[0]] = given  # rows past the given ones are CUDA-graph padding
         starts = cm.query_start_loc_cpu.numpy()[: num_reqs + 1].astype(np.int64)
-        seq_cpu = cm.seq_lens_cpu_upper_bound if cm.seq_lens_cpu_upper_bound is not None else cm.seq_lens_cpu
-        seq = seq_cpu.numpy()[:num_reqs].astype(np.int64)
+        seq = host_seq_lens(cm)
         context = seq - np.diff(starts)
-        kept = np.asarray(self.eviction.kept_prompt_blocks(prompt), dtype=np.int64).reshape(num_reqs)
-        evicting = (prompt > 0) & np.asarray(compacts(prompt, self.eviction.budget, bs)).reshape(num_reqs)
-        compacting_now = evicting & (context < prompt) & (seq >= prompt)
+        kept = self.eviction.kept_prompt_blocks(prompt)
+        # padding rows (P = 0) never compact: compacts(0) is False
+        compacting_now = compacts(prompt, self.eviction.budget, bs) & (context < prompt) & (seq >= prompt)
         compactions = tuple(
             PromptCompaction(int(i), int(prompt[i]), int(starts[i]), int(context[i]), int(kept[i]))
             for i in np.nonzero(compacting_now)[0]
         )
         # rows compacted in an earlier step skip their freed blocks; the others see their table
         shift = shift_blocks(prompt, context, self.eviction.budget, bs)
-        return np.where(shift > 0, kept, width).astype(np.int32), shift, compactions
+        return kept.astype(np.int32), shift, compactions
 
     def build(
         self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata, fast_build: bool = False
@@ -184,10 +200,21 @@ class KVPressMetadataBuilder(AttentionMetadataBuilder[KVPressMetadata]):
         num_decodes, num_prefills, num_decode_tokens, _ = split_decodes_and_prefills(
             common_attn_metadata, decode_threshold=1
         )
-        block_table, seq_lens = common_attn_metadata.block_table_tensor, common_attn_metadata.seq_lens
+        cm = common_attn_metadata
+        block_table, seq_lens = cm.block_table_tensor, cm.seq_lens
         compactions: tuple[PromptCompaction, ...] = ()
+        shift = None
         if self.eviction is not None:
-            block_table, seq_lens, compactions = self._compacted_view(common_attn_metadata)
+            block_table, seq_lens, compactions, shift = self._compacted_view(cm)
+        flash_prefill = None
+        if num_prefills and self.plans_flash_prefill:
+            seq_cpu = host_seq_lens(cm)
+            if shift is not None:  # lengths as the kernels see them: the compacted view
+                seq_cpu = seq_cpu - shift.astype(np.int64) * self.block_size
+            flash_prefill = plan_flash_prefill(
+                cm.query_start_loc_cpu.numpy(), seq_cpu, num_decodes, num_prefills, self.block_size,
+                seq_lens.device,
+            )
         return KVPressMetadata(
             num_actual_tokens=common_attn_metadata.num_actual_tokens,
             num_decodes=num_decodes,
@@ -202,6 +229,7 @@ class KVPressMetadataBuilder(AttentionMetadataBuilder[KVPressMetadata]):
             split_buffers=self.split_buffers,
             compactions=compactions,
             physical_block_table=common_attn_metadata.block_table_tensor,
+            flash_prefill=flash_prefill,
         )
 
     def build_for_cudagraph_capture(self, common_attn_metadata: CommonAttentionMetadata) -> KVPressMetadata:

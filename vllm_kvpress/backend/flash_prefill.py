@@ -1,0 +1,161 @@
+"""Owns prefill attention through vLLM's FlashAttention: the chunk's queries over its compressed
+context (dequantized once per step into a bf16 workspace) and its own fresh K/V.
+
+    workspace  |--- seq 0: context (pages) ---|- chunk -|--- seq 1: context ---|- chunk -|...
+    queries                                   |- chunk -|                      |- chunk -|
+
+FlashAttention's causal mask is aligned to the bottom right when a sequence has more keys than
+queries, which is exactly "every context token plus the chunk's own earlier tokens". The chunk's
+keys are the exact bf16 projections (as in the Triton prefill kernel, KIVI and GEAR), the context
+is what the decode kernel reads. A chunk without context (a prompt's first chunk, the common case)
+attends to the fresh K/V directly, with no workspace.
+
+Why not dequantize inside the attention kernel: the Triton prefill kernel dequantizes every
+context block once per tile of query tokens, and its matmuls run far below FlashAttention's; here
+each context block is read once per step and the attention is FlashAttention 3 on Hopper.
+
+The host half (`plan_flash_prefill`) runs once per step in the metadata builder, on the CPU copies
+of the batch's lengths; prefill steps are never captured in CUDA graphs, so the workspace is
+allocated per step.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from vllm_kvpress.layout import PageLayout
+
+
+@dataclass(frozen=True)
+class FlashPrefillPlan:
+    """Where each prefill sequence's keys sit in FlashAttention's varlen layout."""
+
+    first_token: int
+    """Index of the first prefill query in the batch (decodes come first)."""
+    num_tokens: int
+    """Prefill queries of the batch."""
+    cu_seqlens_q: torch.Tensor
+    """int32 [num_seqs + 1] query offsets relative to `first_token`."""
+    max_seqlen_q: int
+    cu_seqlens_k: torch.Tensor
+    """int32 [num_seqs + 1] key offsets: equal to cu_seqlens_q without context, else into the
+    workspace of `total_keys` tokens (each sequence's context, then its chunk)."""
+    max_seqlen_k: int
+    total_keys: int
+    has_context: bool
+    context_lens: torch.Tensor
+    """int32 [num_seqs] stored tokens attended from the pages."""
+    max_context_blocks: int
+    fresh_dest: torch.Tensor
+    """int64 [num_tokens] workspace row of each prefill query's own K/V."""
+
+
+def plan_flash_prefill(
+    query_start_loc: np.ndarray, seq_lens: np.ndarray, first_seq: int, num_seqs: int, block_size: int,
+    device: torch.device,
+) -> FlashPrefillPlan:
+    """The varlen layout of rows `first_seq .. first_seq + num_seqs - 1`.
+
+    Args:
+        query_start_loc: int [>= first_seq + num_seqs + 1] query offsets of the batch's rows (CPU).
+        seq_lens: int [>= first_seq + num_seqs] tokens per row including this step's, as the
+            kernels see them (the compacted view for eviction methods).
+    """
+    starts = np.asarray(query_start_loc[first_seq : first_seq + num_seqs + 1], dtype=np.int64)
+    query_lens = np.diff(starts)
+    seq = np.asarray(seq_lens[first_seq : first_seq + num_seqs], dtype=np.int64)
+    context = seq - query_lens
+    cu_q = starts - starts[0]
+    has_context = bool((context > 0).any())
+    if has_context:
+        cu_k = np.concatenate([[0], np.cumsum(seq)])
+        # chunk token j of sequence i goes after that sequence's context
+        fresh_dest = np.repeat(cu_k[:-1] + context - cu_q[:-1], query_lens) + np.arange(cu_q[-1])
+    else:
+        cu_k, fresh_dest = cu_q, np.zeros(0, dtype=np.int64)
+
+    def to_device(a, dtype):
+        return torch.from_numpy(np.ascontiguousarray(a, dtype=dtype)).to(device, non_blocking=True)
+
+    return FlashPrefillPlan(
+        first_token=int(starts[0]),
+        num_tokens=int(cu_q[-1]),
+        cu_seqlens_q=to_device(cu_q, np.int32),
+        max_seqlen_q=int(query_lens.max(initial=0)),
+        cu_seqlens_k=to_device(cu_k, np.int32),
+        max_seqlen_k=int(seq.max(initial=0)),
+        total_keys=int(cu_k[-1]),
+        has_context=has_context,
+        context_lens=to_device(context, np.int32),
+        max_context_blocks=int(-(-context.max(initial=0) // block_size)),
+        fresh_dest=to_device(fresh_dest, np.int64),
+    )
+
+
+def prefill_keys_values(
+    plan: FlashPrefillPlan,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    layout: PageLayout,
+    first_seq: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """K, V [plan.total_keys, num_kv_heads, head_size] in the plan's varlen layout: the fresh
+    projections themselves when no sequence has context, else a workspace of dequantized context
+    and fresh chunk."""
+    from vllm_kvpress.triton_kernels.read_pages import read_pages_into
+
+    fresh = slice(plan.first_token, plan.first_token + plan.num_tokens)
+    if not plan.has_context:
+        return key[fresh], value[fresh]
+    k_ws = key.new_empty(plan.total_keys, key.shape[1], key.shape[2])
+    v_ws = torch.empty_like(k_ws)
+    read_pages_into(cache, block_table, plan.context_lens, seq_lens, plan.cu_seqlens_k, k_ws, v_ws, layout,
+                    first_row=first_seq, max_blocks=plan.max_context_blocks)
+    k_ws.index_copy_(0, plan.fresh_dest, key[fresh])
+    v_ws.index_copy_(0, plan.fresh_dest, value[fresh])
+    return k_ws, v_ws
+
+
+def flash_attention_version() -> int | None:
+    """vLLM's FlashAttention version for this GPU (3 on Hopper), or None where it has none (no CUDA,
+    or a build without its kernels): the Triton prefill kernel serves there."""
+    if not torch.cuda.is_available():
+        return None
+    from vllm.v1.attention.backends.fa_utils import get_flash_attn_version
+
+    return get_flash_attn_version()
+
+
+def flash_prefill_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    out: torch.Tensor,
+    cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    layout: PageLayout,
+    plan: FlashPrefillPlan,
+    *,
+    scale: float,
+    first_seq: int,
+    fa_version: int,
+) -> torch.Tensor:
+    """Causal attention of the plan's prefill queries, written into their rows of `out`.
+
+    Args: as `prefill_attention` (query/key/value the batch's fresh projections, out like query).
+    """
+    from vllm.vllm_flash_attn import flash_attn_varlen_func
+
+    k, v = prefill_keys_values(plan, key, value, cache, block_table, seq_lens, layout, first_seq)
+    rows = slice(plan.first_token, plan.first_token + plan.num_tokens)
+    flash_attn_varlen_func(
+        query[rows], k, v, max_seqlen_q=plan.max_seqlen_q, cu_seqlens_q=plan.cu_seqlens_q,
+        max_seqlen_k=plan.max_seqlen_k, cu_seqlens_k=plan.cu_seqlens_k, softmax_scale=scale, causal=True,
+        out=out[rows], fa_version=fa_version,
+    )
+    return out
