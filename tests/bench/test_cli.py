@@ -31,7 +31,7 @@ def test_defaults_are_the_first_gpu_run():
         "kivi:bits=2",
     ]
     assert (request.mode, request.engine.gpu_memory_utilization, request.engine.seed) == ("offline", 0.9, 0)
-    assert request.engine.enforce_eager is False
+    assert request.engine.enforce_eager is False and request.engine.kv_cache_memory_bytes is None
 
 
 def test_flags_reach_the_request():
@@ -59,6 +59,8 @@ def test_flags_reach_the_request():
                 "--deadline-s",
                 "560",
                 "--no-warmup",
+                "--kv-cache-memory-bytes",
+                "21474836480",
             ]
         )
     )
@@ -67,6 +69,7 @@ def test_flags_reach_the_request():
     assert (request.request_rate, request.max_concurrency, request.deadline_s) == (2.0, 8, 560.0)
     assert request.engine.max_num_seqs == 64 and request.engine.enable_prefix_caching is False
     assert request.warmup is False
+    assert request.engine.kv_cache_memory_bytes == 20 * 2**30
 
 
 def test_bad_config_is_reported_without_traceback(capsys):

@@ -167,6 +167,7 @@ def test_same_settings_for_every_configuration():
         max_num_seqs=128,
         max_num_batched_tokens=4096,
         enable_prefix_caching=False,
+        kv_cache_memory_bytes=20 * 2**30,
     )
     shared = [
         {k: v for k, v in _settings(s, options).items() if k not in ("kv_cache_dtype", "additional_config")}
@@ -174,6 +175,11 @@ def test_same_settings_for_every_configuration():
     ]
     assert all(s == shared[0] for s in shared)
     assert shared[0]["gpu_memory_utilization"] == 0.85 and shared[0]["enable_prefix_caching"] is False
+    assert shared[0]["kv_cache_memory_bytes"] == 20 * 2**30
+    from vllm.engine.arg_utils import EngineArgs
+
+    assert EngineArgs(**offline_engine_kwargs(shared[0])).kv_cache_memory_bytes == 20 * 2**30
+    assert "kv_cache_memory_bytes" not in _settings(FIRST_GPU_RUN[0])  # default: vLLM's profiling
     assert shared[0]["seed"] == 0 and shared[0]["enforce_eager"] is False  # CUDA graphs on
 
 

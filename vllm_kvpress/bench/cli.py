@@ -23,6 +23,7 @@ RUN_SETTING_FLAGS = (
     "enforce_eager",
     "prefix_caching",
     "tensor_parallel_size",
+    "kv_cache_memory_bytes",
     "request_rate",
     "max_concurrency",
 )
@@ -96,6 +97,11 @@ def add_parser(subparsers) -> None:
     )
     engine.add_argument("--prefix-caching", choices=("on", "off"), default=None, help="default: vLLM's (on)")
     engine.add_argument("--tensor-parallel-size", type=int, default=None, help="default 1")
+    engine.add_argument(
+        "--kv-cache-memory-bytes", type=int, default=None,
+        help="give every configuration exactly this many bytes of KV cache (vLLM's flag of that name; "
+        "default: sized from --gpu-memory-utilization by vLLM's profiling)",
+    )
     online = p.add_argument_group("online mode")
     online.add_argument(
         "--request-rate",
@@ -161,6 +167,7 @@ def engine_options(args: argparse.Namespace) -> EngineOptions:
         enforce_eager=bool(args.enforce_eager),
         enable_prefix_caching=None if args.prefix_caching is None else args.prefix_caching == "on",
         tensor_parallel_size=pick("tensor_parallel_size"),
+        kv_cache_memory_bytes=args.kv_cache_memory_bytes,
     )
 
 

@@ -205,6 +205,10 @@ class EngineOptions:
     enable_prefix_caching: bool | None = None
     """None keeps vLLM's default (on); plugin methods that evict turn it off themselves."""
     tensor_parallel_size: int = 1
+    kv_cache_memory_bytes: int | None = None
+    """None: vLLM sizes the KV cache from `gpu_memory_utilization` by profiling. A number gives
+    every configuration exactly these KV bytes, e.g. to keep a workload as memory-bound on a
+    larger GPU as on the one it was sized for."""
 
 
 def engine_settings(
@@ -226,6 +230,8 @@ def engine_settings(
     }
     if options.enable_prefix_caching is not None:
         settings["enable_prefix_caching"] = options.enable_prefix_caching
+    if options.kv_cache_memory_bytes is not None:
+        settings["kv_cache_memory_bytes"] = options.kv_cache_memory_bytes
     if config.method_settings is not None:
         settings["additional_config"] = {ADDITIONAL_CONFIG_KEY: dict(config.method_settings)}
     return settings

@@ -34,6 +34,8 @@ def _settings_line(combined: dict) -> str:
         f"max_num_seqs {engine['max_num_seqs']}, max_num_batched_tokens {engine['max_num_batched_tokens']}, "
         f"seed {engine['seed']}, CUDA graphs {'off' if engine['enforce_eager'] else 'on'}"
     )
+    if engine.get("kv_cache_memory_bytes") is not None:
+        line += f", KV cache fixed at {engine['kv_cache_memory_bytes'] / 2**30:.1f} GiB per configuration"
     if combined["mode"] == "online":
         rate = combined.get("request_rate")
         line += (
