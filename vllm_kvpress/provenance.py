@@ -6,7 +6,8 @@ from importlib import metadata
 from pathlib import Path
 
 GIT_COMMIT_ENV = "KVPRESS_GIT_COMMIT"
-"""Set it where the checkout has no .git (a copy of the working tree on another machine)."""
+"""Names the commit of a copy of the working tree on another machine; when set it wins over any
+.git found there, which may belong to another commit than the files."""
 
 
 def package_version(name: str) -> str | None:
@@ -17,7 +18,10 @@ def package_version(name: str) -> str | None:
 
 
 def git_state(repo_dir: Path) -> dict[str, str | bool | None]:
-    """Commit and dirtiness of the checkout in `repo_dir`, else `$KVPRESS_GIT_COMMIT`, else None."""
+    """`$KVPRESS_GIT_COMMIT` if set, else the commit and dirtiness of the checkout in `repo_dir`, else None."""
+    named = os.environ.get(GIT_COMMIT_ENV)
+    if named:
+        return {"git_commit": named, "git_dirty": None}
 
     def git(*args: str) -> str | None:
         try:
@@ -30,6 +34,6 @@ def git_state(repo_dir: Path) -> dict[str, str | bool | None]:
 
     commit = git("rev-parse", "HEAD")
     if commit is None:
-        return {"git_commit": os.environ.get(GIT_COMMIT_ENV), "git_dirty": None}
+        return {"git_commit": None, "git_dirty": None}
     status = git("status", "--porcelain", "--untracked-files=no")
     return {"git_commit": commit, "git_dirty": None if status is None else bool(status)}

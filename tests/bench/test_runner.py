@@ -3,6 +3,7 @@ results never overwritten, `--resume`, and the deadline."""
 
 import io
 import json
+import subprocess
 import sys
 import time
 
@@ -258,3 +259,14 @@ def test_resume_measures_only_the_workloads_still_missing(
     rows = {r["workload"]["name"]: r for r in results.load_combined(run_dir)["rows"]}
     assert (rows["long-prompt"]["invocation"], rows["decode-heavy"]["invocation"]) == (0, 1)
     assert rows["decode-heavy"]["status"] == "ok"
+
+
+def test_workers_import_the_installed_package_not_the_working_directory(tmp_path):
+    """A `vllm_kvpress/` source folder in the working directory (the repository root, say) must not
+    shadow the installed package in the engine processes."""
+    shadow = tmp_path / "vllm_kvpress"
+    shadow.mkdir()
+    (shadow / "__init__.py").write_text("raise ImportError('the working directory shadowed the package')")
+    done = subprocess.run(list(runner.BenchRequest([], []).worker_argv), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert "shadowed" not in done.stderr
+    assert done.returncode == 2 and "usage: python -m vllm_kvpress.bench.offline" in done.stderr

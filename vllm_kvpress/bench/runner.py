@@ -70,8 +70,11 @@ class BenchRequest:
     device_index: int = 0
     warmup: bool = True
     command: str = ""
-    worker_argv: tuple[str, ...] = (sys.executable, "-m", WORKER_MODULE)
-    serve_prefix: tuple[str, ...] = (sys.executable, "-m", "vllm.entrypoints.cli.main", "serve")
+    # -P: the children import the installed package, never a source tree in the working directory
+    # (a non-editable install run from the repository root would otherwise import its bare
+    # `vllm_kvpress/`, which lacks the `triton_kernels` and `configs` it installs as subpackages)
+    worker_argv: tuple[str, ...] = (sys.executable, "-P", "-m", WORKER_MODULE)
+    serve_prefix: tuple[str, ...] = (sys.executable, "-P", "-m", "vllm.entrypoints.cli.main", "serve")
     """How `vllm serve` is started; the same interpreter as this process, whatever PATH says."""
     memory_release_timeout_s: float = 90.0
     sample_interval_s: float = gpu.SAMPLE_INTERVAL_S
