@@ -115,6 +115,7 @@ class KVPressMetadataBuilder(AttentionMetadataBuilder[KVPressMetadata]):
         )
 
     def _init_eviction(self, vllm_config, device) -> None:
+        from vllm_kvpress.eviction.compaction_steps import patch_v2_runner_compaction_steps
         from vllm_kvpress.eviction.prompt_lens import patch_v2_runner_prompt_lens
 
         if not vllm_config.use_v2_model_runner:
@@ -124,6 +125,7 @@ class KVPressMetadataBuilder(AttentionMetadataBuilder[KVPressMetadata]):
                 "VLLM_USE_V2_MODEL_RUNNER=0"
             )
         patch_v2_runner_prompt_lens()
+        patch_v2_runner_compaction_steps()
         max_seqs = vllm_config.scheduler_config.max_num_seqs
         # persistent: a captured decode graph reads the view from these addresses at every replay;
         # the table's width is vLLM's, known at the first build (before any capture)

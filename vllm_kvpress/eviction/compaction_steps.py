@@ -1,0 +1,87 @@
+"""Owns keeping the step that compacts a prompt out of FULL CUDA graphs.
+
+The attention layer compacts a prompt in Python right after the step that completes it
+(backend/impl.py), and the scheduler's block manager frees the evicted blocks after that step
+whatever happened on the GPU. A step replayed as a FULL CUDA graph runs only the captured kernels:
+its compaction would be skipped, and every later step would read uncompacted tokens through the
+compacted view. vLLM replays FULL graphs only for uniform decode batches (one token per row), so
+the case is a prompt whose last chunk is a single token in a batch of decodes, e.g. a prompt one
+token longer than the chunk it got.
+
+vLLM 0.26.0's V2 model runner picks the graph in `execute_model` through
+`dispatch_cg_and_sync_dp(..., uniform_token_count, ...)`, after it has brought its per-request state
+up to date for the step. The wrapper below hands that dispatch `uniform_token_count=None` when a
+row of the step completes a prompt that compacts: no FULL graph matches a non-uniform batch, so the
+step runs with PIECEWISE graphs, in which attention (and so compaction) runs eagerly.
+"""
+
+import contextvars
+
+from vllm_kvpress.eviction.policy import Budget, compacts
+
+_runner_step: contextvars.ContextVar = contextvars.ContextVar("kvpress_runner_step", default=None)
+"""(runner, scheduler_output, eviction config) of the `execute_model` call in progress."""
+
+
+def compaction_due(req_states, num_scheduled_tokens: dict[str, int], budget: Budget, block_size: int) -> bool:
+    """Whether a scheduled row completes a prompt that compacts: computed < P <= computed + new.
+
+    Args:
+        req_states: the V2 runner's `RequestState`, already updated for this step.
+        num_scheduled_tokens: request id -> tokens this step computes for it.
+    """
+    for req_id, num_new in num_scheduled_tokens.items():
+        index = req_states.req_id_to_index.get(req_id)
+        if index is None:
+            continue
+        computed = int(req_states.num_computed_tokens_np[index])
+        prompt = int(req_states.prompt_len.np[index])
+        if computed < prompt <= computed + num_new and compacts(prompt, budget, block_size):
+            return True
+    return False
+
+
+def wrap_dispatch(dispatch):
+    """`dispatch_cg_and_sync_dp` that sees a batch completing a compacting prompt as non-uniform."""
+
+    def dispatch_cg_and_sync_dp(cudagraph_manager, num_reqs, num_tokens, uniform_token_count, *args, **kwargs):
+        step = _runner_step.get()
+        if uniform_token_count is not None and step is not None:
+            runner, scheduler_output, config = step
+            if compaction_due(runner.req_states, scheduler_output.num_scheduled_tokens, config.budget,
+                              config.block_size):
+                uniform_token_count = None
+        return dispatch(cudagraph_manager, num_reqs, num_tokens, uniform_token_count, *args, **kwargs)
+
+    dispatch_cg_and_sync_dp._kvpress_wrapped = True  # type: ignore[attr-defined]
+    return dispatch_cg_and_sync_dp
+
+
+def wrap_execute_model(execute_model):
+    """`GPUModelRunner.execute_model` that tells the dispatch which runner and step it serves; the
+    method's settings come from the runner's own `vllm_config`."""
+
+    def execute_model_in_step(self, scheduler_output, *args, **kwargs):
+        config = getattr(self, "_kvpress_method_config", None)
+        if config is None:
+            from vllm_kvpress.backend.state import method_config_from_vllm_config
+
+            config = self._kvpress_method_config = method_config_from_vllm_config(self.vllm_config)
+        token = _runner_step.set((self, scheduler_output, config) if config.evicts_tokens else None)
+        try:
+            return execute_model(self, scheduler_output, *args, **kwargs)
+        finally:
+            _runner_step.reset(token)
+
+    return execute_model_in_step
+
+
+def patch_v2_runner_compaction_steps() -> None:
+    """Wrap vLLM 0.26.0 `GPUModelRunner.execute_model` and the `dispatch_cg_and_sync_dp` it calls
+    (idempotent)."""
+    from vllm.v1.worker.gpu import model_runner
+
+    if getattr(model_runner.dispatch_cg_and_sync_dp, "_kvpress_wrapped", False):
+        return
+    model_runner.dispatch_cg_and_sync_dp = wrap_dispatch(model_runner.dispatch_cg_and_sync_dp)
+    model_runner.GPUModelRunner.execute_model = wrap_execute_model(model_runner.GPUModelRunner.execute_model)
