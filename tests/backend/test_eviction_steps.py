@@ -83,3 +83,21 @@ def test_eviction_refuses_vllms_v1_runner(engine_config):
     assert not vllm_config.use_v2_model_runner
     with pytest.raises(Exception, match="evicts tokens and needs vLLM's V2 model runner"):
         KVPressMetadataBuilder(None, ["layer"], vllm_config, torch.device("cpu"))
+
+
+def test_flashattention_prefill_plans_over_the_compacted_view(engine_config, monkeypatch, device):
+    """The varlen plan a GPU with FlashAttention gets counts the tokens the kernels see: the whole
+    table while the prompt is prefilled, the compacted view for a chunk after the compaction."""
+    vllm_config = engine_config(block_size=16, additional_config={"kv_compression": SETTINGS})
+    monkeypatch.setattr(type(vllm_config), "use_v2_model_runner", property(lambda self: True))
+    builder = KVPressMetadataBuilder(None, ["layer"], vllm_config, torch.device(device))
+    builder.plans_flash_prefill = True  # what a CUDA device with FlashAttention gets
+    block_table = torch.randperm(16, dtype=torch.int32, device=device)[None]
+    # two prompt chunks, then a chunk past the compacted prompt (a re-prefill after preemption)
+    for context, seq_len, seen in [(0, 128, 128), (128, 150, 150), (150, 160, 160 - (9 - 3) * 16)]:
+        slots = torch.zeros(seq_len - context, dtype=torch.int64, device=device)
+        metadata = _metadata(builder, block_table, context, seq_len, slots, device)
+        plan = metadata.flash_prefill
+        assert int(metadata.seq_lens[0]) == seen and plan.cu_seqlens_k.tolist() == [0, seen]
+        assert plan.context_lens.tolist() == [seen - (seq_len - context)]
+        assert plan.has_context == (context > 0)

@@ -199,10 +199,8 @@ class KVPressMetadataBuilder(AttentionMetadataBuilder[KVPressMetadata]):
     def build(
         self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata, fast_build: bool = False
     ) -> KVPressMetadata:
-        num_decodes, num_prefills, num_decode_tokens, _ = split_decodes_and_prefills(
-            common_attn_metadata, decode_threshold=1
-        )
         cm = common_attn_metadata
+        num_decodes, num_prefills, num_decode_tokens, _ = split_decodes_and_prefills(cm, decode_threshold=1)
         block_table, seq_lens = cm.block_table_tensor, cm.seq_lens
         compactions: tuple[PromptCompaction, ...] = ()
         shift = None
@@ -218,19 +216,19 @@ class KVPressMetadataBuilder(AttentionMetadataBuilder[KVPressMetadata]):
                 seq_lens.device,
             )
         return KVPressMetadata(
-            num_actual_tokens=common_attn_metadata.num_actual_tokens,
+            num_actual_tokens=cm.num_actual_tokens,
             num_decodes=num_decodes,
             num_decode_tokens=num_decode_tokens,
             num_prefills=num_prefills,
-            max_query_len=common_attn_metadata.max_query_len,
-            query_start_loc=common_attn_metadata.query_start_loc,
+            max_query_len=cm.max_query_len,
+            query_start_loc=cm.query_start_loc,
             seq_lens=seq_lens,
             block_table=block_table,
-            slot_mapping=common_attn_metadata.slot_mapping,
+            slot_mapping=cm.slot_mapping,
             num_splits=num_decode_splits(num_decodes, self.num_kv_heads, self.num_sms),
             split_buffers=self.split_buffers,
             compactions=compactions,
-            physical_block_table=common_attn_metadata.block_table_tensor,
+            physical_block_table=cm.block_table_tensor,
             flash_prefill=flash_prefill,
         )
 
