@@ -72,3 +72,21 @@ def make_batch(context_lens, query_lens, num_kv_heads, head_size, block_size, nu
         full_k.append(k.to(dtype).to(device))
         full_v.append(torch.randn(s, num_kv_heads, head_size).to(dtype).to(device))
     return Batch(list(context_lens), list(query_lens), ids.int().to(device), full_k, full_v)
+
+
+def write_batch(batch: Batch, layout: PageLayout, power_iters: int, spare_blocks: int = 0):
+    """A cache holding each sequence's context, written as an earlier step did, and this step's
+    tokens, written in one call as the step's cache update does: (cache, k_new, v_new)."""
+    from vllm_kvpress.triton_kernels.cache_write import write_kv_pages
+
+    num_kv_heads = batch.full_k[0].shape[1]
+    cache = torch.zeros(int(batch.block_table.max()) + 1 + spare_blocks, num_kv_heads, layout.bytes_per_head,
+                        dtype=torch.uint8, device=batch.block_table.device)
+
+    def write(k, v, slots):
+        write_kv_pages(k, v, cache, slots, layout, power_iters=power_iters)
+
+    batch.write_context(write, layout.block_size)
+    k_new, v_new = batch.write_new(write, layout.block_size)
+    return cache, k_new, v_new
+

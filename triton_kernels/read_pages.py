@@ -107,7 +107,7 @@ def read_pages(
     k = torch.empty(num_tokens, num_kv_heads, layout.head_size, dtype=dtype, device=cache.device)
     v = torch.empty_like(k)
     # one row: its stored tokens are the ones read; device scalars by fill, no host-to-device copy
-    one = dict(dtype=torch.int32, device=cache.device)
+    one = {"dtype": torch.int32, "device": cache.device}
     count = torch.full((1,), num_tokens, **one)
     read_pages_into(cache, block_ids[None, :], count, count, torch.zeros(1, **one), k, v, layout,
                     first_row=0, max_blocks=num_blocks)

@@ -4,12 +4,11 @@ on CPU). FlashAttention itself runs on the GPU only: tests/gpu/test_kernel_parit
 import numpy as np
 import pytest
 import torch
+from helpers import layout_for, make_batch, write_batch
 
 from vllm_kvpress.backend.flash_prefill import plan_flash_prefill, prefill_keys_values
 from vllm_kvpress.reference import page_codec
 from vllm_kvpress.reference.attention import causal_attention, paged_attention
-from vllm_kvpress.triton_kernels.cache_write import write_kv_pages
-from helpers import layout_for, make_batch
 
 
 def test_plan_places_each_chunk_after_its_context():
@@ -44,13 +43,7 @@ def test_keys_are_the_pages_then_the_chunk_and_attention_over_them_is_the_refere
     # a decode, then prefills: mid-block context, block-aligned context, none
     context, query = [100, 70, 2 * bs, 0], [1, 70, 30, 90]
     batch = make_batch(context, query, kv_heads, head_size, bs, device=device)
-    cache = torch.zeros(batch.block_table.max() + 1, kv_heads, layout.bytes_per_head, dtype=torch.uint8, device=device)
-
-    def write(k, v, slots):
-        write_kv_pages(k, v, cache, slots, layout, power_iters=iters)
-
-    batch.write_context(write, bs)
-    k_new, v_new = batch.write_new(write, bs)
+    cache, k_new, v_new = write_batch(batch, layout, iters)
     seq_lens = torch.tensor(batch.seq_lens, dtype=torch.int32, device=device)
     qsl = batch.query_start_loc()
     plan = plan_flash_prefill(qsl.numpy(), np.array(batch.seq_lens), 1, 3, bs, device)

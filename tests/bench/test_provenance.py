@@ -6,12 +6,14 @@ from vllm_kvpress.provenance import GIT_COMMIT_ENV, git_state
 
 
 def _repo(path):
-    run = lambda *a: subprocess.run(["git", "-C", str(path), *a], check=True, capture_output=True)  # noqa: E731
+    def run(*args):
+        return subprocess.run(["git", "-C", str(path), *args], check=True, capture_output=True, text=True)
+
     run("init", "-q")
     (path / "f").write_text("x")
     run("add", "f")
     run("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c")
-    return subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    return run("rev-parse", "HEAD").stdout.strip()
 
 
 def test_checkout_commit_without_the_variable(tmp_path, monkeypatch):

@@ -6,13 +6,12 @@ reference/page_codec.py, so a disagreement isolates the attention kernels.
 
 import pytest
 import torch
+from helpers import layout_for, make_batch, write_batch
+from vllm_kvpress.triton_kernels.decode_attention import decode_attention, split_buffers
+from vllm_kvpress.triton_kernels.prefill_attention import prefill_attention
 
 from vllm_kvpress.reference import page_codec
 from vllm_kvpress.reference.attention import paged_attention
-from vllm_kvpress.triton_kernels.cache_write import write_kv_pages
-from vllm_kvpress.triton_kernels.decode_attention import decode_attention, split_buffers
-from vllm_kvpress.triton_kernels.prefill_attention import prefill_attention
-from helpers import layout_for, make_batch
 
 # (method, settings, heads, kv_heads, head_size): GQA groups 1, 3, 4, 5, 7 and 8 over both head sizes
 CASES = [
@@ -34,12 +33,7 @@ def _setup(method, settings, heads, kv_heads, head_size, device):
     layout, iters = layout_for(method, head_size, **settings)
     bs = layout.block_size
     batch = make_batch(CONTEXT_LENS, QUERY_LENS, kv_heads, head_size, bs, device=device)
-    cache = torch.zeros(batch.block_table.max() + 5, kv_heads, layout.bytes_per_head, dtype=torch.uint8, device=device)
-    def write(k, v, slots):
-        write_kv_pages(k, v, cache, slots, layout, power_iters=iters)
-
-    batch.write_context(write, bs)
-    k_new, v_new = batch.write_new(write, bs)
+    cache, k_new, v_new = write_batch(batch, layout, iters, spare_blocks=4)
     q = torch.randn(sum(QUERY_LENS), heads, head_size, device=device).bfloat16()
     expected = paged_attention(
         q.cpu(), k_new.cpu(), v_new.cpu(), batch.query_start_loc().tolist(), batch.seq_lens,
