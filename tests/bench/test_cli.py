@@ -60,7 +60,7 @@ def test_flags_reach_the_request():
                 "560",
                 "--no-warmup",
                 "--kv-cache-memory-bytes",
-                "21474836480",
+                "20G",
             ]
         )
     )
