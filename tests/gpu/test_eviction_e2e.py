@@ -61,3 +61,40 @@ def test_evicted_prompt_blocks_return_to_the_free_pool():
     assert max(after) - lowest >= freed
     assert result["generated"] == 32
     assert trace[-1] == trace[0]  # everything back once the request finished
+
+
+GREEDY_TOKENS = """
+import json, sys
+import numpy as np
+from vllm import LLM, SamplingParams
+model, settings, prompt_len, mode = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+llm = LLM(model=model, load_format="dummy", skip_tokenizer_init=True, max_model_len=16640,
+          gpu_memory_utilization=0.6, seed=0, max_num_batched_tokens=CHUNK,
+          compilation_config={"cudagraph_mode": mode}, additional_config={"kv_compression": settings})
+ids = np.random.default_rng(0).integers(1000, 100000, prompt_len).tolist()
+params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, detokenize=False)
+print("RESULT " + json.dumps(list(llm.generate([{"prompt_token_ids": ids}], params)[0].outputs[0].token_ids)))
+"""
+CHUNK = 8192
+
+
+def _greedy_tokens(settings: dict, prompt_len: int, mode: str) -> list[int]:
+    script = GREEDY_TOKENS.replace("CHUNK", str(CHUNK))
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(LLAMA_CONFIG), json.dumps(settings), str(prompt_len), mode],
+        check=False, capture_output=True, text=True, timeout=900,
+    )
+    assert out.returncode == 0, (out.stdout + out.stderr)[-5000:]
+    return json.loads([line for line in out.stdout.splitlines() if line.startswith("RESULT ")][-1][7:])
+
+
+def test_a_prompt_completed_by_a_one_token_chunk_is_compacted_under_full_graphs():
+    """A prompt of CHUNK + 1 tokens ends with a one-token chunk in a batch of its own: a uniform decode
+    batch, which vLLM would replay as a FULL CUDA graph, skipping the compaction in Python while the
+    block manager frees the blocks (eviction/compaction_steps.py). With PIECEWISE graphs only,
+    attention always runs eagerly; both must generate the same tokens."""
+    settings = {"method": "snapkv", "budget": BUDGET, "bits": 4}
+    full = _greedy_tokens(settings, CHUNK + 1, "FULL_AND_PIECEWISE")
+    piecewise = _greedy_tokens(settings, CHUNK + 1, "PIECEWISE")
+    assert len(full) == 16 and full == piecewise
+
