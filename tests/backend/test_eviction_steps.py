@@ -91,7 +91,7 @@ def test_flashattention_prefill_plans_over_the_compacted_view(engine_config, mon
     vllm_config = engine_config(block_size=16, additional_config={"kv_compression": SETTINGS})
     monkeypatch.setattr(type(vllm_config), "use_v2_model_runner", property(lambda self: True))
     builder = KVPressMetadataBuilder(None, ["layer"], vllm_config, torch.device(device))
-    builder.plans_flash_prefill = True  # what a CUDA device with FlashAttention gets
+    builder.fa_version = 3  # what a Hopper GPU gets
     block_table = torch.randperm(16, dtype=torch.int32, device=device)[None]
     # two prompt chunks, then a chunk past the compacted prompt (a re-prefill after preemption)
     for context, seq_len, seen in [(0, 128, 128), (128, 150, 150), (150, 160, 160 - (9 - 3) * 16)]:

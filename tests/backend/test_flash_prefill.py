@@ -6,7 +6,11 @@ import pytest
 import torch
 from helpers import layout_for, make_batch, write_batch
 
-from vllm_kvpress.backend.flash_prefill import plan_flash_prefill, prefill_keys_values
+from vllm_kvpress.backend.flash_prefill import (
+    flash_prefill_attention,
+    plan_flash_prefill,
+    prefill_keys_values,
+)
 from vllm_kvpress.reference import page_codec
 from vllm_kvpress.reference.attention import causal_attention, paged_attention
 
@@ -19,6 +23,13 @@ def test_plan_places_each_chunk_after_its_context():
     assert plan.context_lens.tolist() == [70, 0] and plan.max_context_blocks == 2
     assert (plan.max_seqlen_q, plan.max_seqlen_k, plan.has_context) == (90, 140, True)
     assert plan.fresh_dest.tolist() == list(range(70, 140)) + list(range(140, 230))
+
+
+def test_attention_needs_the_plan_to_name_a_flashattention_version():
+    plan = plan_flash_prefill(np.array([0, 4]), np.array([4]), 0, 1, 64, "cpu")
+    q = torch.randn(4, 2, 64)
+    with pytest.raises(ValueError, match="names no FlashAttention version"):
+        flash_prefill_attention(q, q, q, q, None, None, None, None, plan, scale=0.125, first_seq=0)
 
 
 def test_plan_without_context_reads_the_fresh_projections():

@@ -4,14 +4,18 @@ PyTorch reference on the same pages. Run on the GPU machine: pytest -m gpu tests
 import numpy as np
 import pytest
 import torch
-
-from vllm_kvpress.backend.flash_prefill import flash_attention_version, flash_prefill_attention, plan_flash_prefill
-from vllm_kvpress.reference import page_codec
-from vllm_kvpress.reference.attention import paged_attention
+from helpers import layout_for, make_batch
 from vllm_kvpress.triton_kernels.cache_write import write_kv_pages
 from vllm_kvpress.triton_kernels.decode_attention import decode_attention, split_buffers
 from vllm_kvpress.triton_kernels.prefill_attention import prefill_attention
-from helpers import layout_for, make_batch
+
+from vllm_kvpress.backend.flash_prefill import (
+    flash_attention_version,
+    flash_prefill_attention,
+    plan_flash_prefill,
+)
+from vllm_kvpress.reference import page_codec
+from vllm_kvpress.reference.attention import paged_attention
 
 pytestmark = pytest.mark.gpu
 
@@ -78,10 +82,11 @@ def test_write_decode_prefill_match_reference_at_real_shapes(method, settings, h
     torch.testing.assert_close(out.float(), expected, **TOL)
 
     # the prefill vLLM runs on Hopper: FlashAttention over the dequantized context and the chunk
-    plan = plan_flash_prefill(batch.query_start_loc().numpy(), np.array(batch.seq_lens), 2, 2, bs, "cuda")
+    plan = plan_flash_prefill(batch.query_start_loc().numpy(), np.array(batch.seq_lens), 2, 2, bs, "cuda",
+                              flash_attention_version())
     out_fa = torch.full_like(q, float("nan"))
     flash_prefill_attention(q, k_new, v_new, out_fa, cache, batch.block_table, seq_lens, layout, plan,
-                            scale=head_size ** -0.5, first_seq=2, fa_version=flash_attention_version())
+                            scale=head_size ** -0.5, first_seq=2)
     torch.testing.assert_close(out_fa[2:].float(), expected[2:], **TOL)
     assert out_fa[:2].isnan().all()
 

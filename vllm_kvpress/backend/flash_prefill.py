@@ -49,11 +49,13 @@ class FlashPrefillPlan:
     max_context_blocks: int
     fresh_dest: torch.Tensor
     """int64 [num_tokens] workspace row of each prefill query's own K/V."""
+    fa_version: int | None = None
+    """vLLM's FlashAttention version to run (`flash_attention_version`)."""
 
 
 def plan_flash_prefill(
     query_start_loc: np.ndarray, seq_lens: np.ndarray, first_seq: int, num_seqs: int, block_size: int,
-    device: torch.device,
+    device: torch.device, fa_version: int | None = None,
 ) -> FlashPrefillPlan:
     """The varlen layout of rows `first_seq .. first_seq + num_seqs - 1`.
 
@@ -90,6 +92,7 @@ def plan_flash_prefill(
         context_lens=to_device(context, np.int32),
         max_context_blocks=int(-(-context.max(initial=0) // block_size)),
         fresh_dest=to_device(fresh_dest, np.int64),
+        fa_version=fa_version,
     )
 
 
@@ -143,12 +146,13 @@ def flash_prefill_attention(
     *,
     scale: float,
     first_seq: int,
-    fa_version: int,
 ) -> torch.Tensor:
     """Causal attention of the plan's prefill queries, written into their rows of `out`.
 
     Args: as `prefill_attention` (query/key/value the batch's fresh projections, out like query).
     """
+    if plan.fa_version is None:  # FlashAttention's own default (2) may not be built for this GPU
+        raise ValueError("the prefill plan names no FlashAttention version (plan_flash_prefill(fa_version=...))")
     from vllm.vllm_flash_attn import flash_attn_varlen_func
 
     k, v = prefill_keys_values(plan, key, value, cache, block_table, seq_lens, layout, first_seq)
@@ -156,6 +160,6 @@ def flash_prefill_attention(
     flash_attn_varlen_func(
         query[rows], k, v, max_seqlen_q=plan.max_seqlen_q, cu_seqlens_q=plan.cu_seqlens_q,
         max_seqlen_k=plan.max_seqlen_k, cu_seqlens_k=plan.cu_seqlens_k, softmax_scale=scale, causal=True,
-        out=out[rows], fa_version=fa_version,
+        out=out[rows], fa_version=plan.fa_version,
     )
     return out

@@ -3,7 +3,7 @@
 import torch
 from vllm.v1.attention.backend import AttentionImpl, AttentionType
 
-from vllm_kvpress.backend.flash_prefill import flash_attention_version, flash_prefill_attention
+from vllm_kvpress.backend.flash_prefill import flash_prefill_attention
 from vllm_kvpress.backend.metadata import KVPressMetadata
 from vllm_kvpress.backend.state import current_method_config
 from vllm_kvpress.eviction.compaction import compact_prompt
@@ -46,9 +46,6 @@ class KVPressImpl(AttentionImpl[KVPressMetadata]):
         self.layout = method_config.page_layout(head_size)
         self.power_iters = getattr(method_config, "power_iters", 1)
         self.eviction = method_config if method_config.evicts_tokens else None
-        # prefill through FlashAttention where vLLM has it (the builder plans for it on CUDA), else
-        # the Triton prefill kernel (CPU interpreter, GPUs without a FlashAttention build)
-        self.fa_version = flash_attention_version()
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
         write_kv_pages(key, value, kv_cache, slot_mapping, self.layout, power_iters=self.power_iters)
@@ -81,10 +78,11 @@ class KVPressImpl(AttentionImpl[KVPressMetadata]):
                 query[:n], kv_cache, m.block_table, m.seq_lens, output[:n], self.layout,
                 scale=self.scale, num_splits=m.num_splits, split_buffers=m.split_buffers,
             )
+        # the builder plans FlashAttention's prefill where vLLM has it; else the Triton prefill kernel
         if m.flash_prefill is not None:
             flash_prefill_attention(
                 query, key, value, output, kv_cache, m.block_table, m.seq_lens, self.layout, m.flash_prefill,
-                scale=self.scale, first_seq=m.num_decodes, fa_version=self.fa_version,
+                scale=self.scale, first_seq=m.num_decodes,
             )
         elif m.num_prefills:
             prefill_attention(

@@ -102,8 +102,8 @@ class KVPressMetadataBuilder(AttentionMetadataBuilder[KVPressMetadata]):
         method_config = method_config_from_vllm_config(vllm_config)
         layout = method_config.page_layout(model_config.get_head_size())
         self.block_size = layout.block_size
-        # the impl of every layer makes the same choice (backend/impl.py)
-        self.plans_flash_prefill = torch.device(device).type == "cuda" and flash_attention_version() is not None
+        # prefill through vLLM's FlashAttention where it has one for this GPU, else the Triton kernel
+        self.fa_version = flash_attention_version() if torch.device(device).type == "cuda" else None
         self.eviction = method_config if method_config.evicts_tokens else None
         if self.eviction is not None:
             self._init_eviction(vllm_config, device)
@@ -111,7 +111,7 @@ class KVPressMetadataBuilder(AttentionMetadataBuilder[KVPressMetadata]):
             "vllm-kvpress: %s pages with %s; %.1f bytes per token and KV head (%.2fx the bf16 capacity), "
             "block size %d; prefill attention: %s", method_config.method, method_config.to_dict(),
             layout.bytes_per_token_head, layout.compression_vs_bf16, layout.block_size,
-            "FlashAttention over the dequantized context" if self.plans_flash_prefill else "Triton kernel",
+            "Triton kernel" if self.fa_version is None else f"FlashAttention {self.fa_version} over the dequantized context",
         )
 
     def _init_eviction(self, vllm_config, device) -> None:
@@ -207,13 +207,13 @@ class KVPressMetadataBuilder(AttentionMetadataBuilder[KVPressMetadata]):
         if self.eviction is not None:
             block_table, seq_lens, compactions, shift = self._compacted_view(cm)
         flash_prefill = None
-        if num_prefills and self.plans_flash_prefill:
+        if num_prefills and self.fa_version is not None:
             seq_cpu = host_seq_lens(cm)
             if shift is not None:  # lengths as the kernels see them: the compacted view
                 seq_cpu = seq_cpu - shift.astype(np.int64) * self.block_size
             flash_prefill = plan_flash_prefill(
                 cm.query_start_loc_cpu.numpy(), seq_cpu, num_decodes, num_prefills, self.block_size,
-                seq_lens.device,
+                seq_lens.device, self.fa_version,
             )
         return KVPressMetadata(
             num_actual_tokens=cm.num_actual_tokens,

@@ -48,15 +48,14 @@ def bench_compressed(name, args, step, timed, fa_version) -> list[dict]:
         slots = (block_table[s].long()[:, None] * bs + torch.arange(bs, device="cuda")).flatten()[:seq].int()
         write_kv_pages(k, k, cache, slots, layout, power_iters=getattr(config, "power_iters", 1))
     seq_lens = torch.full((b,), seq, dtype=torch.int32, device="cuda")
-    plan = plan_flash_prefill(qsl.numpy(), np.full(b, seq), 0, b, bs, "cuda")
+    plan = plan_flash_prefill(qsl.numpy(), np.full(b, seq), 0, b, bs, "cuda", fa_version)
     scale = args.head_size ** -0.5
     return [
         timed(f"{name} Triton prefill kernel", lambda: prefill_attention(
             q, k_new, v_new, out, cache, block_table, qsl_gpu, seq_lens, layout,
             scale=scale, first_seq=0, num_seqs=b, max_query_len=n)),
         timed(f"{name} FlashAttention over pages", lambda: flash_prefill_attention(
-            q, k_new, v_new, out, cache, block_table, seq_lens, layout, plan,
-            scale=scale, first_seq=0, fa_version=fa_version)),
+            q, k_new, v_new, out, cache, block_table, seq_lens, layout, plan, scale=scale, first_seq=0)),
     ]
 
 
