@@ -137,8 +137,8 @@ class KVPressMetadataBuilder(AttentionMetadataBuilder[KVPressMetadata]):
     def _compacted_view(
         self, cm: CommonAttentionMetadata
     ) -> tuple[torch.Tensor, torch.Tensor, tuple[PromptCompaction, ...], np.ndarray | None]:
-        """(block table, seq lens) the kernels read, the compactions this step performs, and each
-        row's shift (host; None where nothing is compacted).
+        """(block table, seq lens) the kernels read, the compactions this step performs, and the
+        view's seq lens on the host (None where the view is the table).
 
         Host work on the rows' prompt lengths (CPU, from the runner patch), then one small copy and
         a gather on the device; no device-to-host sync, so decode steps stay graph-capturable.
@@ -156,9 +156,9 @@ class KVPressMetadataBuilder(AttentionMetadataBuilder[KVPressMetadata]):
         if cm.rswa_prefix_lens is None:  # capture or profiling: no shift, the view is the table
             self.view_shift[:num_reqs].zero_()
             compactions: tuple[PromptCompaction, ...] = ()
-            shift = None
+            view_seq_cpu = None  # the table's own lengths; read from the host only where needed
         else:
-            kept, shift, compactions = self._plan_compaction(cm, num_reqs)
+            kept, shift, compactions, view_seq_cpu = self._plan_compaction(cm, num_reqs)
             self.view_kept[:num_reqs].copy_(torch.from_numpy(kept), non_blocking=True)
             self.view_shift[:num_reqs].copy_(torch.from_numpy(shift), non_blocking=True)
         out_table = self.view_block_table[:num_reqs, :width]
@@ -167,14 +167,14 @@ class KVPressMetadataBuilder(AttentionMetadataBuilder[KVPressMetadata]):
             block_table, cm.seq_lens[:num_reqs], self.view_kept[:num_reqs], self.view_shift[:num_reqs],
             out_table, out_seq, self.eviction.block_size,
         )
-        return out_table, out_seq, compactions, shift
+        return out_table, out_seq, compactions, view_seq_cpu
 
     def _plan_compaction(
         self, cm: CommonAttentionMetadata, num_reqs: int
-    ) -> tuple[np.ndarray, np.ndarray, tuple[PromptCompaction, ...]]:
+    ) -> tuple[np.ndarray, np.ndarray, tuple[PromptCompaction, ...], np.ndarray]:
         """Host side, from the rows' prompt lengths: (kept blocks, shift) of the view per row (a row
-        with shift 0 is copied whatever its kept count), and the rows whose prompt completes in
-        this step."""
+        with shift 0 is copied whatever its kept count), the rows whose prompt completes in this
+        step, and the view's seq lens (what `write_compacted_view` writes on the device)."""
         from vllm_kvpress.eviction.policy import compacts
         from vllm_kvpress.eviction.view import shift_blocks
 
@@ -194,7 +194,7 @@ class KVPressMetadataBuilder(AttentionMetadataBuilder[KVPressMetadata]):
         )
         # rows compacted in an earlier step skip their freed blocks; the others see their table
         shift = shift_blocks(prompt, context, self.eviction.budget, bs)
-        return kept.astype(np.int32), shift, compactions
+        return kept.astype(np.int32), shift, compactions, seq - shift.astype(np.int64) * bs
 
     def build(
         self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata, fast_build: bool = False
@@ -203,14 +203,12 @@ class KVPressMetadataBuilder(AttentionMetadataBuilder[KVPressMetadata]):
         num_decodes, num_prefills, num_decode_tokens, _ = split_decodes_and_prefills(cm, decode_threshold=1)
         block_table, seq_lens = cm.block_table_tensor, cm.seq_lens
         compactions: tuple[PromptCompaction, ...] = ()
-        shift = None
-        if self.eviction is not None:
-            block_table, seq_lens, compactions, shift = self._compacted_view(cm)
+        seq_cpu = None
+        if self.eviction is not None:  # the kernels see the compacted view, and so does the FA plan
+            block_table, seq_lens, compactions, seq_cpu = self._compacted_view(cm)
         flash_prefill = None
         if num_prefills and self.fa_version is not None:
-            seq_cpu = host_seq_lens(cm)
-            if shift is not None:  # lengths as the kernels see them: the compacted view
-                seq_cpu = seq_cpu - shift.astype(np.int64) * self.block_size
+            seq_cpu = host_seq_lens(cm) if seq_cpu is None else seq_cpu
             flash_prefill = plan_flash_prefill(
                 cm.query_start_loc_cpu.numpy(), seq_cpu, num_decodes, num_prefills, self.block_size,
                 seq_lens.device, self.fa_version,
