@@ -2,8 +2,9 @@
 
 `triton_kernels/` and `configs/` live at the top of the repository (see DESIGN.md) but install as
 `vllm_kvpress.triton_kernels` and `vllm_kvpress.configs`: a top-level `triton_kernels` would shadow
-the PyPI package of that name, which vLLM itself imports. The CUDA kernels in `csrc/` are an
-optional build, off unless `VLLM_KVPRESS_BUILD_CUDA=1`.
+the PyPI package of that name, which vLLM itself imports. `csrc/` installs as `vllm_kvpress.csrc`:
+its CUDA sources are package data that NVRTC compiles at run time (vllm_kvpress/cuda_decode.py), so
+installing needs no CUDA toolkit.
 """
 
 import os
@@ -11,20 +12,7 @@ import os
 from setuptools import find_packages, setup
 
 packages = find_packages(include=["vllm_kvpress", "vllm_kvpress.*"])
-packages += ["vllm_kvpress.triton_kernels", "vllm_kvpress.configs"]
-
-ext_modules, cmdclass = [], {}
-if os.environ.get("VLLM_KVPRESS_BUILD_CUDA") == "1":
-    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
-
-    ext_modules.append(
-        CUDAExtension(
-            "vllm_kvpress._C",
-            sources=[os.path.join("csrc", f) for f in sorted(os.listdir("csrc")) if f.endswith(".cu")],
-            extra_compile_args={"nvcc": ["-O3", "-gencode=arch=compute_90a,code=sm_90a"]},
-        )
-    )
-    cmdclass["build_ext"] = BuildExtension
+packages += ["vllm_kvpress.triton_kernels", "vllm_kvpress.configs", "vllm_kvpress.csrc"]
 
 setup(
     name="vllm-kvpress",
@@ -38,8 +26,9 @@ setup(
     package_dir={
         "vllm_kvpress.triton_kernels": "triton_kernels",
         "vllm_kvpress.configs": "configs",
+        "vllm_kvpress.csrc": "csrc",
     },
-    package_data={"vllm_kvpress.configs": ["*.yaml"], "vllm_kvpress.bench": ["model_configs/*/config.json"]},
+    package_data={"vllm_kvpress.configs": ["*.yaml"], "vllm_kvpress.csrc": ["*.cu"], "vllm_kvpress.bench": ["model_configs/*/config.json"]},
     install_requires=["vllm==0.26.0", "pyyaml"],
     extras_require={
         "ray": ["ray[default]"],
@@ -51,6 +40,4 @@ setup(
         "vllm.general_plugins": ["kvpress = vllm_kvpress.plugin:register"],
         "console_scripts": ["vllm-kvpress = vllm_kvpress.cli:main"],
     },
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
 )

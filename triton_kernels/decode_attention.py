@@ -15,20 +15,26 @@ bound by the bytes it reads, so the per-element work is kept to unpacking codes:
   the A operand, packed along the dimension the product reduces over (layout.py), so Triton feeds
   them to the tensor cores straight from registers; only the few query rows go through shared memory.
 
-`_reduce_splits_kernel`, grid (num_seqs, num_heads), merges the splits. The grid depends only on
+`_reduce_splits_kernel`, grid (num_seqs, num_heads), merges the splits, whichever kernel wrote them:
+`decode_attention` runs the CUDA split kernel (vllm_kvpress/cuda_decode.py) wherever it takes the
+pages, since it reaches the tensor cores without Triton's layout conversions. The grid depends only on
 the batch size, never on sequence lengths, so the launch is CUDA-graph safe.
 """
+
+import functools
 
 import torch
 import triton
 import triton.language as tl
 
+from vllm_kvpress import cuda_decode
 from vllm_kvpress.layout import PageLayout
 from vllm_kvpress.triton_kernels.checks import check_tensor
 from vllm_kvpress.triton_kernels.page_format import (
     code_bias,
     load_codes_operand,
     dequantize_staged_k,
+    INTERPRETER,
     dot_dtype,
     fp16_ptr,
     load_codes,
@@ -222,6 +228,18 @@ def _reduce_splits_kernel(
     tl.store(out_ptr + seq.to(tl.int64) * stride_ot + head * stride_oh + cols, out.to(out_ptr.dtype.element_ty))
 
 
+@functools.cache
+def decode_kernel(layout: PageLayout, group: int, query_dtype: torch.dtype, device: torch.device) -> tuple[str, str]:
+    """("cuda" | "triton", why) for decode over these pages: the CUDA kernel wherever it takes them
+    (it reads the same pages with fewer instructions), Triton under TRITON_INTERPRET and elsewhere."""
+    if INTERPRETER:
+        return "triton", "TRITON_INTERPRET=1 runs Triton kernels on the CPU"
+    reason = cuda_decode.unsupported_reason(layout, group, query_dtype) or cuda_decode.device_unsupported_reason(device)
+    if reason:
+        return "triton", f"the CUDA kernel does not take {reason}"
+    return "cuda", "csrc/decode_attention.cu takes these pages"
+
+
 def split_buffers(max_seqs_times_splits: int, num_heads: int, head_size: int, device) -> tuple[torch.Tensor, ...]:
     """Partial-result buffers (out, max, sum) for up to `max_seqs_times_splits` (seq, split) pairs."""
     rows = max_seqs_times_splits * num_heads
@@ -245,6 +263,8 @@ def decode_attention(
     split_buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     num_warps: int = DECODE_NUM_WARPS,
     num_stages: int = DECODE_NUM_STAGES,
+    kernel: str = "auto",
+    min_ctas: int = cuda_decode.MIN_CTAS,
 ) -> torch.Tensor:
     """Attention of one decode token per sequence over its compressed pages.
 
@@ -255,7 +275,10 @@ def decode_attention(
         out: [num_seqs, num_heads, head_size] written in place (query dtype).
         num_splits: blocks of a sequence are cut into this many runs (fixed per batch size).
         split_buffers: from `split_buffers(>= num_seqs * num_splits, num_heads, head_size)`.
-        num_warps, num_stages: launch tuning (the defaults are what the microbenchmark picked).
+        num_warps: warps per program (Triton) or CTA (CUDA); num_stages (Triton), min_ctas (CUDA's
+            `__launch_bounds__`): launch tuning, the defaults are the microbenchmark's picks.
+        kernel: "cuda" (csrc/decode_attention.cu), "triton" (this module), or "auto": CUDA wherever
+            it takes the pages (`decode_kernel`), Triton elsewhere. Both write the same splits.
     """
     num_seqs, num_heads, head_size = query.shape
     num_kv_heads = cache.shape[1]
@@ -272,17 +295,26 @@ def decode_attention(
     if num_seqs == 0:
         return out
     group = num_heads // num_kv_heads
-    _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
-        query, query.stride(0), query.stride(1),
-        cache, cache.stride(0), cache.stride(1),
-        block_table, block_table.stride(0), seq_lens,
-        part_out, part_max, part_sum,
-        scale * LOG2E,
-        NUM_SPLITS=num_splits, GROUP=group, GROUP_PAD=triton.next_power_of_2(group),
-        DOT_DTYPE=dot_dtype(query.dtype), K_BIAS=code_bias(query.dtype, layout.k_bits),
-        V_BIAS=code_bias(query.dtype, layout.v_bits),
-        **layout.kernel_constants, num_warps=num_warps, num_stages=num_stages,
-    )
+    if kernel == "auto":
+        kernel = decode_kernel(layout, group, query.dtype, query.device)[0]
+    if kernel == "cuda":
+        cuda_decode.decode_split(query, cache, block_table, seq_lens, layout, scale_log2=scale * LOG2E,
+                                 num_splits=num_splits, split_buffers=split_buffers, num_warps=num_warps,
+                                 min_ctas=min_ctas)
+    elif kernel == "triton":
+        _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
+            query, query.stride(0), query.stride(1),
+            cache, cache.stride(0), cache.stride(1),
+            block_table, block_table.stride(0), seq_lens,
+            part_out, part_max, part_sum,
+            scale * LOG2E,
+            NUM_SPLITS=num_splits, GROUP=group, GROUP_PAD=triton.next_power_of_2(group),
+            DOT_DTYPE=dot_dtype(query.dtype), K_BIAS=code_bias(query.dtype, layout.k_bits),
+            V_BIAS=code_bias(query.dtype, layout.v_bits),
+            **layout.kernel_constants, num_warps=num_warps, num_stages=num_stages,
+        )
+    else:
+        raise ValueError(f"decode kernel {kernel!r}: choose 'auto', 'cuda' or 'triton'")
     _reduce_splits_kernel[(num_seqs, num_heads)](
         part_out, part_max, part_sum, out, out.stride(0), out.stride(1),
         NUM_SPLITS=num_splits, SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_SIZE=head_size,

@@ -29,7 +29,8 @@ from vllm_kvpress.backend.flash_prefill import FlashPrefillPlan, flash_attention
 from vllm_kvpress.backend.state import method_config_from_vllm_config
 from vllm_kvpress.errors import KVCompressionConfigError
 from vllm_kvpress.eviction.compaction import PromptCompaction
-from vllm_kvpress.triton_kernels.decode_attention import split_buffers
+from vllm_kvpress import cuda_decode
+from vllm_kvpress.triton_kernels.decode_attention import decode_kernel, split_buffers
 
 logger = init_logger("vllm.kvpress")
 
@@ -107,11 +108,17 @@ class KVPressMetadataBuilder(AttentionMetadataBuilder[KVPressMetadata]):
         self.eviction = method_config if method_config.evicts_tokens else None
         if self.eviction is not None:
             self._init_eviction(vllm_config, device)
+        # decode through the CUDA kernel where it takes these pages; built now, before graph capture
+        group = self.num_heads // self.num_kv_heads
+        decode, decode_why = decode_kernel(layout, group, model_config.dtype, torch.device(device))
+        if decode == "cuda":
+            cuda_decode.build(layout, group, model_config.dtype, torch.device(device))
         logger.info(
             "vllm-kvpress: %s pages with %s; %.1f bytes per token and KV head (%.2fx the bf16 capacity), "
-            "block size %d; prefill attention: %s", method_config.method, method_config.to_dict(),
-            layout.bytes_per_token_head, layout.compression_vs_bf16, layout.block_size,
+            "block size %d; prefill attention: %s; decode attention: %s kernel (%s)", method_config.method,
+            method_config.to_dict(), layout.bytes_per_token_head, layout.compression_vs_bf16, layout.block_size,
             "Triton kernel" if self.fa_version is None else f"FlashAttention {self.fa_version} over the dequantized context",
+            decode, decode_why,
         )
 
     def _init_eviction(self, vllm_config, device) -> None:

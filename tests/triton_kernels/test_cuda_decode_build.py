@@ -1,0 +1,70 @@
+"""The CUDA decode kernel's CPU-side contract: which pages it takes, and that its source builds
+with NVRTC (which needs no GPU) for every shipped configuration it takes. Its numbers are checked
+against the reference on the GPU (tests/gpu/test_cuda_decode.py)."""
+
+import re
+from importlib import resources
+
+import pytest
+import torch
+from helpers import layout_for
+from vllm_kvpress.triton_kernels.decode_attention import decode_kernel
+
+from vllm_kvpress import cuda_decode
+
+# every shipped quantization config at both head sizes, with the GQA groups of the real models
+TAKEN = [(method, bits, head, group) for method in ("kivi", "gear") for bits in (2, 4) for head, group in
+         ((128, 4), (64, 3), (64, 7))]
+
+
+@pytest.mark.parametrize("method,bits,head_size,group", TAKEN)
+def test_the_shipped_configs_are_taken(method, bits, head_size, group):
+    layout, _ = layout_for(method, head_size, bits=bits)
+    assert cuda_decode.unsupported_reason(layout, group, torch.bfloat16) is None
+
+
+@pytest.mark.parametrize("method,overrides,group,dtype,words", [
+    ("kivi", {"bits": 8}, 4, torch.bfloat16, "bits 8/8"),
+    ("kivi", {"bits": 4, "block_size": 16}, 4, torch.bfloat16, "block_size 16"),
+    ("kivi", {"bits": 2, "block_size": 32}, 4, torch.bfloat16, "block_size 32"),
+    ("kivi", {"bits": 4}, 9, torch.bfloat16, "9 query heads"),
+    ("gear", {"bits": 4, "rank": 2}, 4, torch.bfloat16, "rank 2"),
+    ("gear", {"bits": 4, "outliers": 64}, 4, torch.bfloat16, "64 outlier slots"),
+    ("kivi", {"bits": 4}, 4, torch.float32, "query dtype"),
+])
+def test_pages_it_cannot_take_are_named(method, overrides, group, dtype, words):
+    layout, _ = layout_for(method, 128, **overrides)
+    reason = cuda_decode.unsupported_reason(layout, group, dtype)
+    assert reason is not None and words in reason
+
+
+def test_decode_stays_on_triton_off_the_gpu_and_says_why():
+    layout, _ = layout_for("gear", 128, bits=4)
+    kernel, why = decode_kernel(layout, 4, torch.bfloat16, torch.device("cpu"))
+    assert kernel == "triton" and why
+
+
+def test_the_defines_are_the_layout_constants_and_the_source_knows_them_all():
+    layout, _ = layout_for("gear", 128, bits=4)
+    defines = dict(d[2:].split("=") for d in cuda_decode.kernel_defines(layout, 4, torch.bfloat16, 4, 2))
+    assert {k: int(v) for k, v in defines.items() if k in layout.kernel_constants} == layout.kernel_constants
+    source = resources.files("vllm_kvpress.csrc").joinpath("decode_attention.cu").read_text()
+    offline_defaults = set(re.findall(r"^#define (\w+) ", source.split("#endif")[0], re.M))
+    assert set(defines) == offline_defaults
+
+
+@pytest.mark.parametrize("method,bits,head_size,group", [("gear", 4, 128, 4), ("kivi", 2, 64, 7),
+                                                         ("gear", 2, 64, 3), ("kivi", 4, 128, 1)])
+def test_the_source_builds_with_nvrtc(method, bits, head_size, group):
+    layout, _ = layout_for(method, head_size, bits=bits)
+    options = ["--gpu-architecture=sm_90", "-std=c++17",
+               *cuda_decode.kernel_defines(layout, group, torch.bfloat16, cuda_decode.NUM_WARPS, cuda_decode.MIN_CTAS)]
+    cubin = cuda_decode._nvrtc_cubin(cuda_decode._source(), options)
+    assert cubin.startswith(b"\x7fELF")
+
+
+def test_a_build_error_reports_nvrtcs_log():
+    layout, _ = layout_for("gear", 4 * 32, bits=4)
+    defines = [d for d in cuda_decode.kernel_defines(layout, 9, torch.bfloat16, 4, 2)]
+    with pytest.raises(RuntimeError, match="at most 8 query heads"):
+        cuda_decode._nvrtc_cubin(cuda_decode._source(), ["--gpu-architecture=sm_90", "-std=c++17", *defines])
