@@ -352,11 +352,12 @@ __device__ __forceinline__ void attend_block(const u8* page, int valid, const u3
             const int slot = prob_slot(16 * mt + r + 8 * (i >> 1));
             ws.prob[(2 * c + (i & 1)) * BLOCK_SIZE + slot] = (u16)(pack_f16(s[mt][i], 0.f) & 0xffffu);
         }
-    if (COMPLETE && NUM_OUTLIERS && r == 0) {
+    if (COMPLETE && NUM_OUTLIERS) {
+        // every thread keeps the reference max of its heads (it scales its channels' sums at the end)
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
             if (st.mref[j] == neg_inf()) st.mref[j] = st.m[j];
-            ws.factor[2 * c + j] = exp2_approx(st.m[j] - st.mref[j]);
+            if (r == 0) ws.factor[2 * c + j] = exp2_approx(st.m[j] - st.mref[j]);
         }
     }
     __syncwarp();
@@ -427,11 +428,9 @@ __device__ __forceinline__ void attend_block(const u8* page, int valid, const u3
         if (rescale) {
             for (int e = lane; e < N8 * HEAD_SIZE; e += 32) ws.out[e] /= ws.factor[e % N8];
             __syncwarp();
-            if (r == 0) {
-                st.mref[0] = st.m[0];
-                st.mref[1] = st.m[1];
-                ws.factor[2 * c] = ws.factor[2 * c + 1] = 1.f;
-            }
+            st.mref[0] = st.m[0];
+            st.mref[1] = st.m[1];
+            if (r == 0) ws.factor[2 * c] = ws.factor[2 * c + 1] = 1.f;
             __syncwarp();
         }
         if (lane < NUM_OUTLIERS) {
