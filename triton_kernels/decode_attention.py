@@ -26,20 +26,20 @@ import functools
 import torch
 import triton
 import triton.language as tl
-
-from vllm_kvpress import cuda_decode
-from vllm_kvpress.layout import PageLayout
 from vllm_kvpress.triton_kernels.checks import check_tensor
 from vllm_kvpress.triton_kernels.page_format import (
-    code_bias,
-    load_codes_operand,
-    dequantize_staged_k,
     INTERPRETER,
+    code_bias,
+    dequantize_staged_k,
     dot_dtype,
     fp16_ptr,
     load_codes,
+    load_codes_operand,
     load_outliers,
 )
+
+from vllm_kvpress import cuda_decode
+from vllm_kvpress.layout import PageLayout
 
 LOG2E = 1.4426950408889634
 DECODE_NUM_WARPS = 4

@@ -49,7 +49,7 @@ def test_the_defines_are_the_layout_constants_and_the_source_knows_them_all():
     defines = dict(d[2:].split("=") for d in cuda_decode.kernel_defines(layout, 4, torch.bfloat16, 4, 2))
     assert {k: int(v) for k, v in defines.items() if k in layout.kernel_constants} == layout.kernel_constants
     source = resources.files("vllm_kvpress.csrc").joinpath("decode_attention.cu").read_text()
-    offline_defaults = set(re.findall(r"^#define (\w+) ", source.split("#endif")[0], re.M))
+    offline_defaults = set(re.findall(r"^#define (\w+) ", source.split("#endif")[0], re.MULTILINE))
     assert set(defines) == offline_defaults
 
 

@@ -25,11 +25,11 @@ from vllm.v1.attention.backend import (
 )
 from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 
+from vllm_kvpress import cuda_decode
 from vllm_kvpress.backend.flash_prefill import FlashPrefillPlan, flash_attention_version, plan_flash_prefill
 from vllm_kvpress.backend.state import method_config_from_vllm_config
 from vllm_kvpress.errors import KVCompressionConfigError
 from vllm_kvpress.eviction.compaction import PromptCompaction
-from vllm_kvpress import cuda_decode
 from vllm_kvpress.triton_kernels.decode_attention import decode_kernel, split_buffers
 
 logger = init_logger("vllm.kvpress")

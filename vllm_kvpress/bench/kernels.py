@@ -38,10 +38,10 @@ def measure_copy_bandwidth(torch, triton_testing) -> float:
 
 
 def bench_compressed(name, settings, args, torch, triton_testing) -> dict:
+    from vllm_kvpress.backend.metadata import num_decode_splits
     from vllm_kvpress.config import load_method_config
     from vllm_kvpress.triton_kernels.cache_write import write_kv_pages
     from vllm_kvpress.triton_kernels.decode_attention import decode_attention, split_buffers
-    from vllm_kvpress.backend.metadata import num_decode_splits
 
     config = load_method_config(settings)
     layout = config.page_layout(args.head_size)
@@ -69,10 +69,10 @@ def bench_compressed(name, settings, args, torch, triton_testing) -> dict:
         tuning = ("num_stages", args.num_stages) if kernel == "triton" else ("min_ctas", args.min_ctas)
         for num_warps in args.num_warps:
             for knob in tuning[1]:
-                def run():
+                def run(num_warps=num_warps, kernel=kernel, launch=(tuning[0], knob)):
                     decode_attention(q, cache, block_table, seq_lens, out, layout, scale=args.head_size ** -0.5,
                                      num_splits=splits, split_buffers=buffers, num_warps=num_warps, kernel=kernel,
-                                     **{tuning[0]: knob})
+                                     **{launch[0]: launch[1]})
 
                 run()  # builds the CUDA kernel outside the graph capture
                 ms = triton_testing.do_bench_cudagraph(run, rep=200, return_mode="median")
