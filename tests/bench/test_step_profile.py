@@ -1,0 +1,42 @@
+"""The step profile's kernel table (the engine run itself needs the GPU machine)."""
+
+from types import SimpleNamespace
+
+import pytest
+
+from vllm_kvpress.bench.configs import ConfigSpecError
+from vllm_kvpress.bench.step_profile import kernel_table, main
+
+
+def _event(key, self_device_us, count):
+    return SimpleNamespace(key=key, self_device_time_total=self_device_us, count=count)
+
+
+def test_kernels_are_per_step_largest_first_and_cpu_ops_do_not_count():
+    events = [
+        _event("aten::mm", 0.0, 40),  # a CPU op: its kernels carry the device time
+        _event("kvpress_decode_split", 3000.0, 640),
+        _event("nvjet_gemm", 5000.0, 2000),
+        _event("_reduce_splits_kernel", 1000.0, 640),
+    ]
+    rows = kernel_table(events, num_steps=20)
+    assert [r["kernel"] for r in rows] == ["nvjet_gemm", "kvpress_decode_split", "_reduce_splits_kernel"]
+    assert rows[0]["us_per_step"] == 250.0 and rows[1]["launches_per_step"] == 32.0
+    assert sum(r["share"] for r in rows) == pytest.approx(1.0)
+    assert rows[2]["share"] == pytest.approx(1000 / 9000)
+
+
+def test_the_older_cuda_time_attribute_is_read_too():
+    rows = kernel_table([SimpleNamespace(key="k", self_cuda_time_total=50.0, count=5)], num_steps=5)
+    assert rows == [{"kernel": "k", "us_per_step": 10.0, "launches_per_step": 1.0, "share": 1.0}]
+
+
+def test_an_unknown_config_is_refused_before_any_engine_starts():
+    with pytest.raises(ConfigSpecError, match="unknown"):
+        main(["--config", "nosuchmethod"])
+
+
+def test_an_unknown_workload_is_refused_with_the_allowed_names(capsys):
+    with pytest.raises(SystemExit):
+        main(["--config", "gear", "--workload", "nosuchworkload"])
+    assert "long-prompt" in capsys.readouterr().err
