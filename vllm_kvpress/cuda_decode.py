@@ -62,12 +62,24 @@ def unsupported_reason(layout: PageLayout, group: int, query_dtype: torch.dtype)
 
 
 def device_unsupported_reason(device: torch.device) -> str | None:
-    """Why the kernel cannot run on `device` (not CUDA, too old), or None."""
+    """Why the kernel cannot run on `device` (not CUDA, too old, no NVRTC library), or None."""
     if device.type != "cuda" or torch.version.cuda is None:
         return f"device {device} is not an NVIDIA GPU"
     capability = torch.cuda.get_device_capability(device)
     if capability < MIN_CAPABILITY:
         return f"compute capability {capability} (needs {MIN_CAPABILITY} or newer)"
+    return nvrtc_unavailable_reason()
+
+
+@functools.cache
+def nvrtc_unavailable_reason() -> str | None:
+    """Why NVRTC cannot be loaded (PyTorch's CUDA wheels bring it; a custom build may not), or None."""
+    from torch.cuda._utils import _get_gpu_rtc_library
+
+    try:
+        _get_gpu_rtc_library()
+    except OSError as e:
+        return f"a machine without the NVRTC library ({e})"
     return None
 
 

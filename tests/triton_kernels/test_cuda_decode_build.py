@@ -68,3 +68,18 @@ def test_a_build_error_reports_nvrtcs_log():
     defines = [d for d in cuda_decode.kernel_defines(layout, 9, torch.bfloat16, 4, 2)]
     with pytest.raises(RuntimeError, match="at most 8 query heads"):
         cuda_decode._nvrtc_cubin(cuda_decode._source(), ["--gpu-architecture=sm_90", "-std=c++17", *defines])
+
+
+def test_a_missing_nvrtc_library_keeps_decode_on_triton_with_the_reason(monkeypatch):
+    import torch.cuda._utils
+
+    def missing():
+        raise OSError("libnvrtc.so: cannot open shared object file")
+
+    monkeypatch.setattr(torch.cuda._utils, "_get_gpu_rtc_library", missing)
+    cuda_decode.nvrtc_unavailable_reason.cache_clear()
+    try:
+        reason = cuda_decode.nvrtc_unavailable_reason()
+    finally:
+        cuda_decode.nvrtc_unavailable_reason.cache_clear()
+    assert reason is not None and "NVRTC" in reason and "libnvrtc.so" in reason
