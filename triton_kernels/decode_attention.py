@@ -261,7 +261,7 @@ def decode_attention(
     scale: float,
     num_splits: int,
     split_buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-    num_warps: int = DECODE_NUM_WARPS,
+    num_warps: int | None = None,
     num_stages: int = DECODE_NUM_STAGES,
     kernel: str = "auto",
     min_ctas: int = cuda_decode.MIN_CTAS,
@@ -275,8 +275,9 @@ def decode_attention(
         out: [num_seqs, num_heads, head_size] written in place (query dtype).
         num_splits: blocks of a sequence are cut into this many runs (fixed per batch size).
         split_buffers: from `split_buffers(>= num_seqs * num_splits, num_heads, head_size)`.
-        num_warps: warps per program (Triton) or CTA (CUDA); num_stages (Triton), min_ctas (CUDA's
-            `__launch_bounds__`): launch tuning, the defaults are the microbenchmark's picks.
+        num_warps: warps per program (Triton) or CTA (CUDA), None for the kernel's own default;
+            num_stages (Triton), min_ctas (CUDA's `__launch_bounds__`): launch tuning, the defaults
+            are the microbenchmark's picks (and the CUDA build the metadata builder makes up front).
         kernel: "cuda" (csrc/decode_attention.cu), "triton" (this module), or "auto": CUDA wherever
             it takes the pages (`decode_kernel`), Triton elsewhere. Both write the same splits.
     """
@@ -299,8 +300,8 @@ def decode_attention(
         kernel = decode_kernel(layout, group, query.dtype, query.device)[0]
     if kernel == "cuda":
         cuda_decode.decode_split(query, cache, block_table, seq_lens, layout, scale_log2=scale * LOG2E,
-                                 num_splits=num_splits, split_buffers=split_buffers, num_warps=num_warps,
-                                 min_ctas=min_ctas)
+                                 num_splits=num_splits, split_buffers=split_buffers,
+                                 num_warps=num_warps or cuda_decode.NUM_WARPS, min_ctas=min_ctas)
     elif kernel == "triton":
         _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
             query, query.stride(0), query.stride(1),
@@ -311,7 +312,7 @@ def decode_attention(
             NUM_SPLITS=num_splits, GROUP=group, GROUP_PAD=triton.next_power_of_2(group),
             DOT_DTYPE=dot_dtype(query.dtype), K_BIAS=code_bias(query.dtype, layout.k_bits),
             V_BIAS=code_bias(query.dtype, layout.v_bits),
-            **layout.kernel_constants, num_warps=num_warps, num_stages=num_stages,
+            **layout.kernel_constants, num_warps=num_warps or DECODE_NUM_WARPS, num_stages=num_stages,
         )
     else:
         raise ValueError(f"decode kernel {kernel!r}: choose 'auto', 'cuda' or 'triton'")
