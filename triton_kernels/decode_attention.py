@@ -234,7 +234,7 @@ def decode_kernel(layout: PageLayout, group: int, query_dtype: torch.dtype, devi
     (it reads the same pages with fewer instructions), Triton under TRITON_INTERPRET and elsewhere."""
     if INTERPRETER:
         return "triton", "TRITON_INTERPRET=1 runs Triton kernels on the CPU"
-    reason = cuda_decode.unsupported_reason(layout, group, query_dtype) or cuda_decode.device_unsupported_reason(device)
+    reason = cuda_decode.unavailable_reason(layout, group, query_dtype, device)
     if reason:
         return "triton", f"the CUDA kernel does not take {reason}"
     return "cuda", "csrc/decode_attention.cu takes these pages"

@@ -71,6 +71,11 @@ def device_unsupported_reason(device: torch.device) -> str | None:
     return nvrtc_unavailable_reason()
 
 
+def unavailable_reason(layout: PageLayout, group: int, query_dtype: torch.dtype, device: torch.device) -> str | None:
+    """Why the kernel cannot decode these pages on `device` (pages or machine), or None."""
+    return unsupported_reason(layout, group, query_dtype) or device_unsupported_reason(device)
+
+
 @functools.cache
 def nvrtc_unavailable_reason() -> str | None:
     """Why NVRTC cannot be loaded (PyTorch's CUDA wheels bring it; a custom build may not), or None."""
@@ -146,7 +151,7 @@ def build(layout: PageLayout, group: int, query_dtype: torch.dtype, device: torc
     """The compiled kernel for these pages (built on first use, then cached: decode calls it per
     layer and step). Call it before CUDA graph capture: building loads a module, which a capturing
     stream must not see."""
-    reason = unsupported_reason(layout, group, query_dtype) or device_unsupported_reason(device)
+    reason = unavailable_reason(layout, group, query_dtype, device)
     if reason:
         raise ValueError(f"the CUDA decode kernel does not take {reason}")
     capability = torch.cuda.get_device_capability(device)
