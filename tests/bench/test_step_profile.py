@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pytest
 
 from vllm_kvpress.bench.configs import ConfigSpecError
-from vllm_kvpress.bench.step_profile import kernel_table, main
+from vllm_kvpress.bench.step_profile import StepTimeline, kernel_table, main
 
 
 def _event(key, self_device_us, count):
@@ -40,3 +40,28 @@ def test_an_unknown_workload_is_refused_with_the_allowed_names(capsys):
     with pytest.raises(SystemExit):
         main(["--config", "gear", "--workload", "nosuchworkload"])
     assert "long-prompt" in capsys.readouterr().err
+
+
+def _scheduled(per_request):
+    return SimpleNamespace(num_scheduled_tokens=per_request)
+
+
+def test_the_timeline_splits_prompt_carrying_steps_from_decode_only_steps():
+    timeline = StepTimeline()
+    timeline.record(_scheduled({"a": 8000, "b": 1}), now=0.0)  # a prompt chunk next to a decode
+    timeline.record(_scheduled({"a": 1, "b": 1}), now=0.5)
+    timeline.record(_scheduled({"a": 1, "b": 1}), now=0.6)
+    timeline.record(_scheduled({}), now=0.8)  # nothing scheduled: not a step
+    out = timeline.summary(end=0.9)
+    assert out["prefill"]["steps"] == 1 and out["prefill"]["wall_s"] == pytest.approx(0.5)
+    assert out["prefill"]["tokens"] == 8001
+    assert out["decode"]["steps"] == 2 and out["decode"]["wall_s"] == pytest.approx(0.3)
+    assert out["decode"]["ms_per_step"] == pytest.approx(150.0)
+    assert out["decode"]["requests_per_step"] == 2.0
+
+
+@pytest.mark.parametrize("profile_at", ["8,x", "-1", "8,12"])
+def test_bad_profile_windows_are_refused(profile_at, capsys):
+    with pytest.raises(SystemExit):
+        main(["--config", "gear", "--profile-at", profile_at, "--profile-steps", "10"])
+    assert "--profile-at" in capsys.readouterr().err

@@ -4,9 +4,10 @@ for one configuration (a vLLM baseline dtype or a plugin method), with CUDA grap
     python -m vllm_kvpress.bench.step_profile --config gear --workload long-prompt \\
         --kv-cache-memory-bytes 59223080960 --out docs/results/step_profile_gear.json
 
-The engine runs in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`) and is stepped by hand, so
-PyTorch's profiler can cover exactly `--profile-steps` steps after `--skip-steps` (CUPTI also sees
-the kernels inside CUDA-graph replays). Profiling slows the host side: throughput figures come from
+The engine runs in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`) and is stepped by hand to the
+end of the workload: every step's wall time is recorded (split into steps that carry prompt tokens
+and decode-only steps), and PyTorch's profiler covers `--profile-steps` steps from each index of
+`--profile-at` (CUPTI also sees the kernels inside CUDA-graph replays). Profiling slows the host side: throughput figures come from
 `vllm-kvpress bench`, this only says which kernels take the time.
 """
 
@@ -38,8 +39,57 @@ def kernel_table(events, num_steps: int) -> list[dict]:
     return sorted(rows, key=lambda r: -r["us_per_step"])
 
 
-def profile_steps(llm, workload, *, seed: int, skip_steps: int, profile_steps: int) -> tuple[list[dict], dict]:
-    """Add the workload's requests, run `skip_steps` engine steps, profile the next `profile_steps`."""
+class StepTimeline:
+    """Wall time of every engine step, split into steps that carry prompt tokens and decode-only
+    steps. It wraps the scheduler's `schedule`: the time between two schedule calls is one step
+    (with async scheduling the next schedule overlaps the step before it, so a single step's figure
+    is approximate; the sums over many steps are not)."""
+
+    def __init__(self):
+        self.steps = []  # (schedule time, scheduled tokens, scheduled requests)
+
+    def record(self, scheduler_output, now: float) -> None:
+        per_request = scheduler_output.num_scheduled_tokens
+        self.steps.append((now, sum(per_request.values()), len(per_request)))
+
+    def summary(self, end: float) -> dict:
+        ends = [t for t, _, _ in self.steps[1:]] + [end]
+        out = {kind: {"steps": 0, "wall_s": 0.0, "tokens": 0, "requests": 0} for kind in ("prefill", "decode")}
+        for (start, tokens, requests), stop in zip(self.steps, ends):
+            if tokens == 0:
+                continue
+            row = out["prefill" if tokens > requests else "decode"]
+            row["steps"] += 1
+            row["wall_s"] += stop - start
+            row["tokens"] += tokens
+            row["requests"] += requests
+        for row in out.values():
+            n = max(row["steps"], 1)
+            row["ms_per_step"] = 1e3 * row["wall_s"] / n
+            row["requests_per_step"] = row["requests"] / n
+        return out
+
+
+def watch_steps(engine, timeline: StepTimeline) -> None:
+    """Make the in-process engine core's scheduler report each step to `timeline`."""
+    import time
+
+    scheduler = engine.engine_core.engine_core.scheduler
+    schedule = scheduler.schedule
+
+    def timed_schedule(*args, **kwargs):
+        out = schedule(*args, **kwargs)
+        timeline.record(out, time.perf_counter())
+        return out
+
+    scheduler.schedule = timed_schedule
+
+
+def profile_run(llm, workload, *, seed: int, profile_at: list[int], profile_steps: int) -> dict:
+    """Run the workload's requests to the end, stepping by hand; profile `profile_steps` steps from
+    each step index in `profile_at` (one kernel table per window) and time every step."""
+    import time
+
     import torch
     from vllm import SamplingParams
 
@@ -49,15 +99,32 @@ def profile_steps(llm, workload, *, seed: int, skip_steps: int, profile_steps: i
     engine = llm.llm_engine
     for i, prompt in enumerate(make_prompts(workload, seed).first_prompts):
         engine.add_request(str(i), {"prompt_token_ids": prompt}, params)
-    for _ in range(skip_steps):
-        engine.step()
+    timeline = StepTimeline()
+    watch_steps(engine, timeline)
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-    with torch.profiler.profile(activities=activities) as prof:
-        for _ in range(profile_steps):
+    windows = []
+    step = 0
+    start = time.perf_counter()
+    while engine.has_unfinished_requests():
+        if step in profile_at:
+            first_profiled = len(timeline.steps)
+            with torch.profiler.profile(activities=activities) as prof:
+                for _ in range(profile_steps):
+                    engine.step()
+                torch.cuda.synchronize()
+            window = timeline.steps[first_profiled:]
+            windows.append({"from_step": step, "steps": profile_steps,
+                            "scheduled_tokens_per_step": sum(t for _, t, _ in window) / max(len(window), 1),
+                            "scheduled_requests_per_step": sum(r for _, _, r in window) / max(len(window), 1),
+                            "kernels": kernel_table(prof.key_averages(), profile_steps)})
+            step += profile_steps
+        else:
             engine.step()
-        torch.cuda.synchronize()
-    running = engine.get_num_unfinished_requests()
-    return kernel_table(prof.key_averages(), profile_steps), {"unfinished_requests_after": running}
+            step += 1
+    torch.cuda.synchronize()
+    end = time.perf_counter()
+    return {"wall_s": end - start, "engine_steps": step, "timeline": timeline.summary(end),
+            "note": "timeline figures include the profiled windows, which run slower", "windows": windows}
 
 
 def main(argv=None) -> int:
@@ -65,9 +132,10 @@ def main(argv=None) -> int:
     p.add_argument("--config", required=True, help="a baseline kv_cache_dtype or METHOD[:JSON], as for bench --configs")
     p.add_argument("--workload", default="long-prompt", help="a workload name of vllm-kvpress bench")
     p.add_argument("--kv-cache-memory-bytes", type=int, default=None)
-    p.add_argument("--skip-steps", type=int, default=200,
-                   help="engine steps before profiling (default 200: past the prefills of A and B)")
-    p.add_argument("--profile-steps", type=int, default=20)
+    p.add_argument("--profile-at", default="8,300",
+                   help="comma-separated engine step indices where a profiled window starts "
+                        "(default 8,300: among the prefills of A and B, and past them)")
+    p.add_argument("--profile-steps", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the table as JSON here")
     args = p.parse_args(argv)
@@ -81,6 +149,13 @@ def main(argv=None) -> int:
     from vllm_kvpress.bench.workloads import WORKLOADS
 
     config = parse_config_spec(args.config)  # bad input is refused before anything starts
+    try:
+        profile_at = sorted({int(x) for x in args.profile_at.split(",") if x.strip()})
+    except ValueError:
+        p.error(f"--profile-at {args.profile_at!r}: allowed: comma-separated step indices, e.g. 8,300")
+    if any(a < 0 for a in profile_at) or any(b - a < args.profile_steps for a, b in zip(profile_at, profile_at[1:])):
+        p.error(f"--profile-at {args.profile_at!r}: indices must be >= 0 and at least --profile-steps "
+                f"({args.profile_steps}) apart")
     if args.workload not in WORKLOADS:
         p.error(f"--workload {args.workload!r}: allowed: {', '.join(WORKLOADS)}")
     workload = WORKLOADS[args.workload]
@@ -91,23 +166,27 @@ def main(argv=None) -> int:
                                max_model_len=workload.max_model_len,
                                options=EngineOptions(seed=args.seed, kv_cache_memory_bytes=args.kv_cache_memory_bytes))
     llm = LLM(**offline_engine_kwargs(settings))
-    rows, state = profile_steps(llm, workload, seed=args.seed, skip_steps=args.skip_steps,
-                                profile_steps=args.profile_steps)
+    run = profile_run(llm, workload, seed=args.seed, profile_at=profile_at, profile_steps=args.profile_steps)
     import torch
 
     result = {
         "benchmark": "engine step profile", "config": config.label, "workload": workload.to_dict(),
-        "skip_steps": args.skip_steps, "profile_steps": args.profile_steps, **state,
-        "gpu_us_per_step": sum(r["us_per_step"] for r in rows), "gpu": torch.cuda.get_device_name(),
+        "profile_steps": args.profile_steps, "gpu": torch.cuda.get_device_name(),
         "command": " ".join(["python", "-m", "vllm_kvpress.bench.step_profile", *sys.argv[1:]]),
-        **git_state(Path.cwd()), "kernels": rows,
+        **git_state(Path.cwd()), **run,
     }
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"{config.label} on {workload.name}: {result['gpu_us_per_step'] / 1e3:.2f} ms of GPU time per step "
-          f"(steps {args.skip_steps}-{args.skip_steps + args.profile_steps})")
-    for r in rows[:TOP_KERNELS]:
-        print(f"{r['us_per_step']:10.1f} us {100 * r['share']:5.1f}% {r['launches_per_step']:6.1f}x  {r['kernel'][:90]}")
+    print(f"{config.label} on {workload.name}: {run['wall_s']:.1f} s, {run['engine_steps']} steps")
+    for kind, row in run["timeline"].items():
+        print(f"  {kind:8s} {row['steps']:5d} steps {row['wall_s']:7.2f} s {row['ms_per_step']:7.2f} ms/step "
+              f"{row['requests_per_step']:5.1f} requests/step")
+    for w in run["windows"]:
+        gpu_ms = sum(r["us_per_step"] for r in w["kernels"]) / 1e3
+        print(f"steps {w['from_step']}-{w['from_step'] + w['steps']}: {gpu_ms:.2f} ms GPU/step, "
+              f"{w['scheduled_tokens_per_step']:.0f} tokens/step")
+        for r in w["kernels"][:TOP_KERNELS]:
+            print(f"{r['us_per_step']:10.1f} us {100 * r['share']:5.1f}% {r['launches_per_step']:6.1f}x  {r['kernel'][:90]}")
     return 0
 
 
