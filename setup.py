@@ -28,7 +28,7 @@ setup(
         "vllm_kvpress.configs": "configs",
         "vllm_kvpress.csrc": "csrc",
     },
-    package_data={"vllm_kvpress.configs": ["*.yaml"], "vllm_kvpress.csrc": ["*.cu"], "vllm_kvpress.bench": ["model_configs/*/config.json"]},
+    package_data={"vllm_kvpress.configs": ["*.yaml", "razor/*.json"], "vllm_kvpress.csrc": ["*.cu"], "vllm_kvpress.bench": ["model_configs/*/config.json"]},
     install_requires=["vllm==0.26.0", "pyyaml"],
     extras_require={
         "ray": ["ray[default]"],

@@ -68,9 +68,6 @@ constexpr int V_GROUPS = HEAD_SIZE / V_GROUP;
 constexpr int STAGE_GROUPS = HEAD_SIZE / K_STAGE_GROUP;
 constexpr u32 FP16_ONE = 0x3C00u;
 constexpr u32 FP16_SIGN = 0x80008000u;
-#ifndef RESCALE_LIMIT  // a test sets 0 to rescale at every block
-#define RESCALE_LIMIT 64.0f                     // outlier sums are rescaled once the max grew by 2^64
-#endif
 
 static_assert(K_BITS == V_BITS && (BITS == 2 || BITS == 4), "K and V codes of 2 or 4 bits, both the same");
 static_assert((BLOCK_SIZE * HEAD_SIZE & (BLOCK_SIZE * HEAD_SIZE - 1)) == 0, "outlier indices are masked to the block");
@@ -81,7 +78,7 @@ static_assert(V_GROUP % 16 == 0, "an output m-tile lies in one V group");
 static_assert(K_STAGE_GROUP % CPW == 0, "a word's codes lie in one staging group");
 static_assert(GROUP >= 1 && GROUP <= N8, "at most 8 query heads per KV head");
 static_assert(RANK == 0 || RANK == 1, "GEAR rank 0 or 1");
-static_assert(NUM_OUTLIERS <= 32, "one lane per outlier slot");
+static_assert(2 * BLOCK_SIZE / 16 <= 16 && 2 * HEAD_SIZE / 16 <= 16, "one-hot rows of a thread fit 16 bits");
 
 // ---- small helpers ------------------------------------------------------------------------------
 
@@ -171,11 +168,34 @@ __device__ __forceinline__ int prob_slot(int t) {
     return (t / TOK_T) * TOK_T + 2 * ((u / CPW) * HALF + w % HALF) + w / HALF;
 }
 
+// ---- GEAR's sparse outliers as one more mma tile: sum_i onehot(row == row_i) * w_i -------------------
+// A slot tile is 16 slots (the mma's K); a thread holds slots 2c, 2c+1 (k lo) and 2c+8, 2c+9 (k hi).
+constexpr int SLOT_TILES = (NUM_OUTLIERS + 15) / 16;
+
+// index (token * HEAD_SIZE + channel) and fp16 value of the thread's four slots of tile `tile`;
+// slots past NUM_OUTLIERS get value 0
+__device__ __forceinline__ void load_slots(const u8* sparse, int tile, int c, int* idx, float* val) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        const int slot = 16 * tile + 2 * c + (j & 1) + 8 * (j >> 1);
+        const bool real = slot < NUM_OUTLIERS;
+        const int safe = real ? slot : 0;
+        idx[j] = reinterpret_cast<const u16*>(sparse)[safe] & (BLOCK_SIZE * HEAD_SIZE - 1);
+        val[j] = real ? f16_bits_to_f32(reinterpret_cast<const u16*>(sparse)[NUM_OUTLIERS + safe]) : 0.f;
+    }
+}
+
+// one-hot A fragment registers from per-slot row positions: bit k of `bits` (slot 2c or 2c+8 in the low
+// half, its neighbour in the high half) marks that the slot sits in the thread's k-th row (k = 2 m-tile +
+// row half); the fragment for position k is fp16 2.0 where marked (one shift, one mask), so B carries w / 2
+__device__ __forceinline__ u32 onehot_pair(u32 bits, int k) {
+    const u32 at14 = k <= 14 ? bits << (14 - k) : bits >> (k - 14);
+    return at14 & 0x40004000u;
+}
+
 struct alignas(16) WarpSmem {  // 16-byte loads read the probability tile
     u16 prob[N8 * BLOCK_SIZE];                  // p (fp16) per head, in prob_slot order
-    float out[N8 * HEAD_SIZE];                  // outlier sums of V; at the end, the warp's accumulator
-    float score_extra[NUM_OUTLIERS ? N8 * BLOCK_SIZE : 1];
-    float factor[N8];                           // 2^(max - reference max) per head, for the outlier sums
+    float out[N8 * HEAD_SIZE];                  // at the end, the warp's accumulator
     float max[N8], sum[N8];
 };
 
@@ -183,7 +203,6 @@ struct State {
     float acc[VMT][4];                          // out^T: rows = channels (16 mt + 2r, + 1), cols = heads 2c, 2c+1
     float vcorr[V_GROUPS][2];                   // p.z - bias terms, per V group and head
     float m[2], l[2];                           // running max (base 2), this thread's share of the sum
-    float mref[2];                              // reference max of the outlier sums
 };
 
 // ---- one block ------------------------------------------------------------------------------------
@@ -251,23 +270,27 @@ __device__ __forceinline__ void attend_block(const u8* page, int valid, const u3
                 s[mt][i] = v;
             }
         if (NUM_OUTLIERS) {
-            if (lane < NUM_OUTLIERS) {
-                const int idx = reinterpret_cast<const u16*>(page + K_SPARSE_OFF)[lane] & (BLOCK_SIZE * HEAD_SIZE - 1);
-                const float val = f16_bits_to_f32(reinterpret_cast<const u16*>(page + K_SPARSE_OFF)[NUM_OUTLIERS + lane]);
-                const int t = idx / HEAD_SIZE, ch = idx % HEAD_SIZE;
+            // scores^T[t, n] += value_i q_n[ch_i] for slots at token t: rows are tokens 16 mt + r + 8 h
 #pragma unroll
-                for (int n = 0; n < GROUP; ++n) atomicAdd(&ws.score_extra[t * N8 + n], val * sq[n * HEAD_SIZE + ch]);
-            }
-            __syncwarp();
+            for (int tile = 0; tile < SLOT_TILES; ++tile) {
+                int idx[4];
+                float val[4];
+                load_slots(page + K_SPARSE_OFF, tile, c, idx, val);
+                u32 bits[2] = {0u, 0u}, w[2];
+                float wf[4];
 #pragma unroll
-            for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-                for (int h = 0; h < 2; ++h) {
-                    float* e = &ws.score_extra[(16 * mt + r + 8 * h) * N8 + 2 * c];
-                    s[mt][2 * h] += e[0];
-                    s[mt][2 * h + 1] += e[1];
-                    e[0] = e[1] = 0.f;
+                for (int j = 0; j < 4; ++j) {
+                    const int t = idx[j] / HEAD_SIZE, ch = idx[j] % HEAD_SIZE;
+                    if ((t & 7) == r) bits[j >> 1] |= 1u << ((t >> 3) + 16 * (j & 1));
+                    wf[j] = 0.5f * val[j] * sq[r * HEAD_SIZE + ch];
                 }
+                w[0] = pack_f16(wf[0], wf[1]);
+                w[1] = pack_f16(wf[2], wf[3]);
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt)
+                    mma(s[mt], onehot_pair(bits[0], 2 * mt), onehot_pair(bits[0], 2 * mt + 1),
+                        onehot_pair(bits[1], 2 * mt), onehot_pair(bits[1], 2 * mt + 1), w[0], w[1]);
+            }
         }
     } else {
         // staging: per token and channel group g, K = (code - QMAX/2) * s_tg: one product per group with
@@ -352,14 +375,6 @@ __device__ __forceinline__ void attend_block(const u8* page, int valid, const u3
             const int slot = prob_slot(16 * mt + r + 8 * (i >> 1));
             ws.prob[(2 * c + (i & 1)) * BLOCK_SIZE + slot] = (u16)(pack_f16(s[mt][i], 0.f) & 0xffffu);
         }
-    if (COMPLETE && NUM_OUTLIERS) {
-        // every thread keeps the reference max of its heads (it scales its channels' sums at the end)
-#pragma unroll
-        for (int j = 0; j < 2; ++j) {
-            if (st.mref[j] == neg_inf()) st.mref[j] = st.m[j];
-            if (r == 0) ws.factor[2 * c + j] = exp2_approx(st.m[j] - st.mref[j]);
-        }
-    }
     __syncwarp();
     u32 pp[VP];
     load_span<VP>(reinterpret_cast<const u8*>(&ws.prob[r * BLOCK_SIZE + c * TOK_T]), pp);
@@ -422,24 +437,27 @@ __device__ __forceinline__ void attend_block(const u8* page, int valid, const u3
         }
     }
     if (COMPLETE && NUM_OUTLIERS) {
-        // out[ch_i] += value_i * p[t_i], summed in shared memory relative to the reference max
-        const bool rescale = __any_sync(0xffffffffu, st.m[0] - st.mref[0] > RESCALE_LIMIT ||
-                                                         st.m[1] - st.mref[1] > RESCALE_LIMIT);
-        if (rescale) {
-            for (int e = lane; e < N8 * HEAD_SIZE; e += 32) ws.out[e] /= ws.factor[e % N8];
-            __syncwarp();
-            st.mref[0] = st.m[0];
-            st.mref[1] = st.m[1];
-            if (r == 0) ws.factor[2 * c] = ws.factor[2 * c + 1] = 1.f;
-            __syncwarp();
-        }
-        if (lane < NUM_OUTLIERS) {
-            const int idx = reinterpret_cast<const u16*>(page + V_SPARSE_OFF)[lane] & (BLOCK_SIZE * HEAD_SIZE - 1);
-            const float val = f16_bits_to_f32(reinterpret_cast<const u16*>(page + V_SPARSE_OFF)[NUM_OUTLIERS + lane]);
-            const int t = idx / HEAD_SIZE, ch = idx % HEAD_SIZE, slot = prob_slot(t);
+        // out^T[ch, n] += value_i p_n[t_i] for slots at channel ch: rows are channels 16 mt + 2r + h,
+        // and the accumulator was rescaled to this block's max already
 #pragma unroll
-            for (int n = 0; n < GROUP; ++n)
-                atomicAdd(&ws.out[ch * N8 + n], val * f16_bits_to_f32(ws.prob[n * BLOCK_SIZE + slot]) * ws.factor[n]);
+        for (int tile = 0; tile < SLOT_TILES; ++tile) {
+            int idx[4];
+            float val[4];
+            load_slots(page + V_SPARSE_OFF, tile, c, idx, val);
+            u32 bits[2] = {0u, 0u}, u[2];
+            float uf[4];
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const int t = idx[j] / HEAD_SIZE, ch = idx[j] % HEAD_SIZE;
+                if (((ch >> 1) & 7) == r) bits[j >> 1] |= 1u << (2 * (ch >> 4) + (ch & 1) + 16 * (j & 1));
+                uf[j] = 0.5f * val[j] * f16_bits_to_f32(ws.prob[r * BLOCK_SIZE + prob_slot(t)]);
+            }
+            u[0] = pack_f16(uf[0], uf[1]);
+            u[1] = pack_f16(uf[2], uf[3]);
+#pragma unroll
+            for (int mt = 0; mt < VMT; ++mt)
+                mma(st.acc[mt], onehot_pair(bits[0], 2 * mt), onehot_pair(bits[0], 2 * mt + 1),
+                    onehot_pair(bits[1], 2 * mt), onehot_pair(bits[1], 2 * mt + 1), u[0], u[1]);
         }
     }
     __syncwarp();  // the probability tile is rewritten by the next block
@@ -447,11 +465,26 @@ __device__ __forceinline__ void attend_block(const u8* page, int valid, const u3
 
 // ---- the kernel -----------------------------------------------------------------------------------
 
+// (view block, head slot) of a KV head's logical block b in a head-wise packed row: the kept blocks
+// and the tail in the head's own slot, a retrieval head's middle chunk c as unit c * R + rank
+__device__ __forceinline__ void headwise_block(int b, int kv_head, int rank, int kept, int chunks, int middle,
+                                               int retrieval_heads, int& view_block, int& slot) {
+    if (b < kept) return;
+    if (rank >= 0 && b < kept + chunks) {
+        const int unit = (b - kept) * retrieval_heads + rank;
+        view_block = kept + unit / gridDim.y;
+        slot = unit % gridDim.y;
+    } else {
+        view_block = rank >= 0 ? b - chunks + middle : b + middle;
+    }
+}
+
 extern "C" __global__ void __launch_bounds__(NUM_WARPS * 32, MIN_CTAS)
 kvpress_decode_split(const u16* __restrict__ q, int stride_qt, int stride_qh, const u8* __restrict__ cache,
                      int stride_cb, int stride_ch, const int* __restrict__ block_table, int stride_bt,
                      const int* __restrict__ seq_lens, float* __restrict__ part_out, float* __restrict__ part_max,
-                     float* __restrict__ part_sum, int num_splits, double scale_log2_arg) {
+                     float* __restrict__ part_sum, int num_splits, double scale_log2_arg,
+                     const int* __restrict__ headwise, const int* __restrict__ retrieval, int retrieval_heads) {
     __shared__ WarpSmem smem[NUM_WARPS];
     __shared__ float sq[NUM_OUTLIERS ? N8 * HEAD_SIZE : 1];   // the group's query rows in fp32, for outliers
     const int seq = blockIdx.x, kv_head = blockIdx.y, split = blockIdx.z;
@@ -483,9 +516,6 @@ kvpress_decode_split(const u16* __restrict__ q, int stride_qt, int stride_qh, co
             for (int i = 0; i < CH_T; ++i) sq[r * HEAD_SIZE + c * CH_T + i] = qf[i];
         }
     }
-    for (int e = lane; e < N8 * HEAD_SIZE; e += 32) ws.out[e] = 0.f;
-    if (NUM_OUTLIERS)
-        for (int e = lane; e < N8 * BLOCK_SIZE; e += 32) ws.score_extra[e] = 0.f;
     __syncthreads();
 
     State st;
@@ -493,10 +523,20 @@ kvpress_decode_split(const u16* __restrict__ q, int stride_qt, int stride_qh, co
     for (int mt = 0; mt < VMT; ++mt) st.acc[mt][0] = st.acc[mt][1] = st.acc[mt][2] = st.acc[mt][3] = 0.f;
 #pragma unroll
     for (int g = 0; g < V_GROUPS; ++g) st.vcorr[g][0] = st.vcorr[g][1] = 0.f;
-    st.m[0] = st.m[1] = st.mref[0] = st.mref[1] = neg_inf();
+    st.m[0] = st.m[1] = neg_inf();
     st.l[0] = st.l[1] = 0.f;
 
-    const int seq_len = seq_lens[seq];
+    // head-wise packed rows (razor, vllm_kvpress/eviction/headwise.py): (K, n, M) per row and each KV
+    // head's retrieval rank; with no retrieval heads every block maps to itself
+    int seq_len = seq_lens[seq];
+    int kept = 0, chunks = 0, middle = 0, rank = -1;
+    if (retrieval_heads > 0) {
+        kept = headwise[3 * seq];
+        chunks = headwise[3 * seq + 1];
+        middle = headwise[3 * seq + 2];
+        rank = retrieval[kv_head];
+        seq_len += ((rank >= 0 ? chunks : 0) - middle) * BLOCK_SIZE;
+    }
     const int num_blocks = (seq_len + BLOCK_SIZE - 1) / BLOCK_SIZE;
     const int per_split = (num_blocks + num_splits - 1) / num_splits;
     const int first = split * per_split;
@@ -504,7 +544,9 @@ kvpress_decode_split(const u16* __restrict__ q, int stride_qt, int stride_qh, co
     const int num_complete = seq_len / BLOCK_SIZE;
     const int* row = block_table + (long long)seq * stride_bt;
     for (int b = first + warp; b < last; b += NUM_WARPS) {
-        const u8* page = cache + (long long)row[b] * stride_cb + (long long)kv_head * stride_ch;
+        int view_block = b, slot = kv_head;
+        if (retrieval_heads > 0) headwise_block(b, kv_head, rank, kept, chunks, middle, retrieval_heads, view_block, slot);
+        const u8* page = cache + (long long)row[view_block] * stride_cb + (long long)slot * stride_ch;
         if (b < num_complete)
             attend_block<true>(page, BLOCK_SIZE, qpair, sq, scale_log2, st, ws, lane);
         else
@@ -518,20 +560,10 @@ kvpress_decode_split(const u16* __restrict__ q, int stride_qt, int stride_qh, co
         st.l[j] += __shfl_xor_sync(0xffffffffu, st.l[j], 8);
         st.l[j] += __shfl_xor_sync(0xffffffffu, st.l[j], 16);
     }
-    float outlier_scale[2];
-#pragma unroll
-    for (int j = 0; j < 2; ++j) outlier_scale[j] = st.mref[j] == neg_inf() ? 0.f : exp2_approx(st.mref[j] - st.m[j]);
-    __syncwarp();
 #pragma unroll
     for (int mt = 0; mt < VMT; ++mt)
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            const int ch = 16 * mt + 2 * r + (i >> 1), n = 2 * c + (i & 1);
-            float v = st.acc[mt][i] + st.vcorr[(16 * mt) / V_GROUP][i & 1];
-            if (NUM_OUTLIERS) v += ws.out[ch * N8 + n] * outlier_scale[i & 1];
-            st.acc[mt][i] = v;
-        }
-    __syncwarp();
+        for (int i = 0; i < 4; ++i) st.acc[mt][i] += st.vcorr[(16 * mt) / V_GROUP][i & 1];
 #pragma unroll
     for (int mt = 0; mt < VMT; ++mt)
 #pragma unroll

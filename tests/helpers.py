@@ -90,3 +90,20 @@ def write_batch(batch: Batch, layout: PageLayout, power_iters: int, spare_blocks
     k_new, v_new = batch.write_new(write, layout.block_size)
     return cache, k_new, v_new
 
+
+
+def single_request_step_metadata(builder, block_table, context, seq_len, slot_mapping, prompt_len, device):
+    """The builder's metadata of one request's step over tokens [context, seq_len), with the
+    prompt length vLLM's V2 runner hands evicting methods (`rswa_prefix_lens`)."""
+    from vllm.v1.attention.backend import CommonAttentionMetadata
+
+    query_len = seq_len - context
+    qsl = torch.tensor([0, query_len], dtype=torch.int32)
+    seq = torch.tensor([seq_len], dtype=torch.int32)
+    common = CommonAttentionMetadata(
+        query_start_loc=qsl.to(device), query_start_loc_cpu=qsl, seq_lens=seq.to(device), _seq_lens_cpu=seq,
+        num_reqs=1, num_actual_tokens=query_len, max_query_len=query_len, max_seq_len=seq_len,
+        block_table_tensor=block_table, slot_mapping=slot_mapping,
+        rswa_prefix_lens=torch.tensor([prompt_len], dtype=torch.int32),
+    )
+    return builder.build(0, common)

@@ -1,11 +1,13 @@
 """Owns the write path: quantize-pack-scatter of new K/V into compressed pages (vLLM's cache update).
 
-Two kernels, both over the grid (token, kv head), split by what happens to the token's block:
-- `_stage_tokens_kernel`: the block stays partial after this write. The token is quantized on its
-  own (K over its whole head, V per group) into the staging form of the page.
-- `_finalize_blocks_kernel`: this write fills the block. The program of the token at the block's
-  last offset gathers the whole block (new tokens exact from the input, older ones dequantized
+Two kernels, split by what happens to a token's block:
+- `_stage_tokens_kernel`, grid (token, kv head): the block stays partial after this write. The
+  token is quantized on its own (K over its whole head, V per group) into the staging form.
+- `_encode_blocks_kernel`, grid (completed block, kv head, K or V): this write fills the block.
+  The program gathers the whole block (new tokens exact from the input, older ones dequantized
   from staging) and encodes it: per-channel K, per-token V, GEAR outliers and low-rank terms.
+  Its grid is the list of completing tokens (`completing_tokens`), not every token: a complete
+  GEAR encode is long, and idle programs of its size would still occupy the multiprocessors.
 They touch disjoint blocks, so their order does not matter. The PyTorch oracle is
 `vllm_kvpress.reference.page_codec.write_tokens`.
 """
@@ -30,8 +32,11 @@ from vllm_kvpress.triton_kernels.page_format import (
 _GOLDEN = tl.constexpr(GOLDEN)
 _ZSCORE_EPS = tl.constexpr(ZSCORE_EPS)
 _POWER_ITER_EPS = tl.constexpr(POWER_ITER_EPS)
-_BISECTION_STEPS = tl.constexpr(48)
-"""Outlier threshold search: enough halvings of [0, max z] to land on the exact fp32 (n+1)-th largest z."""
+_SEARCH_WAYS = tl.constexpr(4)
+_SEARCH_STEPS = tl.constexpr(16)
+"""Outlier threshold search over the bit patterns of z (z >= 0, so they order like the values): each
+step counts the entries above 4 evenly spaced candidates in one reduction and keeps a quarter of
+the interval, so 16 steps narrow [-1, 2^31) to the exact (n+1)-th largest z."""
 
 
 @triton.jit
@@ -148,16 +153,24 @@ def outlier_zscores(x, IS_KEY: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_SIZE
 
 
 @triton.jit
-def select_outliers(z, NUM_OUTLIERS: tl.constexpr):
-    """Entries with z above the (n+1)-th largest z (at most n), found by bisection on the threshold."""
-    lo = 0.0
-    hi = tl.max(tl.max(z, 1), 0)
-    for _ in range(_BISECTION_STEPS):
-        mid = 0.5 * (lo + hi)
-        fits = tl.sum(tl.sum((z > mid).to(tl.int32), 1), 0) <= NUM_OUTLIERS
-        hi = tl.where(fits, mid, hi)
-        lo = tl.where(fits, lo, mid)
-    return z > hi
+def select_outliers(z, NUM_OUTLIERS: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_SIZE: tl.constexpr):
+    """Entries with z above the (n+1)-th largest z (at most n): the smallest bit pattern `hi` with at
+    most n patterns above it is that z's. The search counts over the entries in any order (one
+    flat reduction per step, the cheapest cross-warp form): a block encode waits on each step."""
+    bits = z.to(tl.int32, bitcast=True)
+    flat = tl.reshape(bits, (BLOCK_SIZE * HEAD_SIZE,), can_reorder=True)
+    lo = tl.full((), -1, tl.int32)  # more than n patterns above it
+    hi = tl.max(flat, 0)  # none above it
+    ways = tl.arange(0, _SEARCH_WAYS) + 1
+    for _ in range(_SEARCH_STEPS):
+        # candidates lo + (hi - lo) * w / 4 for w = 1..4; the last is hi itself
+        cand = lo + ((hi - lo).to(tl.int64) * ways // _SEARCH_WAYS).to(tl.int32)
+        above = tl.sum((flat[:, None] > cand[None, :]).to(tl.int32), 0)
+        fits = above <= NUM_OUTLIERS  # False ... True along the candidates
+        new_hi = tl.min(tl.where(fits, cand, hi), 0)
+        lo = tl.max(tl.where(fits, lo, cand), 0)
+        hi = new_hi
+    return bits > hi
 
 
 @triton.jit
@@ -169,7 +182,8 @@ def encode_block(x, page, IS_KEY: tl.constexpr, BITS: tl.constexpr, CODES_OFF: t
     rows = tl.arange(0, BLOCK_SIZE)
     cols = tl.arange(0, HEAD_SIZE)
     if NUM_OUTLIERS > 0:
-        outlier = select_outliers(outlier_zscores(x, IS_KEY, BLOCK_SIZE, HEAD_SIZE, V_GROUP), NUM_OUTLIERS)
+        outlier = select_outliers(outlier_zscores(x, IS_KEY, BLOCK_SIZE, HEAD_SIZE, V_GROUP), NUM_OUTLIERS,
+                                  BLOCK_SIZE, HEAD_SIZE)
     else:
         outlier = tl.zeros((BLOCK_SIZE, HEAD_SIZE), dtype=tl.int1)
     meta = fp16_ptr(page + META_OFF)
@@ -235,21 +249,22 @@ def encode_block(x, page, IS_KEY: tl.constexpr, BITS: tl.constexpr, CODES_OFF: t
 
 
 @triton.jit
-def _finalize_blocks_kernel(
+def _encode_blocks_kernel(
     key_ptr, value_ptr, stride_kt, stride_kh, stride_vt, stride_vh,
-    cache_ptr, stride_cb, stride_ch, slot_mapping_ptr,
+    cache_ptr, stride_cb, stride_ch, slot_mapping_ptr, tokens_ptr,
     BLOCK_SIZE: tl.constexpr, HEAD_SIZE: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr,
     V_GROUP: tl.constexpr, K_STAGE_GROUP: tl.constexpr, RANK: tl.constexpr, NUM_OUTLIERS: tl.constexpr,
     POWER_ITERS: tl.constexpr, K_CODES_OFF: tl.constexpr, V_CODES_OFF: tl.constexpr, K_META_OFF: tl.constexpr,
     V_META_OFF: tl.constexpr, K_LOWRANK_OFF: tl.constexpr, V_LOWRANK_OFF: tl.constexpr,
     K_SPARSE_OFF: tl.constexpr, V_SPARSE_OFF: tl.constexpr,
 ):
-    """Grid (num_tokens, num_kv_heads): the token at a block's last offset encodes that block."""
-    t = tl.program_id(0)
+    """Grid (completions, num_kv_heads, 2): program (i, h, 0) encodes K and (i, h, 1) V of the
+    block that input token tokens[i] completes (-1: no block)."""
+    t = tl.load(tokens_ptr + tl.program_id(0))
+    if t < 0:
+        return
     h = tl.program_id(1)
     slot = tl.load(slot_mapping_ptr + t).to(tl.int64)
-    if slot < 0 or slot % BLOCK_SIZE != BLOCK_SIZE - 1:
-        return
     block = slot // BLOCK_SIZE
     page = cache_ptr + block * stride_cb + h * stride_ch
     rows = tl.arange(0, BLOCK_SIZE)
@@ -259,24 +274,48 @@ def _finalize_blocks_kernel(
     src_slot = tl.load(slot_mapping_ptr + src, mask=src >= 0, other=-1)
     is_new = (src_slot == block * BLOCK_SIZE + rows)[:, None]
     src64 = tl.where(src >= 0, src, 0).to(tl.int64)[:, None]
-
-    k_new = tl.load(key_ptr + src64 * stride_kt + h * stride_kh + cols[None, :], mask=is_new, other=0.0)
-    k_old = load_block_k(page, False, BLOCK_SIZE, HEAD_SIZE, K_BITS, K_STAGE_GROUP, K_CODES_OFF, K_META_OFF,
-                         K_LOWRANK_OFF, K_SPARSE_OFF, RANK, NUM_OUTLIERS)
-    k = tl.where(is_new, k_new.to(tl.float32), k_old)
-    v_new = tl.load(value_ptr + src64 * stride_vt + h * stride_vh + cols[None, :], mask=is_new, other=0.0)
-    v_old = load_block_v(page, False, BLOCK_SIZE, HEAD_SIZE, V_BITS, V_GROUP, V_CODES_OFF, V_META_OFF,
-                         V_LOWRANK_OFF, V_SPARSE_OFF, RANK, NUM_OUTLIERS)
-    v = tl.where(is_new, v_new.to(tl.float32), v_old)
-    encode_block(k, page, True, K_BITS, K_CODES_OFF, K_META_OFF, K_LOWRANK_OFF, K_SPARSE_OFF,
-                 BLOCK_SIZE, HEAD_SIZE, V_GROUP, RANK, NUM_OUTLIERS, POWER_ITERS)
-    encode_block(v, page, False, V_BITS, V_CODES_OFF, V_META_OFF, V_LOWRANK_OFF, V_SPARSE_OFF,
-                 BLOCK_SIZE, HEAD_SIZE, V_GROUP, RANK, NUM_OUTLIERS, POWER_ITERS)
+    if tl.program_id(2) == 0:
+        k_new = tl.load(key_ptr + src64 * stride_kt + h * stride_kh + cols[None, :], mask=is_new, other=0.0)
+        k_old = load_block_k(page, False, BLOCK_SIZE, HEAD_SIZE, K_BITS, K_STAGE_GROUP, K_CODES_OFF, K_META_OFF,
+                             K_LOWRANK_OFF, K_SPARSE_OFF, RANK, NUM_OUTLIERS)
+        encode_block(tl.where(is_new, k_new.to(tl.float32), k_old), page, True, K_BITS, K_CODES_OFF, K_META_OFF,
+                     K_LOWRANK_OFF, K_SPARSE_OFF, BLOCK_SIZE, HEAD_SIZE, V_GROUP, RANK, NUM_OUTLIERS, POWER_ITERS)
+    else:
+        v_new = tl.load(value_ptr + src64 * stride_vt + h * stride_vh + cols[None, :], mask=is_new, other=0.0)
+        v_old = load_block_v(page, False, BLOCK_SIZE, HEAD_SIZE, V_BITS, V_GROUP, V_CODES_OFF, V_META_OFF,
+                             V_LOWRANK_OFF, V_SPARSE_OFF, RANK, NUM_OUTLIERS)
+        encode_block(tl.where(is_new, v_new.to(tl.float32), v_old), page, False, V_BITS, V_CODES_OFF, V_META_OFF,
+                     V_LOWRANK_OFF, V_SPARSE_OFF, BLOCK_SIZE, HEAD_SIZE, V_GROUP, RANK, NUM_OUTLIERS, POWER_ITERS)
 
 
 STAGE_NUM_WARPS = 2
-FINALIZE_NUM_WARPS = 8
-"""The finalize program holds several fp32 [block_size, head_size] tiles; 8 warps keep them in registers."""
+ENCODE_NUM_WARPS = 16
+"""The encode program holds several fp32 [block_size, head_size] tiles: 16 warps keep GEAR's in 128
+registers a thread without spilling (8 warps need 255), and the encode is latency-bound (a decode
+step waits for its one block), so more threads per block is what counts."""
+
+
+def max_completions(num_tokens: int, num_seqs: int, block_size: int) -> int:
+    """At most how many blocks a write of `num_tokens` new tokens of `num_seqs` sequences completes:
+    a sequence's q consecutive tokens end at most q // block_size + 1 blocks."""
+    return max(1, min(num_tokens, num_tokens // block_size + num_seqs))
+
+
+def completing_tokens(slot_mapping: torch.Tensor, block_size: int, num_completions: int,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+    """int32 [num_completions]: in input order, the rows of `slot_mapping` whose slot is a block's
+    last offset (the write completes that block), then -1. GPU ops only (no host sync), so the
+    metadata builder can fill its persistent buffer once per step for every layer. `out` has room
+    for at least num_completions + 1 entries (the last one takes the other rows' scatter)."""
+    if out is None:
+        out = torch.empty(num_completions + 1, dtype=torch.int32, device=slot_mapping.device)
+    out.fill_(-1)
+    is_last = (slot_mapping >= 0) & (slot_mapping % block_size == block_size - 1)
+    rank = torch.cumsum(is_last, 0) - 1
+    dest = torch.where(is_last, rank, num_completions)
+    rows = torch.arange(slot_mapping.shape[0], dtype=torch.int32, device=slot_mapping.device)
+    out.scatter_(0, dest, torch.where(is_last, rows, -1))
+    return out[:num_completions]
 
 
 def write_kv_pages(
@@ -287,6 +326,8 @@ def write_kv_pages(
     layout: PageLayout,
     *,
     power_iters: int = 1,
+    completing: torch.Tensor | None = None,
+    num_seqs: int | None = None,
 ) -> None:
     """Write new K/V into compressed pages (vLLM's `do_kv_cache_update`).
 
@@ -296,6 +337,9 @@ def write_kv_pages(
         slot_mapping: int32/int64 [num_tokens'] block_id * block_size + offset, -1 = padding.
         layout: the page layout of this layer.
         power_iters: GEAR power-iteration steps (ignored when layout.rank == 0).
+        completing: `completing_tokens(slot_mapping, ...)` of this write, where the caller has it
+            (the metadata builder makes it once per step); else it is made here, bounded by
+            `num_seqs` (the sequences the tokens belong to; default one per token).
     """
     num_tokens = slot_mapping.shape[0]
     num_kv_heads = cache.shape[1]
@@ -308,13 +352,16 @@ def write_kv_pages(
         raise ValueError(f"Invalid shape of key: {key.shape[0]} rows for {num_tokens} slots")
     if num_tokens == 0:
         return
-    grid = (num_tokens, num_kv_heads)
+    if completing is None:
+        bound = max_completions(num_tokens, num_tokens if num_seqs is None else num_seqs, layout.block_size)
+        completing = completing_tokens(slot_mapping, layout.block_size, bound)
     common = (key, value, key.stride(0), key.stride(1), value.stride(0), value.stride(1),
               cache, cache.stride(0), cache.stride(1), slot_mapping)
-    _stage_tokens_kernel[grid](*common, num_tokens, **_stage_constants(layout), num_warps=STAGE_NUM_WARPS)
-    _finalize_blocks_kernel[grid](
-        *common, POWER_ITERS=power_iters if layout.rank else 1, **layout.kernel_constants,
-        num_warps=FINALIZE_NUM_WARPS,
+    _stage_tokens_kernel[(num_tokens, num_kv_heads)](*common, num_tokens, **_stage_constants(layout),
+                                                    num_warps=STAGE_NUM_WARPS)
+    _encode_blocks_kernel[(completing.shape[0], num_kv_heads, 2)](
+        *common, completing, POWER_ITERS=power_iters if layout.rank else 1, **layout.kernel_constants,
+        num_warps=ENCODE_NUM_WARPS,
     )
 
 

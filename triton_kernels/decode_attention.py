@@ -28,6 +28,9 @@ import triton
 import triton.language as tl
 from vllm_kvpress.triton_kernels.checks import check_tensor
 from vllm_kvpress.triton_kernels.page_format import (
+    headwise_arguments,
+    headwise_block,
+    headwise_row,
     INTERPRETER,
     code_bias,
     dequantize_staged_k,
@@ -135,7 +138,8 @@ def _decode_split_kernel(
     cache_ptr, stride_cb, stride_ch,
     block_table_ptr, stride_bt, seq_lens_ptr,
     part_out_ptr, part_max_ptr, part_sum_ptr,
-    scale_log2,
+    scale_log2, headwise_ptr, retrieval_ptr,
+    HEADWISE: tl.constexpr, RETRIEVAL_HEADS: tl.constexpr,
     NUM_SPLITS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, DOT_DTYPE: tl.constexpr,
     K_BIAS: tl.constexpr, V_BIAS: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, HEAD_SIZE: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr,
@@ -148,6 +152,12 @@ def _decode_split_kernel(
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
+    num_kv_heads = tl.num_programs(1)
+    if HEADWISE:  # a head-wise packed row (razor): this KV head's own blocks and token count
+        kept, chunks, middle, retrieval, extra = headwise_row(headwise_ptr, retrieval_ptr, seq, kv_head, BLOCK_SIZE)
+        seq_len += extra
+    else:
+        kept, chunks, middle, retrieval = 0, 0, 0, -1
     num_blocks = tl.cdiv(seq_len, BLOCK_SIZE)
     blocks_per_split = tl.cdiv(num_blocks, NUM_SPLITS)
     first = split * blocks_per_split
@@ -168,8 +178,12 @@ def _decode_split_kernel(
     # complete blocks: the hot loop; the partial last block (if this split owns it) is handled after
     num_complete = seq_len // BLOCK_SIZE
     for b in range(first, tl.minimum(last, num_complete)):
-        block_id = tl.load(block_table_ptr + seq.to(tl.int64) * stride_bt + b).to(tl.int64)
-        page = cache_ptr + block_id * stride_cb + kv_head * stride_ch
+        view_block, slot = b, kv_head
+        if HEADWISE:
+            view_block, slot = headwise_block(b, kv_head, retrieval, kept, chunks, middle, RETRIEVAL_HEADS,
+                                              num_kv_heads)
+        block_id = tl.load(block_table_ptr + seq.to(tl.int64) * stride_bt + view_block).to(tl.int64)
+        page = cache_ptr + block_id * stride_cb + slot * stride_ch
         # k_codes : (BLOCK_SIZE, HEAD_SIZE), K_BIAS + code in the dot dtype
         k_codes = load_codes_operand(page, K_CODES_OFF, BLOCK_SIZE, HEAD_SIZE, K_BITS, DOT_DTYPE, K_BIAS)
         k_meta = fp16_ptr(page + K_META_OFF)
@@ -187,8 +201,12 @@ def _decode_split_kernel(
                                 V_CODES_OFF, V_META_OFF, V_LOWRANK_OFF, V_SPARSE_OFF, RANK, NUM_OUTLIERS)
     if (num_complete < last) & (num_complete >= first):
         # the sequence's partial block: staged K (plain dequantization is cheap for one block), no GEAR terms
-        block_id = tl.load(block_table_ptr + seq.to(tl.int64) * stride_bt + num_complete).to(tl.int64)
-        page = cache_ptr + block_id * stride_cb + kv_head * stride_ch
+        view_block, slot = num_complete, kv_head
+        if HEADWISE:
+            view_block, slot = headwise_block(num_complete, kv_head, retrieval, kept, chunks, middle,
+                                              RETRIEVAL_HEADS, num_kv_heads)
+        block_id = tl.load(block_table_ptr + seq.to(tl.int64) * stride_bt + view_block).to(tl.int64)
+        page = cache_ptr + block_id * stride_cb + slot * stride_ch
         k_codes = load_codes(page, K_CODES_OFF, BLOCK_SIZE, HEAD_SIZE, K_BITS).to(tl.float32)
         k = dequantize_staged_k(k_codes, fp16_ptr(page + K_META_OFF), BLOCK_SIZE, HEAD_SIZE, K_BITS, K_STAGE_GROUP)
         scores_t = tl.dot(k.to(DOT_DTYPE), q_t.to(DOT_DTYPE))
@@ -265,6 +283,7 @@ def decode_attention(
     num_stages: int = DECODE_NUM_STAGES,
     kernel: str = "auto",
     min_ctas: int = cuda_decode.MIN_CTAS,
+    headwise: tuple[torch.Tensor, torch.Tensor, int] | None = None,
 ) -> torch.Tensor:
     """Attention of one decode token per sequence over its compressed pages.
 
@@ -280,6 +299,10 @@ def decode_attention(
             are the microbenchmark's picks (and the CUDA build the metadata builder makes up front).
         kernel: "cuda" (csrc/decode_attention.cu), "triton" (this module), or "auto": CUDA wherever
             it takes the pages (`decode_kernel`), Triton elsewhere. Both write the same splits.
+        headwise: for head-wise packed requests (RazorAttention, eviction/headwise.py): int32
+            [>= num_seqs, 3] (kept K, chunks n, middle M) per row, int32 [num_kv_heads] each KV
+            head's rank among the layer's retrieval heads (-1: not one), and their count R. Rows
+            with n = M = 0 read as usual. "auto" reads them with the Triton kernel.
     """
     num_seqs, num_heads, head_size = query.shape
     num_kv_heads = cache.shape[1]
@@ -296,19 +319,25 @@ def decode_attention(
     if num_seqs == 0:
         return out
     group = num_heads // num_kv_heads
+    row_params, retrieval, retrieval_heads = headwise_arguments(headwise, num_kv_heads, block_table)
+    if headwise is not None and kernel == "auto":
+        # the CUDA kernel's head-wise path has not run on a GPU yet (tests/gpu/test_cuda_decode.py)
+        kernel = "triton"
     if kernel == "auto":
         kernel = decode_kernel(layout, group, query.dtype, query.device)[0]
     if kernel == "cuda":
         cuda_decode.decode_split(query, cache, block_table, seq_lens, layout, scale_log2=scale * LOG2E,
                                  num_splits=num_splits, split_buffers=split_buffers,
-                                 num_warps=num_warps or cuda_decode.NUM_WARPS, min_ctas=min_ctas)
+                                 num_warps=num_warps or cuda_decode.NUM_WARPS, min_ctas=min_ctas,
+                                 headwise=None if headwise is None else (row_params, retrieval, retrieval_heads))
     elif kernel == "triton":
         _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
             query, query.stride(0), query.stride(1),
             cache, cache.stride(0), cache.stride(1),
             block_table, block_table.stride(0), seq_lens,
             part_out, part_max, part_sum,
-            scale * LOG2E,
+            scale * LOG2E, row_params, retrieval,
+            HEADWISE=headwise is not None, RETRIEVAL_HEADS=retrieval_heads,
             NUM_SPLITS=num_splits, GROUP=group, GROUP_PAD=triton.next_power_of_2(group),
             DOT_DTYPE=dot_dtype(query.dtype), K_BIAS=code_bias(query.dtype, layout.k_bits),
             V_BIAS=code_bias(query.dtype, layout.v_bits),

@@ -14,6 +14,19 @@ import triton.language as tl
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def headwise_arguments(headwise, num_kv_heads: int, placeholder: torch.Tensor):
+    """(row parameters, retrieval ranks, R) for a kernel's HEADWISE arguments, checked; with
+    `headwise` None, placeholders the kernel never reads (HEADWISE off) and R = 0."""
+    if headwise is None:
+        return placeholder, placeholder, 0
+    from vllm_kvpress.triton_kernels.checks import check_tensor
+
+    row_params, retrieval, retrieval_heads = headwise
+    check_tensor("headwise row parameters", row_params, dtype=torch.int32, shape=(None, 3))
+    check_tensor("retrieval ranks", retrieval, dtype=torch.int32, shape=(num_kv_heads,))
+    return row_params, retrieval, retrieval_heads
+
+
 def dot_dtype(torch_dtype: torch.dtype):
     """Operand type of the attention matmuls: the query dtype on the GPU. Under TRITON_INTERPRET
     the interpreter's bf16 `tl.dot` returns garbage (Triton 3.6), so the CPU tests use fp32."""
@@ -34,6 +47,29 @@ def code_bias(torch_dtype: torch.dtype, bits: int) -> int:
         return 0
     bias = MAGIC_BIAS[torch_dtype]
     return bias if (1 << bits) <= (bias if torch_dtype == torch.float16 else 128) else 0
+
+
+@triton.jit
+def headwise_row(headwise_ptr, retrieval_ptr, seq, kv_head, BLOCK_SIZE: tl.constexpr):
+    """(K, n, M) of a head-wise packed row, the KV head's retrieval rank (-1: not one) and how many
+    more tokens than the view's length the head attends to (negative: the M middle blocks it skips)."""
+    kept = tl.load(headwise_ptr + 3 * seq)
+    chunks = tl.load(headwise_ptr + 3 * seq + 1)
+    middle = tl.load(headwise_ptr + 3 * seq + 2)
+    retrieval = tl.load(retrieval_ptr + kv_head)
+    return kept, chunks, middle, retrieval, (tl.where(retrieval >= 0, chunks, 0) - middle) * BLOCK_SIZE
+
+
+@triton.jit
+def headwise_block(b, kv_head, retrieval, kept, chunks, middle, RETRIEVAL_HEADS: tl.constexpr, num_kv_heads):
+    """(view block, head slot) of the head's logical block b in a head-wise packed request
+    (vllm_kvpress/eviction/headwise.py `logical_block_location`, the oracle)."""
+    in_middle = (retrieval >= 0) & (b >= kept) & (b < kept + chunks)
+    unit = (b - kept) * RETRIEVAL_HEADS + retrieval
+    after = tl.where(retrieval >= 0, b - chunks + middle, b + middle)
+    view_block = tl.where(b < kept, b, tl.where(in_middle, kept + unit // num_kv_heads, after))
+    return view_block, tl.where(in_middle, unit % num_kv_heads, kv_head)
+
 
 @triton.jit
 def fp16_ptr(byte_ptr):

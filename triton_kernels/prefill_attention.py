@@ -19,7 +19,14 @@ import triton.language as tl
 from vllm_kvpress.layout import PageLayout
 from vllm_kvpress.triton_kernels.checks import check_tensor
 from vllm_kvpress.triton_kernels.decode_attention import LOG2E
-from vllm_kvpress.triton_kernels.page_format import dot_dtype, load_block_k, load_block_v
+from vllm_kvpress.triton_kernels.page_format import (
+    dot_dtype,
+    headwise_arguments,
+    headwise_block,
+    headwise_row,
+    load_block_k,
+    load_block_v,
+)
 
 BLOCK_M = 64
 BLOCK_N = 64
@@ -46,7 +53,8 @@ def _prefill_kernel(
     q_ptr, stride_qt, stride_qh, k_ptr, stride_kt, stride_kh, v_ptr, stride_vt, stride_vh,
     out_ptr, stride_ot, stride_oh,
     cache_ptr, stride_cb, stride_ch, block_table_ptr, stride_bt,
-    query_start_loc_ptr, seq_lens_ptr, first_seq, scale_log2,
+    query_start_loc_ptr, seq_lens_ptr, first_seq, scale_log2, headwise_ptr, retrieval_ptr,
+    HEADWISE: tl.constexpr, RETRIEVAL_HEADS: tl.constexpr,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, HEAD_SIZE: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr,
@@ -64,6 +72,12 @@ def _prefill_kernel(
     if tile * TOKENS >= query_len:
         return
     seq_len = tl.load(seq_lens_ptr + seq)
+    num_kv_heads = tl.num_programs(2)
+    if HEADWISE:  # a head-wise packed row (razor): this KV head's own blocks and token count
+        kept, chunks, middle, retrieval, extra = headwise_row(headwise_ptr, retrieval_ptr, seq, kv_head, BLOCK_SIZE)
+        seq_len += extra
+    else:
+        kept, chunks, middle, retrieval = 0, 0, 0, -1
     context_len = seq_len - query_len
 
     r = tl.arange(0, BLOCK_M)
@@ -82,8 +96,12 @@ def _prefill_kernel(
 
     tokens = tl.arange(0, BLOCK_SIZE)
     for b in range(0, tl.cdiv(context_len, BLOCK_SIZE)):
-        block_id = tl.load(block_table_ptr + seq.to(tl.int64) * stride_bt + b).to(tl.int64)
-        page = cache_ptr + block_id * stride_cb + kv_head * stride_ch
+        view_block, slot = b, kv_head
+        if HEADWISE:
+            view_block, slot = headwise_block(b, kv_head, retrieval, kept, chunks, middle, RETRIEVAL_HEADS,
+                                              num_kv_heads)
+        block_id = tl.load(block_table_ptr + seq.to(tl.int64) * stride_bt + view_block).to(tl.int64)
+        page = cache_ptr + block_id * stride_cb + slot * stride_ch
         complete = (b + 1) * BLOCK_SIZE <= seq_len
         # k, v : (BLOCK_SIZE, HEAD_SIZE) fp32
         k = load_block_k(page, complete, BLOCK_SIZE, HEAD_SIZE, K_BITS, K_STAGE_GROUP, K_CODES_OFF, K_META_OFF,
@@ -130,6 +148,7 @@ def prefill_attention(
     first_seq: int,
     num_seqs: int,
     max_query_len: int,
+    headwise: tuple[torch.Tensor, torch.Tensor, int] | None = None,
 ) -> torch.Tensor:
     """Causal attention of the prefill sequences `first_seq .. first_seq + num_seqs - 1` of a batch.
 
@@ -139,6 +158,7 @@ def prefill_attention(
         cache, block_table, seq_lens: as in `decode_attention`.
         query_start_loc: int32 [num_batch_seqs + 1] offsets of each sequence's queries.
         max_query_len: an upper bound of these sequences' query lengths (sets the grid).
+        headwise: head-wise packed rows, as in `decode_attention`.
     """
     num_heads, num_kv_heads = query.shape[1], cache.shape[1]
     check_tensor("query", query, dtype=(torch.float16, torch.bfloat16), ndim=3, shape=(None, None, layout.head_size))
@@ -151,12 +171,14 @@ def prefill_attention(
         return out
     group = num_heads // num_kv_heads
     group_pad = triton.next_power_of_2(group)
+    row_params, retrieval, retrieval_heads = headwise_arguments(headwise, num_kv_heads, block_table)
     grid = (num_seqs, triton.cdiv(max_query_len, BLOCK_M // group_pad), num_kv_heads)
     _prefill_kernel[grid](
         query, query.stride(0), query.stride(1), key, key.stride(0), key.stride(1),
         value, value.stride(0), value.stride(1), out, out.stride(0), out.stride(1),
         cache, cache.stride(0), cache.stride(1), block_table, block_table.stride(0),
-        query_start_loc, seq_lens, first_seq, scale * LOG2E,
+        query_start_loc, seq_lens, first_seq, scale * LOG2E, row_params, retrieval,
+        HEADWISE=headwise is not None, RETRIEVAL_HEADS=retrieval_heads,
         GROUP=group, GROUP_PAD=group_pad, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, DOT_DTYPE=dot_dtype(query.dtype),
         **layout.kernel_constants, num_warps=PREFILL_NUM_WARPS,
     )

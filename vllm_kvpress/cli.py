@@ -1,4 +1,5 @@
-"""Owns the `vllm-kvpress` command: `methods`, `model`, `eval`, `agree`, `bench`, `report`.
+"""Owns the `vllm-kvpress` command: `methods`, `model`, `eval`, `agree`, `bench`, `report`,
+`retrieval-heads`.
 
 Each subcommand's module registers its own parser through `add_parser(subparsers)` and sets
 `run`; those modules keep vLLM, torch and transformers imports inside `run`, so building the
@@ -16,6 +17,7 @@ SUBCOMMAND_MODULES = {
     "agree": "vllm_kvpress.eval.agreement",
     "bench": "vllm_kvpress.bench.cli",
     "report": "vllm_kvpress.bench.report",
+    "retrieval-heads": "vllm_kvpress.methods.retrieval_heads",
 }
 
 

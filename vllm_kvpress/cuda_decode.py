@@ -56,8 +56,6 @@ def unsupported_reason(layout: PageLayout, group: int, query_dtype: torch.dtype)
         return f"K staging group of {layout.k_stage_group_size} channels (a multiple of {codes_per_word})"
     if layout.rank > 1:
         return f"GEAR rank {layout.rank} (0 or 1)"
-    if layout.num_outliers > 32:
-        return f"{layout.num_outliers} outlier slots (at most 32)"
     return None
 
 
@@ -161,7 +159,8 @@ def build(layout: PageLayout, group: int, query_dtype: torch.dtype, device: torc
 def decode_split(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
                  layout: PageLayout, *, scale_log2: float, num_splits: int,
                  split_buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-                 num_warps: int = NUM_WARPS, min_ctas: int = MIN_CTAS) -> None:
+                 num_warps: int = NUM_WARPS, min_ctas: int = MIN_CTAS,
+                 headwise: tuple[torch.Tensor, torch.Tensor, int] | None = None) -> None:
     """The split pass of `triton_kernels.decode_attention.decode_attention` (same arguments, checked
     there): partial (out, max, sum) per (sequence, split, head) into `split_buffers`."""
     num_seqs, num_heads, _ = query.shape
@@ -175,5 +174,7 @@ def decode_split(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Te
         grid=(num_seqs, num_kv_heads, num_splits), block=(32 * num_warps, 1, 1),
         args=[query, query.stride(0), query.stride(1), cache, cache.stride(0), cache.stride(1),
               block_table, block_table.stride(0), seq_lens, part_out, part_max, part_sum, num_splits,
-              float(scale_log2)],
+              float(scale_log2),
+              # no retrieval heads: the kernel never reads the two pointers (any tensor fills them)
+              *(headwise if headwise is not None else (seq_lens, seq_lens, 0))],
     )

@@ -91,6 +91,11 @@ def engine_args_problems(engine_args, method_config: MethodConfig) -> list[str]:
         problems.append("speculative decoding is not supported with --kv-compression yet; drop it")
     if getattr(engine_args, "kv_cache_dtype_skip_layers", None):
         problems.append("--kv-cache-dtype-skip-layers is not supported with --kv-compression; drop it")
+    if not method_config.supports_tensor_parallel and (engine_args.tensor_parallel_size or 1) > 1:
+        problems.append(
+            f"--tensor-parallel-size {engine_args.tensor_parallel_size} is not supported by method "
+            f"'{method_config.method}' (it chooses heads among all KV heads of a layer); allowed: 1"
+        )
     for flag in ("decode_context_parallel_size", "prefill_context_parallel_size", "pipeline_parallel_size"):
         if (getattr(engine_args, flag, 1) or 1) > 1:
             problems.append(f"--{flag.replace('_', '-')} > 1 is not supported with --kv-compression yet")

@@ -4,8 +4,7 @@ new tokens through the compacted view, exactly as the reference engine does."""
 
 import pytest
 import torch
-from helpers import make_batch
-from vllm.v1.attention.backend import CommonAttentionMetadata
+from helpers import make_batch, single_request_step_metadata
 
 from vllm_kvpress.backend import impl as impl_module
 from vllm_kvpress.backend.metadata import KVPressMetadataBuilder
@@ -21,16 +20,7 @@ STEPS = [(0, 128), (128, 150), (150, 151), (151, 152)]  # (context, seq_len): tw
 
 
 def _metadata(builder, block_table, context, seq_len, slot_mapping, device):
-    query_len = seq_len - context
-    qsl = torch.tensor([0, query_len], dtype=torch.int32)
-    seq = torch.tensor([seq_len], dtype=torch.int32)
-    common = CommonAttentionMetadata(
-        query_start_loc=qsl.to(device), query_start_loc_cpu=qsl, seq_lens=seq.to(device), _seq_lens_cpu=seq,
-        num_reqs=1, num_actual_tokens=query_len, max_query_len=query_len, max_seq_len=seq_len,
-        block_table_tensor=block_table, slot_mapping=slot_mapping,
-        rswa_prefix_lens=torch.tensor([PROMPT], dtype=torch.int32),
-    )
-    return builder.build(0, common)
+    return single_request_step_metadata(builder, block_table, context, seq_len, slot_mapping, PROMPT, device)
 
 
 @pytest.mark.parametrize("budget", [48, 0.3])  # 0.3 x 150 = 45 tokens -> 3 blocks as well

@@ -1,7 +1,10 @@
 """KVPressImpl + KVPressMetadataBuilder on a mixed vLLM batch, against the reference (CPU interpreter)."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
+from vllm.forward_context import ForwardContext, override_forward_context
 from vllm.v1.attention.backend import CommonAttentionMetadata
 
 from vllm_kvpress.backend import impl as impl_module
@@ -9,7 +12,13 @@ from vllm_kvpress.backend.metadata import KVPressMetadataBuilder, num_decode_spl
 from vllm_kvpress.config import load_method_config
 from vllm_kvpress.reference import page_codec
 from vllm_kvpress.reference.attention import paged_attention
+from vllm_kvpress.triton_kernels import cache_write as cache_write_module
+from vllm_kvpress.triton_kernels.cache_write import completing_tokens
 from helpers import make_batch
+
+
+def _must_not_be_called(*args, **kwargs):
+    raise AssertionError("the cache write made its own completing-token list instead of the builder's")
 
 
 def _common_metadata(batch, device) -> CommonAttentionMetadata:
@@ -41,7 +50,17 @@ def test_impl_serves_a_mixed_batch_like_the_reference(method, engine_config, mon
     common = _common_metadata(batch, device)
     metadata = builder.build(0, common)
     assert (metadata.num_decodes, metadata.num_prefills, metadata.num_decode_tokens) == (3, 2, 3)
-    k_new, v_new = batch.write_new(write, layout.block_size)
+    # this step's write as vLLM calls it: inside the forward context, which holds the builder's
+    # list of block-completing rows (so the write must not make its own)
+    expected_completing = completing_tokens(common.slot_mapping.cpu(), layout.block_size,
+                                            metadata.completing_tokens.shape[0])
+    assert torch.equal(metadata.completing_tokens.cpu(), expected_completing)
+    assert int((expected_completing >= 0).sum()) > 0  # the batch does complete blocks
+    monkeypatch.setattr(cache_write_module, "completing_tokens", _must_not_be_called)
+    context = ForwardContext(no_compile_layers={}, attn_metadata={"layer": metadata}, slot_mapping={})
+    with override_forward_context(context):
+        k_new, v_new = batch.write_new(lambda k, v, slots: impl.do_kv_cache_update(
+            SimpleNamespace(layer_name="layer"), k, v, cache, slots), layout.block_size)
     q = torch.randn(common.num_actual_tokens, heads, head_size, device=device).bfloat16()
     out = torch.full_like(q, float("nan"))
     impl.forward(None, q, k_new, v_new, cache, metadata, out)

@@ -3,18 +3,22 @@
 from types import SimpleNamespace
 
 import pytest
+from torch.autograd import DeviceType
 
 from vllm_kvpress.bench.configs import ConfigSpecError
 from vllm_kvpress.bench.step_profile import StepTimeline, kernel_table, main
 
 
-def _event(key, self_device_us, count):
-    return SimpleNamespace(key=key, self_device_time_total=self_device_us, count=count)
+def _event(key, self_device_us, count, device_type=DeviceType.CUDA):
+    return SimpleNamespace(key=key, self_device_time_total=self_device_us, count=count, device_type=device_type)
 
 
 def test_kernels_are_per_step_largest_first_and_cpu_ops_do_not_count():
     events = [
-        _event("aten::mm", 0.0, 40),  # a CPU op: its kernels carry the device time
+        _event("aten::mm", 0.0, 40, DeviceType.CPU),  # a CPU op: its kernels carry the device time
+        # a custom op launching Triton kernels reports their time as its own self device time
+        _event("vllm::unified_kv_cache_update", 1000.0, 640, DeviceType.CPU),
+        _event("Command Buffer Full", 2000.0, 40),  # the host waiting on the launch queue
         _event("kvpress_decode_split", 3000.0, 640),
         _event("nvjet_gemm", 5000.0, 2000),
         _event("_reduce_splits_kernel", 1000.0, 640),
@@ -52,7 +56,10 @@ def test_the_timeline_splits_prompt_carrying_steps_from_decode_only_steps():
     timeline.record(_scheduled({"a": 1, "b": 1}), now=0.5)
     timeline.record(_scheduled({"a": 1, "b": 1}), now=0.6)
     timeline.record(_scheduled({}), now=0.8)  # nothing scheduled: not a step
-    out = timeline.summary(end=0.9)
+    timeline.profiling = True
+    timeline.record(_scheduled({"a": 1, "b": 1}), now=0.9)  # profiled: slowed, left out
+    timeline.profiling = False
+    out = timeline.summary(end=5.0)
     assert out["prefill"]["steps"] == 1 and out["prefill"]["wall_s"] == pytest.approx(0.5)
     assert out["prefill"]["tokens"] == 8001
     assert out["decode"]["steps"] == 2 and out["decode"]["wall_s"] == pytest.approx(0.3)

@@ -24,7 +24,7 @@ def test_a_failing_second_method_keeps_the_first_methods_results(tmp_path, monke
     monkeypatch.setattr("transformers.AutoTokenizer.from_pretrained", lambda path: None)
     measured = {"method": "none", "label": "none", "device": "cpu", "tasks": {}, "compression_ratio": 1.0}
 
-    def run_method(config, run, method_config, samples, windows, head_size):
+    def run_method(config, run, method_config, samples, windows, head_size, num_kv_heads):
         if run.method == "kivi":
             raise RuntimeError("engine died")
         return dict(measured), []

@@ -8,7 +8,6 @@ import torch
 from helpers import layout_for, make_batch, write_batch
 from vllm_kvpress.triton_kernels.decode_attention import decode_attention, decode_kernel, split_buffers
 
-from vllm_kvpress import cuda_decode
 from vllm_kvpress.reference import page_codec
 from vllm_kvpress.reference.attention import paged_attention
 
@@ -23,6 +22,7 @@ CASES = [
     ("gear", {"bits": 4, "block_size": 128, "outliers": 32}, 8, 8, 128),
     ("kivi", {"bits": 4, "block_size": 32}, 64, 8, 128),
     ("gear", {"bits": 2, "outliers": 0}, 16, 4, 128),
+    ("gear", {"bits": 4, "outliers": 64}, 32, 8, 128),  # four slot tiles
 ]
 # decodes over partial blocks, one ending exactly on a block, one shorter than a block
 CONTEXT_LENS = [3000, 777, 1279, 5, 4095]
@@ -57,6 +57,13 @@ def test_cuda_decode_matches_the_reference(method, settings, heads, kv_heads, he
     torch.testing.assert_close(out["triton"].float(), expected, **TOL)
 
 
+def test_sharp_attention_with_outliers():
+    """Scores spread over a wide range: the running max grows block after block, and the outlier
+    tiles (added to the accumulator after its rescaling) must follow it."""
+    _, out, expected = _decode("gear", {"bits": 4}, 32, 8, 128, torch.bfloat16, 2, q_scale=3.0)
+    torch.testing.assert_close(out["cuda"].float(), expected, **TOL)
+
+
 @pytest.mark.parametrize("num_splits", [1, 7])
 def test_cuda_decode_is_exact_across_splits(num_splits):
     """More splits than a sequence has blocks leaves CTAs and warps empty: they must merge as nothing."""
@@ -64,14 +71,48 @@ def test_cuda_decode_is_exact_across_splits(num_splits):
     torch.testing.assert_close(out["cuda"].float(), expected, **TOL)
 
 
-def test_outlier_sums_rescale_when_the_max_grows(monkeypatch):
-    """The V outlier sums are kept against a reference max and rescaled once the running max grew
-    past RESCALE_LIMIT; with the limit at 0 and sharp attention every block takes that path."""
-    defines = cuda_decode.kernel_defines
-    monkeypatch.setattr(cuda_decode, "kernel_defines", lambda *a: (*defines(*a), "-DRESCALE_LIMIT=0.0f"))
-    cuda_decode.build.cache_clear()
-    try:
-        _, out, expected = _decode("gear", {"bits": 4}, 32, 8, 128, torch.bfloat16, 2, q_scale=3.0)
-    finally:
-        cuda_decode.build.cache_clear()
-    torch.testing.assert_close(out["cuda"].float(), expected, **TOL)
+@pytest.mark.parametrize("num_splits", [1, 5])
+def test_cuda_decode_reads_head_wise_packed_pages(num_splits):
+    """RazorAttention's packed pages (eviction/headwise.py) through the CUDA kernel, next to a plain
+    row: each KV head attends to its own tokens, like the reference reader and the Triton kernel."""
+    from vllm_kvpress.eviction.headwise import compact_prompt_headwise, middle_blocks
+    from vllm_kvpress.triton_kernels.cache_write import write_kv_pages
+
+    layout, iters = layout_for("kivi", 128, bits=4)
+    bs, heads, kv_heads, retrieval = layout.block_size, 32, 8, [2, 5]
+    index = [retrieval.index(h) if h in retrieval else -1 for h in range(kv_heads)]
+    prompt, kept, plain = 40 * bs + 17, 5, 900
+    batch = make_batch([0, 0], [prompt + 1, plain + 1], kv_heads, 128, bs, device="cuda")
+    cache = torch.zeros(batch.block_table.max() + 1, kv_heads, layout.bytes_per_head, dtype=torch.uint8, device="cuda")
+    row0, row1 = batch.block_table[0], batch.block_table[1]
+
+    def write(i, a, b):
+        write_kv_pages(batch.full_k[i][a:b], batch.full_v[i][a:b], cache, batch.slots(i, a, b, bs).cuda(), layout,
+                       power_iters=iters)
+
+    write(0, 0, prompt)
+    view_kept = compact_prompt_headwise(layout, cache, row0, prompt, index, kept, sink=4)
+    write(0, prompt, prompt + 1)
+    write(1, 0, plain + 1)
+    chunks, middle = prompt // bs - kept, middle_blocks(prompt // bs, kept, len(retrieval), kv_heads)
+    view0 = torch.cat([row0[:view_kept], row0[prompt // bs:]])
+    table = torch.stack([torch.nn.functional.pad(view0, (0, batch.block_table.shape[1] - view0.shape[0])), row1]).int()
+    seq_lens = torch.tensor([view_kept * bs + prompt % bs + 1, plain + 1], dtype=torch.int32, device="cuda")
+    headwise = (torch.tensor([[kept, chunks, middle], [0, 0, 0]], dtype=torch.int32, device="cuda"),
+                torch.tensor(index, dtype=torch.int32, device="cuda"), len(retrieval))
+    q = torch.randn(2, heads, 128, device="cuda").bfloat16()
+    out = {}
+    for name in ("cuda", "triton"):
+        out[name] = torch.full_like(q, float("nan"))
+        decode_attention(q, cache, table, seq_lens, out[name], layout, scale=128 ** -0.5, num_splits=num_splits,
+                         split_buffers=split_buffers(2 * num_splits, heads, 128, "cuda"), kernel=name,
+                         headwise=headwise)
+    for s, (kept_s, chunks_s, middle_s) in enumerate(headwise[0].tolist()):
+        for h in range(heads):
+            kv = h // (heads // kv_heads)
+            k, v = page_codec.read_head_sequence(cache, table[s], kv, index[kv], int(seq_lens[s]), layout,
+                                                 kept=kept_s, chunks=chunks_s, middle=middle_s,
+                                                 retrieval_heads=len(retrieval))
+            expected = torch.softmax(k @ q[s, h].float() * 128 ** -0.5, 0) @ v
+            torch.testing.assert_close(out["cuda"][s, h].float(), expected, **TOL)
+    torch.testing.assert_close(out["cuda"].float(), out["triton"].float(), **TOL)

@@ -40,8 +40,17 @@ print("RESULT " + json.dumps({"trace": trace, "num_gpu_blocks": llm.llm_engine.v
 """
 
 
-def test_evicted_prompt_blocks_return_to_the_free_pool():
-    settings = {"method": "snapkv", "budget": BUDGET, "bits": 4}
+# (settings, prompt blocks freed after the compaction): snapkv keeps BUDGET tokens; razor keeps
+# K = ceil((4 + 1 + 1024) / 64) = 17 blocks for every head and packs the 2 retrieval heads (of 8)'s
+# other 233 blocks into ceil(233 * 2 / 8) = 59 (dummy weights: heads 0 and 1 of every layer)
+EVICTING = [
+    ({"method": "snapkv", "budget": BUDGET, "bits": 4}, PROMPT_LEN // BLOCK - BUDGET // BLOCK),
+    ({"method": "razor", "window": 1024, "sink": 4, "bits": 4, "head_choice": "first"}, PROMPT_LEN // BLOCK - 17 - 59),
+]
+
+
+@pytest.mark.parametrize("settings,freed", EVICTING, ids=["snapkv", "razor"])
+def test_evicted_prompt_blocks_return_to_the_free_pool(settings, freed):
     out = subprocess.run(
         [sys.executable, "-c", FREE_BLOCK_TRACE, str(LLAMA_CONFIG), json.dumps(settings), str(PROMPT_LEN)],
         capture_output=True, text=True, timeout=900,
@@ -54,9 +63,8 @@ def test_evicted_prompt_blocks_return_to_the_free_pool():
     full_prompt_blocks = -(-PROMPT_LEN // BLOCK)
     # during prefill the whole prompt is held (the scheduler admits on the full length) ...
     assert trace[0] - lowest >= full_prompt_blocks
-    # ... and after the compaction step the evicted blocks are back: the prompt keeps 32 blocks of
-    # kept tokens plus its tail block (16000 = 250 x 64, so the tail holds the decode tokens)
-    freed = PROMPT_LEN // BLOCK - BUDGET // BLOCK
+    # ... and after the compaction step the evicted blocks are back: the prompt keeps its kept
+    # blocks plus its tail block (16000 = 250 x 64, so the tail holds the decode tokens)
     after = trace[trace.index(lowest):]
     assert max(after) - lowest >= freed
     assert result["generated"] == 32

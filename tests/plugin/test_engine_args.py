@@ -112,7 +112,7 @@ def test_without_the_flag_vllm_behaves_as_if_the_plugin_were_absent(tiny_llama_d
      "method='foo' is unknown; allowed: ems, gear, kivi, kv-head-compress, kvcrush, lococo, loopserve"),
     ({"method": "ems"}, {}, MethodNotImplementedError,
      ("--kv-compression ems: EMS: adaptive evict-then-merge strategy for head-wise KV-cache compression is "
-      "planned but not implemented yet in vllm-kvpress; available now: kivi, gear, kvcrush, scissorhands, snapkv")),
+      "planned but not implemented yet in vllm-kvpress; available now: kivi, gear, kvcrush, scissorhands, snapkv, razor")),
     ({"method": "kivi", "bits": 3}, {}, KVCompressionConfigError, "kivi: bits=3 is not allowed; allowed: 2, 4, 8"),
     ({"method": "gear", "rank": 9}, {}, KVCompressionConfigError,
      "gear: rank=9 is not allowed; allowed: an integer from 0 to 4"),

@@ -74,3 +74,98 @@ def test_zero_length_sequence_gives_zeros(device):
                      torch.zeros(2, dtype=torch.int32, device=device), out, layout, scale=0.125,
                      num_splits=2, split_buffers=split_buffers(4, 4, 64, device))
     assert out.eq(0).all()
+
+
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_decode_reads_head_wise_packed_pages(num_splits, device):
+    """A RazorAttention-packed request (eviction/headwise.py) next to a plain one in one batch: each
+    KV head attends to its own tokens, read where the packing put them (reference reader)."""
+    from vllm_kvpress.eviction.headwise import compact_prompt_headwise, middle_blocks
+    from vllm_kvpress.triton_kernels.cache_write import write_kv_pages
+
+    layout, iters = layout_for("kivi", 64, bits=8, block_size=16)
+    bs, heads, kv_heads, retrieval = 16, 8, 4, [0, 3]
+    index = [retrieval.index(h) if h in retrieval else -1 for h in range(kv_heads)]
+    prompt, kept, plain = 10 * bs + 7, 3, 40
+    batch = make_batch([0, 0], [prompt + 1, plain + 1], kv_heads, 64, bs, device=device)
+    cache = torch.zeros(batch.block_table.max() + 1, kv_heads, layout.bytes_per_head, dtype=torch.uint8,
+                        device=device)
+    row0, row1 = batch.block_table[0], batch.block_table[1]
+
+    def write(i, a, b):
+        write_kv_pages(batch.full_k[i][a:b], batch.full_v[i][a:b], cache, batch.slots(i, a, b, bs).to(device),
+                       layout, power_iters=iters)
+
+    write(0, 0, prompt)
+    view_kept = compact_prompt_headwise(layout, cache, row0, prompt, index, kept, sink=4)
+    write(0, prompt, prompt + 1)  # the first decode token, after compaction, in the tail block
+    write(1, 0, plain + 1)
+    chunks, middle = prompt // bs - kept, middle_blocks(prompt // bs, kept, len(retrieval), kv_heads)
+    width = batch.block_table.shape[1]
+    view0 = torch.cat([row0[:view_kept], row0[prompt // bs:]])
+    table = torch.stack([torch.nn.functional.pad(view0, (0, width - view0.shape[0])), row1]).int()
+    seq_lens = torch.tensor([view_kept * bs + prompt % bs + 1, plain + 1], dtype=torch.int32, device=device)
+    params = torch.tensor([[kept, chunks, middle], [0, 0, 0]], dtype=torch.int32, device=device)
+    ranks = torch.tensor(index, dtype=torch.int32, device=device)
+    q = torch.randn(2, heads, 64, device=device).bfloat16()
+    out = torch.full_like(q, float("nan"))
+    decode_attention(q, cache, table, seq_lens, out, layout, scale=0.125, num_splits=num_splits,
+                     split_buffers=split_buffers(2 * num_splits, heads, 64, device),
+                     headwise=(params, ranks, len(retrieval)))
+    for s, (kept_s, chunks_s, middle_s) in enumerate(params.tolist()):
+        for h in range(heads):
+            kv = h // (heads // kv_heads)
+            k, v = page_codec.read_head_sequence(cache.cpu(), table[s].cpu(), kv, index[kv], int(seq_lens[s]),
+                                                 layout, kept=kept_s, chunks=chunks_s, middle=middle_s,
+                                                 retrieval_heads=len(retrieval))
+            weights = torch.softmax(k @ q[s, h].float().cpu() * 0.125, 0)
+            torch.testing.assert_close(out[s, h].float().cpu(), weights @ v, **TOL)
+    # the packed heads really differ: a retrieval head reads the whole prompt, the others far less
+    assert page_codec.read_head_sequence(cache.cpu(), table[0].cpu(), 0, 0, int(seq_lens[0]), layout, kept=kept,
+                                         chunks=chunks, middle=middle, retrieval_heads=2)[0].shape[0] == prompt + 1
+
+
+def test_prefill_reads_head_wise_packed_pages(device):
+    """A chunk of a packed request after its compaction (a re-prefill past the prompt) attends, per
+    KV head, to that head's own context plus the chunk's fresh K/V, causally."""
+    from vllm_kvpress.eviction.headwise import compact_prompt_headwise, middle_blocks
+    from vllm_kvpress.triton_kernels.cache_write import write_kv_pages
+
+    layout, iters = layout_for("kivi", 64, bits=8, block_size=16)
+    bs, heads, kv_heads, retrieval = 16, 4, 2, [1]
+    index = [retrieval.index(h) if h in retrieval else -1 for h in range(kv_heads)]
+    prompt, kept, chunk = 9 * bs + 5, 2, 20
+    batch = make_batch([0], [prompt + 3 + chunk], kv_heads, 64, bs, device=device)
+    cache = torch.zeros(batch.block_table.max() + 1, kv_heads, layout.bytes_per_head, dtype=torch.uint8,
+                        device=device)
+    row = batch.block_table[0]
+
+    def write(a, b):
+        write_kv_pages(batch.full_k[0][a:b], batch.full_v[0][a:b], cache, batch.slots(0, a, b, bs).to(device),
+                       layout, power_iters=iters)
+
+    write(0, prompt + 3)  # the prompt and three tokens past it, as the chunk that compacted it wrote
+    view_kept = compact_prompt_headwise(layout, cache, row, prompt, index, kept, sink=2)
+    write(prompt + 3, prompt + 3 + chunk)  # this step's chunk
+    chunks, middle = prompt // bs - kept, middle_blocks(prompt // bs, kept, 1, kv_heads)
+    view = torch.cat([row[:view_kept], row[prompt // bs:]])[None].int()
+    seq_len = view_kept * bs + prompt % bs + 3 + chunk
+    k_new, v_new = batch.full_k[0][prompt + 3:], batch.full_v[0][prompt + 3:]
+    q = torch.randn(chunk, heads, 64, device=device).bfloat16()
+    out = torch.full_like(q, float("nan"))
+    prefill_attention(q, k_new, v_new, out, cache, view, torch.tensor([0, chunk], dtype=torch.int32, device=device),
+                      torch.tensor([seq_len], dtype=torch.int32, device=device), layout, scale=0.125, first_seq=0,
+                      num_seqs=1, max_query_len=chunk,
+                      headwise=(torch.tensor([[kept, chunks, middle]], dtype=torch.int32, device=device),
+                                torch.tensor(index, dtype=torch.int32, device=device), 1))
+    for h in range(heads):
+        kv = h // (heads // kv_heads)
+        # read with the chunk (its tokens complete the tail block, which is then stored complete)
+        k_ctx, v_ctx = page_codec.read_head_sequence(cache.cpu(), view[0].cpu(), kv, index[kv], seq_len, layout,
+                                                     kept=kept, chunks=chunks, middle=middle, retrieval_heads=1)
+        k_ctx, v_ctx = k_ctx[:-chunk], v_ctx[:-chunk]
+        for t in range(chunk):
+            k = torch.cat([k_ctx, k_new[: t + 1, kv].float().cpu()])
+            v = torch.cat([v_ctx, v_new[: t + 1, kv].float().cpu()])
+            weights = torch.softmax(k @ q[t, h].float().cpu() * 0.125, 0)
+            torch.testing.assert_close(out[t, h].float().cpu(), weights @ v, **TOL)

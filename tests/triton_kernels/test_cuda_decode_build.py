@@ -29,7 +29,6 @@ def test_the_shipped_configs_are_taken(method, bits, head_size, group):
     ("kivi", {"bits": 2, "block_size": 32}, 4, torch.bfloat16, "block_size 32"),
     ("kivi", {"bits": 4}, 9, torch.bfloat16, "9 query heads"),
     ("gear", {"bits": 4, "rank": 2}, 4, torch.bfloat16, "rank 2"),
-    ("gear", {"bits": 4, "outliers": 64}, 4, torch.bfloat16, "64 outlier slots"),
     ("kivi", {"bits": 4}, 4, torch.float32, "query dtype"),
 ])
 def test_pages_it_cannot_take_are_named(method, overrides, group, dtype, words):
@@ -83,3 +82,29 @@ def test_a_missing_nvrtc_library_keeps_decode_on_triton_with_the_reason(monkeypa
     finally:
         cuda_decode.nvrtc_unavailable_reason.cache_clear()
     assert reason is not None and "NVRTC" in reason and "libnvrtc.so" in reason
+
+
+@pytest.mark.parametrize("headwise", [False, True], ids=["plain", "head-wise"])
+def test_the_launch_passes_the_kernels_parameters_in_order(headwise, monkeypatch):
+    """The kernel is launched with a flat argument list (pointers, ints, doubles): it must match
+    the parameter list of the source, plain and with head-wise packed rows."""
+    source = cuda_decode._source()
+    params = re.search(r"kvpress_decode_split\((.*?)\)\s*\{", source, re.S).group(1).split(",")
+    wanted = ["pointer" if "*" in p else "double" if p.split()[0] == "double" else "int" for p in params]
+    launched = {}
+    monkeypatch.setattr(cuda_decode, "build", lambda *a, **k: lambda grid, block, args: launched.update(args=args))
+    layout, _ = layout_for("kivi", 128, bits=4)
+    query = torch.randn(2, 8, 128).bfloat16()
+    cache = torch.zeros(4, 2, layout.bytes_per_head, dtype=torch.uint8)
+    table, seq_lens = torch.zeros(2, 2, dtype=torch.int32), torch.ones(2, dtype=torch.int32)
+    buffers = tuple(torch.zeros(64) for _ in range(3))
+    rows = (torch.zeros(2, 3, dtype=torch.int32), torch.tensor([0, -1], dtype=torch.int32), 1) if headwise else None
+    cuda_decode.decode_split(query, cache, table, seq_lens, layout, scale_log2=0.1, num_splits=1,
+                             split_buffers=buffers, headwise=rows)
+    kinds = ["pointer" if isinstance(a, torch.Tensor) else "double" if isinstance(a, float) else "int"
+             for a in launched["args"]]
+    assert kinds == wanted
+    if headwise:
+        assert launched["args"][-3] is rows[0] and launched["args"][-2] is rows[1] and launched["args"][-1] == 1
+    else:
+        assert launched["args"][-1] == 0  # no retrieval heads: the kernel reads no head-wise row

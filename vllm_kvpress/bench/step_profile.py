@@ -20,14 +20,22 @@ from pathlib import Path
 from vllm_kvpress.provenance import git_state
 
 TOP_KERNELS = 25
+HOST_MARKERS = ("Command Buffer Full",)
+"""CUPTI records the host waiting for a full launch queue as a device-side span: not GPU work."""
 
 
 def kernel_table(events, num_steps: int) -> list[dict]:
     """Per kernel (profiler key): GPU microseconds per step, launches per step and share of the
-    profiled GPU time, largest first. `events` are `profile.key_averages()` entries; only their own
-    (self) device time counts, so a CPU op and the kernels it launched are not counted twice."""
+    profiled GPU time, largest first. `events` are `profile.key_averages()` entries. Only device
+    events count: a CPU op whose kernels carry no op of their own (a custom op launching Triton or
+    CUDA kernels, aten::mm and its GEMMs) reports those kernels' time as its own "self" device
+    time too, and would count them twice."""
+    from torch.autograd import DeviceType
+
     rows = []
     for e in events:
+        if getattr(e, "device_type", DeviceType.CUDA) == DeviceType.CPU or e.key in HOST_MARKERS:
+            continue
         us = getattr(e, "self_device_time_total", None)
         if us is None:  # older PyTorch spelling
             us = getattr(e, "self_cuda_time_total", 0.0)
@@ -43,20 +51,22 @@ class StepTimeline:
     """Wall time of every engine step, split into steps that carry prompt tokens and decode-only
     steps. It wraps the scheduler's `schedule`: the time between two schedule calls is one step
     (with async scheduling the next schedule overlaps the step before it, so a single step's figure
-    is approximate; the sums over many steps are not)."""
+    is approximate; the sums over many steps are not). Steps scheduled while `profiling` is set
+    are left out of the sums: the profiler slows the host, the more the more ops a step has."""
 
     def __init__(self):
-        self.steps = []  # (schedule time, scheduled tokens, scheduled requests)
+        self.steps = []  # (schedule time, scheduled tokens, scheduled requests, profiled)
+        self.profiling = False
 
     def record(self, scheduler_output, now: float) -> None:
         per_request = scheduler_output.num_scheduled_tokens
-        self.steps.append((now, sum(per_request.values()), len(per_request)))
+        self.steps.append((now, sum(per_request.values()), len(per_request), self.profiling))
 
     def summary(self, end: float) -> dict:
-        ends = [t for t, _, _ in self.steps[1:]] + [end]
+        ends = [step[0] for step in self.steps[1:]] + [end]
         out = {kind: {"steps": 0, "wall_s": 0.0, "tokens": 0, "requests": 0} for kind in ("prefill", "decode")}
-        for (start, tokens, requests), stop in zip(self.steps, ends):
-            if tokens == 0:
+        for (start, tokens, requests, profiled), stop in zip(self.steps, ends):
+            if tokens == 0 or profiled:
                 continue
             row = out["prefill" if tokens > requests else "decode"]
             row["steps"] += 1
@@ -108,14 +118,16 @@ def profile_run(llm, workload, *, seed: int, profile_at: list[int], profile_step
     while engine.has_unfinished_requests():
         if step in profile_at:
             first_profiled = len(timeline.steps)
+            timeline.profiling = True
             with torch.profiler.profile(activities=activities) as prof:
                 for _ in range(profile_steps):
                     engine.step()
                 torch.cuda.synchronize()
+            timeline.profiling = False
             window = timeline.steps[first_profiled:]
             windows.append({"from_step": step, "steps": profile_steps,
-                            "scheduled_tokens_per_step": sum(t for _, t, _ in window) / max(len(window), 1),
-                            "scheduled_requests_per_step": sum(r for _, _, r in window) / max(len(window), 1),
+                            "scheduled_tokens_per_step": sum(w[1] for w in window) / max(len(window), 1),
+                            "scheduled_requests_per_step": sum(w[2] for w in window) / max(len(window), 1),
                             "kernels": kernel_table(prof.key_averages(), profile_steps)})
             step += profile_steps
         else:
@@ -124,7 +136,8 @@ def profile_run(llm, workload, *, seed: int, profile_at: list[int], profile_step
     torch.cuda.synchronize()
     end = time.perf_counter()
     return {"wall_s": end - start, "engine_steps": step, "timeline": timeline.summary(end),
-            "note": "timeline figures include the profiled windows, which run slower", "windows": windows}
+            "note": "wall_s includes the profiled windows, which run slower; the timeline leaves them out",
+            "windows": windows}
 
 
 def main(argv=None) -> int:

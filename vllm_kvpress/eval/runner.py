@@ -83,7 +83,7 @@ def model_geometry(model_path: str) -> tuple[int, int]:
     return head_size, config.num_key_value_heads
 
 
-def kept_token_fraction(method_config, prompt_lengths: list[int]) -> float:
+def kept_token_fraction(method_config, prompt_lengths: list[int], num_kv_heads: int | None = None) -> float:
     """Tokens an eviction method stores after prefill over the prompt tokens, summed over prompts:
     the kept blocks plus each prompt's last partial block (`eviction.policy`); 1.0 for a method
     that evicts nothing or without prompts."""
@@ -91,19 +91,20 @@ def kept_token_fraction(method_config, prompt_lengths: list[int]) -> float:
         return 1.0
     prompt_lengths = np.asarray(prompt_lengths, dtype=np.int64)
     bs = method_config.block_size
-    kept = method_config.kept_prompt_blocks(prompt_lengths) * bs + prompt_lengths % bs
+    kept = method_config.kept_prompt_blocks(prompt_lengths, num_kv_heads) * bs + prompt_lengths % bs
     return float(kept.sum() / prompt_lengths.sum())
 
 
 def compression_ratio(
-    run: MethodRun, method_config, head_size: int, kv_cache_dtype: str, prompt_lengths: list[int] = ()
+    run: MethodRun, method_config, head_size: int, kv_cache_dtype: str, prompt_lengths: list[int] = (),
+    num_kv_heads: int | None = None,
 ) -> float:
     """Stored KV bytes over bf16 bytes of the full context: 1 / layout.compression_vs_bf16, times the
     kept-token fraction of the generation prompts for a method that evicts (`kept_token_fraction`)."""
     if method_config is None:
         return VLLM_DTYPE_BYTES_VS_BF16[kv_cache_dtype]
     bytes_ratio = 1.0 / method_config.page_layout(head_size).compression_vs_bf16
-    return bytes_ratio * kept_token_fraction(method_config, list(prompt_lengths))
+    return bytes_ratio * kept_token_fraction(method_config, list(prompt_lengths), num_kv_heads)
 
 
 def build_samples(config: EvalConfig, tokenizer) -> list[Sample]:
@@ -139,7 +140,8 @@ def niah_grid(samples: list[Sample], correct: list[bool]) -> dict[str, dict[str,
 
 
 def run_method(
-    config: EvalConfig, run: MethodRun, method_config, samples: list[Sample], windows: list, head_size: int
+    config: EvalConfig, run: MethodRun, method_config, samples: list[Sample], windows: list, head_size: int,
+    num_kv_heads: int | None = None,
 ) -> tuple[dict[str, Any], list[dict]]:
     """Evaluate one method: generation tasks, then perplexity. Returns (result row, predictions)."""
     from tqdm import tqdm
@@ -189,7 +191,8 @@ def run_method(
         "method_config": run.resolved,
         "kv_cache_dtype": config.kv_cache_dtype,
         "compression_ratio": compression_ratio(
-            run, method_config, head_size, config.kv_cache_dtype, [s.num_prompt_tokens for s in samples]
+            run, method_config, head_size, config.kv_cache_dtype, [s.num_prompt_tokens for s in samples],
+            num_kv_heads,
         ),
         "tasks": task_scores,
         "niah_grid": niah_grid(samples, correct),
@@ -226,7 +229,7 @@ def evaluate(config: EvalConfig, method_configs: list, command: str) -> str:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(config.model_path)
-    head_size, _ = model_geometry(config.model_path)
+    head_size, num_kv_heads = model_geometry(config.model_path)
     samples = build_samples(config, tokenizer)
     windows = (
         perplexity.build_windows(tokenizer, config.ppl_tokens, config.prefill_chunk, config.ppl_windows)
@@ -236,7 +239,7 @@ def evaluate(config: EvalConfig, method_configs: list, command: str) -> str:
     result_dir = results.create_result_dir(config.out, config.directory_name())
     rows, predictions = [], []
     for run, method_config in zip(config.runs, method_configs, strict=True):
-        row, preds = run_method(config, run, method_config, samples, windows, head_size)
+        row, preds = run_method(config, run, method_config, samples, windows, head_size, num_kv_heads)
         rows.append(row)
         predictions += preds
         # written after every method, so a run cut short (a time limit, a crash) keeps what it measured

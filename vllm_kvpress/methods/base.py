@@ -25,6 +25,8 @@ class MethodConfig:
     the defaults live in `configs/<method>.yaml`, the single source of each default number."""
 
     method: ClassVar[str]
+    supports_tensor_parallel: ClassVar[bool] = True
+    """False where the method needs every KV head of a layer in one process."""
 
     def problems(self) -> list[str]:
         """Every field-level problem, as 'field=value is not allowed; allowed: ...' lines."""

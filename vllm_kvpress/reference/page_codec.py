@@ -198,3 +198,24 @@ def read_sequence(
         ks.append(torch.stack([k[:n] for k, _ in per_head], 1))
         vs.append(torch.stack([v[:n] for _, v in per_head], 1))
     return torch.cat(ks), torch.cat(vs)
+
+
+def read_head_sequence(cache: torch.Tensor, view_row: torch.Tensor, head: int, retrieval_index: int,
+                       seq_len: int, layout: PageLayout, *, kept: int, chunks: int, middle: int,
+                       retrieval_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dequantized K, V [tokens, head_size] of one KV head of a head-wise packed request
+    (eviction/headwise.py): its logical blocks, each read from the (view block, head slot) where
+    the packing put it; the last block is partial when the head's token count ends inside it."""
+    from vllm_kvpress.eviction.headwise import head_token_count, logical_block_location
+
+    bs = layout.block_size
+    tokens = head_token_count(seq_len, retrieval_index, chunks=chunks, middle=middle, block_size=bs)
+    ks, vs = [], []
+    for j in range(-(-tokens // bs)):
+        block, slot = logical_block_location(j, head, retrieval_index, kept=kept, chunks=chunks, middle=middle,
+                                             retrieval_heads=retrieval_heads, kv_heads=cache.shape[1])
+        n = min(bs, tokens - j * bs)
+        k, v = decode_block(cache[int(view_row[block]), slot], layout, n == bs)
+        ks.append(k[:n])
+        vs.append(v[:n])
+    return torch.cat(ks), torch.cat(vs)

@@ -253,6 +253,10 @@ class ReferenceEngine:
         """
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        if method_config is not None and method_config.evicts_tokens and method_config.method == "razor":
+            raise NotImplementedError(
+                "--engine reference does not implement razor's head-wise packing yet; allowed: --engine vllm"
+            )
         register_attention()
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         torch_dtype = getattr(torch, dtype or "bfloat16")
