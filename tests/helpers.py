@@ -92,10 +92,15 @@ def write_batch(batch: Batch, layout: PageLayout, power_iters: int, spare_blocks
 
 
 
-def single_request_step_metadata(builder, block_table, context, seq_len, slot_mapping, prompt_len, device):
+def single_request_step_metadata(builder, block_table, context, seq_len, slot_mapping, prompt_len, device,
+                                 request_slot: int | None = None):
     """The builder's metadata of one request's step over tokens [context, seq_len), with the
-    prompt length vLLM's V2 runner hands evicting methods (`rswa_prefix_lens`)."""
+    prompt length vLLM's V2 runner hands evicting methods (`rswa_prefix_lens`) and, given
+    `request_slot`, the request-state slot its prepare_inputs patch keeps beside it."""
+    import numpy as np
     from vllm.v1.attention.backend import CommonAttentionMetadata
+
+    from vllm_kvpress.eviction import prompt_lens
 
     query_len = seq_len - context
     qsl = torch.tensor([0, query_len], dtype=torch.int32)
@@ -106,4 +111,6 @@ def single_request_step_metadata(builder, block_table, context, seq_len, slot_ma
         block_table_tensor=block_table, slot_mapping=slot_mapping,
         rswa_prefix_lens=torch.tensor([prompt_len], dtype=torch.int32),
     )
+    if request_slot is not None:  # what the runner patch keeps for this step's prompt lengths
+        prompt_lens._step_slots = (common.rswa_prefix_lens, np.array([request_slot], dtype=np.int32))
     return builder.build(0, common)

@@ -1,7 +1,8 @@
 """razor through KVPressMetadataBuilder + KVPressImpl over vLLM-shaped steps (CPU interpreter): the
 step that completes the prompt packs it head-wise, and later decode steps attend, per KV head, to
 that head's own tokens: all of them for a retrieval head, sink + compensation + window for the
-other, then the tail and the generated tokens for both."""
+other, then the tail and the generated tokens for both; and the reference engine's pages give the
+same attention at every step."""
 
 from types import SimpleNamespace
 
@@ -12,6 +13,7 @@ from helpers import make_batch, single_request_step_metadata
 from vllm_kvpress.backend import impl as impl_module
 from vllm_kvpress.backend.metadata import KVPressMetadataBuilder
 from vllm_kvpress.config import load_method_config
+from vllm_kvpress.eval.engines.reference import PAGES_KWARG, SequencePages, compressed_attention_forward
 from vllm_kvpress.eviction.manager import EvictionBlockManager
 from vllm_kvpress.methods.retrieval_heads import RetrievalHeads
 from vllm_kvpress.reference import page_codec
@@ -46,6 +48,8 @@ def test_razor_packs_the_prompt_once_and_each_head_decodes_over_its_own_tokens(e
     cache = torch.zeros(batch.block_table.max() + 1, KV_HEADS, layout.bytes_per_head, dtype=torch.uint8,
                         device=device)
     ranks = [-1, 0]  # layer 1's retrieval head is KV head 1
+    reference = SequencePages(layout, 1, KV_HEADS, STEPS[-1][1], torch.device("cpu"), eviction=config,
+                              prompt_len=PROMPT, retrieval_index=ranks)
     for context, seq_len in STEPS:
         slots = batch.slots(0, context, seq_len, bs).to(device)
         metadata = _metadata(builder, batch.block_table, context, seq_len, slots, device)
@@ -61,6 +65,13 @@ def test_razor_packs_the_prompt_once_and_each_head_decodes_over_its_own_tokens(e
         q = torch.randn(seq_len - context, HEADS, HEAD_SIZE, device=device).bfloat16()
         out = torch.full_like(q, float("nan"))
         impl.forward(LAYER, q, k_new, v_new, cache, metadata, out)
+        seen_k, seen_v = (x[:seq_len].cpu().transpose(0, 1)[None] for x in (k_all, v_all))
+        expected = compressed_attention_forward(
+            SimpleNamespace(layer_idx=0), q.cpu().transpose(0, 1)[None], seen_k, seen_v,
+            attention_mask=None, scaling=HEAD_SIZE ** -0.5, **{PAGES_KWARG: [reference]},
+        )[0][0]
+        torch.testing.assert_close(out.float().cpu(), expected.float(), atol=3e-2, rtol=2e-2)
+        assert (reference.headwise is not None) == (seq_len >= PROMPT)
         if not packed:
             continue
         view = metadata.block_table[0].cpu()
@@ -105,13 +116,6 @@ def test_razor_refuses_tensor_parallelism_and_too_many_heads(cpu_platform, tiny_
     too_many = load_method_config({**SETTINGS, "retrieval_heads": 3})
     assert any("retrieval_heads=3 exceeds the model's 2 KV heads" in p
                for p in too_many.problems_for_model(head_size=64, num_kv_heads=2, max_model_len=4096))
-
-
-def test_the_reference_engine_says_it_does_not_pack_heads():
-    from vllm_kvpress.eval.engines.reference import ReferenceEngine
-
-    with pytest.raises(NotImplementedError, match="--engine reference does not implement razor"):
-        ReferenceEngine("unused", load_method_config(SETTINGS), prefill_chunk=0, max_model_len=4096)
 
 
 def test_a_chunk_over_packed_pages_skips_flashattention(engine_config, monkeypatch, device):

@@ -1,5 +1,6 @@
-"""The reference engine evicts as the vLLM worker will: once, after the attention of the chunk that
-completes the prompt, compacting the kept tokens into the first blocks, the tail after them.
+"""The reference engine evicts as the vLLM worker will: after the attention of the chunk that
+completes the prompt, compacting the kept tokens into the first blocks, the tail after them (and
+with decode_interval again at every decode-time eviction point).
 
 - after compaction the pages hold kept_blocks * block_size + tail tokens: the kept ones are the
   tokens `select_kept_tokens` picks (re-quantized), the tail's bytes are unchanged;
@@ -125,3 +126,48 @@ def test_a_budget_that_keeps_the_prompt_equals_kivi(generator, method):
         assert torch.equal(a, b), f"step {step}"
     assert pages_evicting.num_evicted == 0
     assert torch.equal(pages_evicting.cache, pages_keeping.cache)
+
+
+@pytest.mark.parametrize("method", ["snapkv", "scissorhands", "kvcrush"])
+def test_decode_time_rounds_keep_the_sink_the_recent_window_and_the_budget(generator, method):
+    """decode_interval 16: rounds at (4 + m) * 16 tokens after the 75-token prompt (4 full blocks).
+    After each, the pages hold the budget's 3 blocks and the tokens since; every KV head keeps the
+    4 sink tokens and the 16 most recent candidates, and the rest are the method's choice under
+    the last 4 queries of the view's candidates."""
+    config = load_method_config({"method": method, "budget": 48, **EVICTION, "decode_interval": 16,
+                                 "decode_observation_window": 4})
+    total = 98
+    q = torch.randn(total, NUM_HEADS, HEAD_SIZE, generator=generator)
+    k = torch.randn(total, NUM_KV_HEADS, HEAD_SIZE, generator=generator)
+    v = torch.randn(total, NUM_KV_HEADS, HEAD_SIZE, generator=generator)
+    pages = SequencePages(config.page_layout(HEAD_SIZE), 1, NUM_KV_HEADS, total, torch.device("cpu"),
+                          eviction=config, prompt_len=PROMPT_LEN)
+    views = []  # the stored tokens each round saw
+    evict_recent = pages.evict_recent
+    pages.evict_recent = lambda k_view, v_view, scale: (views.append(k_view), evict_recent(k_view, v_view, scale))
+    block_table = torch.arange(pages.cache.shape[0])
+    exact_k = k.bfloat16().float()  # what the pages were written from
+    seen = 0
+    for num_new in PROMPT_CHUNKS + [1] * (total - PROMPT_LEN):
+        end = seen + num_new
+        _call(q[seen:end], k[:end], v[:end], pages)
+        seen = end
+        assert (len(views) == 1) == (80 <= end < 96) and (len(views) == 2) == (end >= 96)
+        if end in (80, 96):  # a round: the candidates are every stored token (all complete here)
+            assert pages.num_tokens == 48 and pages.num_evicted == end - 48
+            k_now, _ = page_codec.read_sequence(pages.cache, block_table, 48, pages.layout)
+            # which original token each kept one is (8-bit codes: the nearest key by far)
+            origin = torch.cdist(k_now.transpose(0, 1), exact_k[:end].transpose(0, 1)).argmin(-1)  # [Hkv, 48]
+            for h in range(NUM_KV_HEADS):
+                kept = set(origin[h].tolist())
+                assert len(kept) == 48
+                assert set(range(4)) <= kept and set(range(end - 16, end)) <= kept, f"head {h}"
+            # the rest is the method's choice under the sequence's last 4 queries, in view positions
+            k_view = views[-1]
+            view_positions = torch.arange(end - 4, end) - (end - k_view.shape[0])
+            chosen = select_kept_tokens(config, q[end - 4 : end], view_positions, k_view, SCALE,
+                                        k_view.shape[0], 48)
+            for h in range(NUM_KV_HEADS):
+                expected = torch.cdist(k_view[chosen[h], h][None], exact_k[:end, h][None]).argmin(-1)[0]
+                assert origin[h].tolist() == expected.tolist(), f"head {h}"
+    assert pages.num_tokens == 48 + 2

@@ -7,16 +7,18 @@ from vllm.v1.kv_cache_interface import KVCacheConfig, KVCacheGroupSpec
 from vllm_kvpress.eviction.manager import KVPressEvictionSpec, register_eviction_spec
 
 
-def eviction_spec(budget, block_size: int, bytes_per_head: int = 100) -> KVPressEvictionSpec:
+def eviction_spec(budget, block_size: int, bytes_per_head: int = 100, interval_blocks: int = 0) -> KVPressEvictionSpec:
     return KVPressEvictionSpec(block_size=block_size, num_kv_heads=2, head_size=64, dtype=torch.uint8,
-                               bytes_per_head=bytes_per_head, compression_tag="test", budget=budget)
+                               bytes_per_head=bytes_per_head, compression_tag="test", budget=budget,
+                               interval_blocks=interval_blocks)
 
 
 def eviction_kv_manager(budget, block_size: int, num_blocks: int, max_model_len: int,
-                        enable_caching: bool = False) -> KVCacheManager:
+                        enable_caching: bool = False, interval_blocks: int = 0) -> KVCacheManager:
     register_eviction_spec()
+    spec = eviction_spec(budget, block_size, interval_blocks=interval_blocks)
     config = KVCacheConfig(num_blocks=num_blocks, kv_cache_tensors=[],
-                           kv_cache_groups=[KVCacheGroupSpec(["layer.0", "layer.1"], eviction_spec(budget, block_size))])
+                           kv_cache_groups=[KVCacheGroupSpec(["layer.0", "layer.1"], spec)])
     return KVCacheManager(config, max_model_len=max_model_len, scheduler_block_size=block_size,
                           hash_block_size=block_size, enable_caching=enable_caching)
 

@@ -38,6 +38,24 @@ def test_compaction_due(rows, scheduled, due):
     assert compaction_due(_states(rows), scheduled, CONFIG.budget, CONFIG.block_size) is due
 
 
+DECODE_EVICTING = load_method_config({"method": "scissorhands", "budget": 2048, "decode_interval": 512})
+
+
+@pytest.mark.parametrize("computed, due", [
+    (136 * 64 - 1, True),  # reaches 128 + 8 blocks: the first decode round's point
+    (136 * 64 - 2, False),
+    (136 * 64, False),  # just past it: compacted already
+    (144 * 64 - 1, True),  # the second round's point
+])
+def test_decode_time_eviction_steps_are_due(computed, due):
+    rows = {"a": (computed, 8193)}  # P = 8193: full blocks end at block 128
+    assert compaction_due(_states(rows), {"a": 1}, DECODE_EVICTING.budget, DECODE_EVICTING.block_size, None,
+                          DECODE_EVICTING.interval_blocks) is due
+    # without decode-time eviction none of these decode steps compacts
+    assert not compaction_due(_states(rows), {"a": 1}, CONFIG.budget, CONFIG.block_size)
+    assert _run_step(rows, {"a": 1}, DECODE_EVICTING) == (None if due else 1)
+
+
 def _run_step(rows, scheduled, config=CONFIG):
     """Run a wrapped execute_model whose body dispatches a uniform decode batch; returns the
     uniform token count the inner dispatch saw."""

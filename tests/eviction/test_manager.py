@@ -1,7 +1,8 @@
 """The scheduler side of eviction with vLLM 0.26.0's real KVCacheManager, coordinator and BlockPool
-(CPU): blocks of evicted prompt tokens return to the pool exactly once and only after the
-compacting step was processed, nothing leaks or is handed out twice, preemption (free + re-prefill)
-works, and vLLM builds our manager for a model's worth of our specs."""
+(CPU): blocks of evicted prompt tokens (and, with decode-time eviction, of each round's tokens)
+return to the pool exactly once and only after the compacting step was processed, nothing leaks or
+is handed out twice, preemption (free + re-prefill) works, and vLLM builds our manager for a
+model's worth of our specs."""
 
 from dataclasses import dataclass
 
@@ -15,7 +16,7 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec
 from vllm.v1.request import Request
 
 from vllm_kvpress.eviction.manager import EvictionBlockManager, KVPressEvictionSpec, register_eviction_spec
-from vllm_kvpress.eviction.policy import compacts, kept_prompt_blocks
+from vllm_kvpress.eviction.policy import compacts, freed_end, kept_blocks
 
 from .kv_manager import eviction_kv_manager, eviction_spec, request_blocks
 
@@ -26,8 +27,8 @@ def _spec(budget, bytes_per_head=100) -> KVPressEvictionSpec:
     return eviction_spec(budget, BS, bytes_per_head)
 
 
-def _manager(budget, enable_caching=False) -> KVCacheManager:
-    return eviction_kv_manager(budget, BS, NUM_BLOCKS, MAX_LEN, enable_caching)
+def _manager(budget, enable_caching=False, interval_blocks=0) -> KVCacheManager:
+    return eviction_kv_manager(budget, BS, NUM_BLOCKS, MAX_LEN, enable_caching, interval_blocks)
 
 
 _blocks = request_blocks
@@ -47,10 +48,19 @@ class _Sim:
     request: Request
     chunk: int
     async_: bool
+    interval_blocks: int = 0
+    """Decode-time eviction every this many blocks (0: after the prompt only)."""
     pending: int = 0
     """Tokens of the step still in flight (async)."""
-    freed: bool = False
-    """Whether the model says the evicted range is freed now."""
+    freed_end: int | None = None
+    """End of the range [kept, freed_end) the model says is freed now (None: nothing yet)."""
+
+    def kept(self, budget) -> int:
+        return kept_blocks(self.request.num_prompt_tokens, budget, BS, None, self.interval_blocks)
+
+    @property
+    def freed(self) -> bool:
+        return self.freed_end is not None
 
 
 def _schedule(manager: KVCacheManager, sim: _Sim, budget) -> None:
@@ -67,10 +77,14 @@ def _schedule(manager: KVCacheManager, sim: _Sim, budget) -> None:
 
     allocated = len(_blocks(manager, request.request_id)) - held_before
     returned = pool.get_num_free_blocks() - free_before + allocated
-    frees_now = processed >= prompt and compacts(prompt, budget, BS) and not sim.freed
-    # exactly the evicted range comes back, once, at the first schedule that sees the prompt processed
-    assert returned == (prompt // BS - kept_prompt_blocks(prompt, budget, BS) if frees_now else 0)
-    sim.freed |= frees_now
+    kept = sim.kept(budget)
+    before = kept if sim.freed_end is None else sim.freed_end
+    end = freed_end(prompt, processed, budget, BS, None, sim.interval_blocks)
+    # exactly the newly evicted range comes back, once, at the first schedule that sees the
+    # compacting step processed
+    assert returned == end - before
+    if end > kept:
+        sim.freed_end = end
 
     request.num_computed_tokens += num_new
     request.num_in_flight_tokens += num_new
@@ -86,7 +100,7 @@ def _preempt(manager: KVCacheManager, sim: _Sim) -> None:
     manager.free(sim.request)
     sim.request.num_computed_tokens = 0
     sim.request.num_in_flight_tokens = 0
-    sim.pending, sim.freed = 0, False
+    sim.pending, sim.freed_end = 0, None
 
 
 def _check_blocks(manager: KVCacheManager, sim: _Sim, budget) -> None:
@@ -94,9 +108,8 @@ def _check_blocks(manager: KVCacheManager, sim: _Sim, budget) -> None:
     request = sim.request
     blocks = _blocks(manager, request.request_id)
     assert len(blocks) == _cdiv(request.num_computed_tokens, BS)
-    prompt = request.num_prompt_tokens
-    kept = kept_prompt_blocks(prompt, budget, BS)
-    expected_null = [sim.freed and kept <= j < prompt // BS for j in range(len(blocks))]
+    kept = sim.kept(budget)
+    expected_null = [sim.freed and kept <= j < sim.freed_end for j in range(len(blocks))]
     assert [b.is_null for b in blocks] == expected_null
 
 
@@ -116,16 +129,18 @@ _OPS = st.lists(st.tuples(st.sampled_from(["step", "step", "step", "preempt", "f
                 min_size=1, max_size=60)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(
     requests=st.lists(st.tuples(st.integers(1, 500), st.integers(1, 300), st.booleans()), min_size=1, max_size=4),
     budget=st.one_of(st.integers(BS, 400), st.floats(0.01, 0.99)),
+    interval_blocks=st.sampled_from([0, 0, 1, 2]),
     ops=_OPS,
 )
-def test_evicted_blocks_return_once_and_nothing_leaks(requests, budget, ops):
-    manager = _manager(budget)
+def test_evicted_blocks_return_once_and_nothing_leaks(requests, budget, interval_blocks, ops):
+    manager = _manager(budget, interval_blocks=interval_blocks)
     live = {
-        f"r{i}": _Sim(Request(f"r{i}", list(range(1, p + 1)), SamplingParams(max_tokens=64), None), chunk, async_)
+        f"r{i}": _Sim(Request(f"r{i}", list(range(1, p + 1)), SamplingParams(max_tokens=64), None), chunk, async_,
+                      interval_blocks)
         for i, (p, chunk, async_) in enumerate(requests)
     }
     for op, index in ops:
@@ -147,7 +162,8 @@ def test_evicted_blocks_return_once_and_nothing_leaks(requests, budget, ops):
             _schedule(manager, sim, budget)
         _schedule(manager, sim, budget)
         _schedule(manager, sim, budget)  # async: the compacting step's output is processed by now
-        assert sim.freed == compacts(sim.request.num_prompt_tokens, budget, BS)
+        if not interval_blocks:
+            assert sim.freed == compacts(sim.request.num_prompt_tokens, budget, BS)
         _check_blocks(manager, sim, budget)
     _check_pool(manager, live)
     for sim in live.values():
@@ -169,6 +185,36 @@ def test_freeing_waits_for_the_processed_prompt():
     for _ in range(2):  # later schedules free nothing more (12 prompt + 4 decoded tokens fill block 18)
         _schedule(manager, sim, 64)
     assert manager.block_pool.get_num_free_blocks() == free
+
+
+def test_decode_time_eviction_frees_each_round_after_it_was_processed():
+    manager = _manager(64, interval_blocks=2)  # 4 blocks kept; a round every 2 blocks after block 18
+    sim = _Sim(Request("r", list(range(300)), SamplingParams(max_tokens=64), None), chunk=128, async_=False,
+               interval_blocks=2)
+    for _ in range(4):  # the prompt (3 chunks) and the first decode, which sees it processed
+        _schedule(manager, sim, 64)
+    assert [b.is_null for b in _blocks(manager, "r")] == [False] * 4 + [True] * 14 + [False]
+    while sim.request.num_computed_tokens < 20 * BS:  # decodes up to the first round's point
+        _schedule(manager, sim, 64)
+    assert sim.freed_end == 18  # the step that reached it was not processed yet
+    _schedule(manager, sim, 64)
+    assert sim.freed_end == 20
+    assert [b.is_null for b in _blocks(manager, "r")] == [False] * 4 + [True] * 16 + [False]
+    held = sum(not b.is_null for b in _blocks(manager, "r"))
+    while sim.request.num_computed_tokens < 40 * BS:  # however long it decodes: kept + at most T + 1
+        _schedule(manager, sim, 64)
+        assert sum(not b.is_null for b in _blocks(manager, "r")) <= 4 + 2 + 1
+    assert sim.freed_end == 38 and held == 5
+
+
+def test_decode_time_eviction_keeps_the_budget_of_a_short_prompt():
+    manager = _manager(64, interval_blocks=1)  # 4 blocks: a 40-token prompt (2 full blocks) keeps all
+    sim = _Sim(Request("r", list(range(40)), SamplingParams(max_tokens=64), None), chunk=64, async_=False,
+               interval_blocks=1)
+    while sim.request.num_computed_tokens < 5 * BS + 1:  # decodes fill the budget's 4 blocks, then 1 more
+        _schedule(manager, sim, 64)
+    assert sim.freed_end == 5  # the first round that evicts: block 4 of 5 complete ones
+    assert [b.is_null for b in _blocks(manager, "r")] == [False] * 4 + [True] + [False]
 
 
 def test_budget_covering_the_prompt_frees_nothing():
@@ -293,10 +339,10 @@ def test_evicting_config_gets_the_eviction_spec(engine_config, monkeypatch):
     assert type(spec_module.compressed_spec_for_layer(base, kivi)) is spec_module.KVPressAttentionSpec
 
     evicting = EvictionConfig(bits=8, group_size="head", block_size=64, budget=256, window=32, sink=4,
-                              observation_window=32)
+                              observation_window=32, decode_interval=128, decode_observation_window=16)
     assert not evicting.problems()
     monkeypatch.setattr(state, "method_config_from_vllm_config", lambda vllm_config: evicting)
     spec = spec_module.compressed_spec_for_layer(base, vllm_config=None)
-    assert type(spec) is KVPressEvictionSpec and spec.budget == 256
+    assert type(spec) is KVPressEvictionSpec and (spec.budget, spec.interval_blocks) == (256, 2)
     assert spec.page_size_bytes == 2 * evicting.page_layout(64).bytes_per_head
     assert (spec.block_size, spec.num_kv_heads, spec.head_size, spec.dtype) == (64, 2, 64, torch.uint8)

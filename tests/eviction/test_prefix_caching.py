@@ -10,7 +10,7 @@ from vllm_kvpress import engine_args
 from vllm_kvpress.methods.eviction import EvictionConfig
 
 EVICTING = EvictionConfig(bits=8, group_size="head", block_size=64, budget=256, window=32, sink=4,
-                          observation_window=32)
+                          observation_window=32, decode_interval=0, decode_observation_window=16)
 
 
 @pytest.fixture

@@ -238,6 +238,15 @@ def test_defaults_load_from_yaml(method):
     ("snapkv", {"budget": 128, "window": 100, "sink": 30},
      "snapkv: window=100 + sink=30 exceed budget=128; allowed: window + sink <= budget"),
     ("snapkv", {"bits": 3}, "snapkv: bits=3 is not allowed; allowed: 2, 4, 8"),
+    ("scissorhands", {"decode_interval": 100},
+     ("scissorhands: decode_interval=100 is not allowed; allowed: 0 (evict after the prompt only) or a multiple "
+      "of block_size=64")),
+    ("scissorhands", {"decode_interval": -64},
+     "scissorhands: decode_interval=-64 is not allowed; allowed: an integer from 0 to 1048576"),
+    ("snapkv", {"decode_interval": 64, "decode_observation_window": 65},
+     "snapkv: decode_observation_window=65 exceeds decode_interval=64; allowed: at most decode_interval"),
+    ("kvcrush", {"decode_observation_window": 0},
+     "kvcrush: decode_observation_window=0 is not allowed; allowed: an integer from 1 to 512"),
 ])
 def test_every_validation_message(method, settings, message):
     with pytest.raises(KVCompressionConfigError) as info:
@@ -249,7 +258,12 @@ def test_unknown_setting_lists_the_fields():
     with pytest.raises(KVCompressionConfigError) as info:
         load_method_config({"method": "scissorhands", "kernel_size": 7})
     assert ("unknown setting(s) kernel_size for method 'scissorhands'; allowed: bits, group_size, block_size, "
-            "budget, window, sink, observation_window") in str(info.value)
+            "budget, window, sink, observation_window, decode_interval, decode_observation_window") in str(info.value)
+
+
+def test_razor_has_no_decode_time_eviction():
+    with pytest.raises(KVCompressionConfigError, match="unknown setting.s. decode_interval for method 'razor'"):
+        load_method_config({"method": "razor", "decode_interval": 512})
 
 
 def test_budget_larger_than_max_model_len_is_named():

@@ -23,14 +23,15 @@ import json, os, sys
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 import numpy as np
 from vllm import LLM, SamplingParams
-model, settings, prompt_len = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+model, settings, prompt_len, max_tokens = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 llm = LLM(model=model, load_format="dummy", skip_tokenizer_init=True, max_model_len=16640,
           gpu_memory_utilization=0.6, seed=0, additional_config={"kv_compression": settings})
 engine = llm.llm_engine
 pool = engine.engine_core.engine_core.scheduler.kv_cache_manager.block_pool
 ids = np.random.default_rng(0).integers(1000, 100000, prompt_len).tolist()
 trace = [pool.get_num_free_blocks()]
-engine.add_request("r0", {"prompt_token_ids": ids}, SamplingParams(max_tokens=32, ignore_eos=True, detokenize=False))
+engine.add_request("r0", {"prompt_token_ids": ids}, SamplingParams(max_tokens=max_tokens, ignore_eos=True,
+                                                                   detokenize=False))
 outputs = []
 while engine.has_unfinished_requests():
     outputs += engine.step()
@@ -49,14 +50,19 @@ EVICTING = [
 ]
 
 
-@pytest.mark.parametrize("settings,freed", EVICTING, ids=["snapkv", "razor"])
-def test_evicted_prompt_blocks_return_to_the_free_pool(settings, freed):
+def _free_block_trace(settings: dict, max_tokens: int) -> dict:
     out = subprocess.run(
-        [sys.executable, "-c", FREE_BLOCK_TRACE, str(LLAMA_CONFIG), json.dumps(settings), str(PROMPT_LEN)],
-        capture_output=True, text=True, timeout=900,
+        [sys.executable, "-c", FREE_BLOCK_TRACE, str(LLAMA_CONFIG), json.dumps(settings), str(PROMPT_LEN),
+         str(max_tokens)],
+        check=False, capture_output=True, text=True, timeout=900,
     )
     assert out.returncode == 0, (out.stdout + out.stderr)[-5000:]
-    result = json.loads([line for line in out.stdout.splitlines() if line.startswith("RESULT ")][-1][7:])
+    return json.loads([line for line in out.stdout.splitlines() if line.startswith("RESULT ")][-1][7:])
+
+
+@pytest.mark.parametrize("settings,freed", EVICTING, ids=["snapkv", "razor"])
+def test_evicted_prompt_blocks_return_to_the_free_pool(settings, freed):
+    result = _free_block_trace(settings, 32)
     trace = result["trace"]
     print(settings, "free blocks per step:", trace)
     lowest = min(trace)
@@ -71,6 +77,23 @@ def test_evicted_prompt_blocks_return_to_the_free_pool(settings, freed):
     assert trace[-1] == trace[0]  # everything back once the request finished
 
 
+def test_decode_time_eviction_returns_blocks_while_the_request_generates():
+    """scissorhands with decode_interval 128 (2 blocks): after the prompt's compaction the request
+    holds its 32 kept blocks and the blocks since the last round, never more than 32 + 2 + 1,
+    through 600 generated tokens (4 rounds)."""
+    settings = {"method": "scissorhands", "budget": BUDGET, "bits": 4, "decode_interval": 128}
+    result = _free_block_trace(settings, 600)
+    trace = result["trace"]
+    print(settings, "free blocks per step:", trace)
+    assert result["generated"] == 600
+    compacted = trace.index(min(trace)) + 3  # the compaction step's output is processed by then
+    held = [trace[0] - free for free in trace[compacted:-1]]
+    assert max(held) <= BUDGET // BLOCK + 2 + 1
+    # without decode-time eviction the request would hold 32 + ceil(600 / 64) + 1 blocks by the end
+    assert held[-1] < BUDGET // BLOCK + 600 // BLOCK
+    assert trace[-1] == trace[0]
+
+
 GREEDY_TOKENS = """
 import json, sys
 import numpy as np
@@ -80,16 +103,17 @@ llm = LLM(model=model, load_format="dummy", skip_tokenizer_init=True, max_model_
           gpu_memory_utilization=0.6, seed=0, max_num_batched_tokens=CHUNK,
           compilation_config={"cudagraph_mode": mode}, additional_config={"kv_compression": settings})
 ids = np.random.default_rng(0).integers(1000, 100000, prompt_len).tolist()
-params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, detokenize=False)
+params = SamplingParams(max_tokens=int(sys.argv[5]), temperature=0, ignore_eos=True, detokenize=False)
 print("RESULT " + json.dumps(list(llm.generate([{"prompt_token_ids": ids}], params)[0].outputs[0].token_ids)))
 """
 CHUNK = 8192
 
 
-def _greedy_tokens(settings: dict, prompt_len: int, mode: str) -> list[int]:
+def _greedy_tokens(settings: dict, prompt_len: int, mode: str, max_tokens: int = 16) -> list[int]:
     script = GREEDY_TOKENS.replace("CHUNK", str(CHUNK))
     out = subprocess.run(
-        [sys.executable, "-c", script, str(LLAMA_CONFIG), json.dumps(settings), str(prompt_len), mode],
+        [sys.executable, "-c", script, str(LLAMA_CONFIG), json.dumps(settings), str(prompt_len), mode,
+         str(max_tokens)],
         check=False, capture_output=True, text=True, timeout=900,
     )
     assert out.returncode == 0, (out.stdout + out.stderr)[-5000:]
@@ -106,3 +130,14 @@ def test_a_prompt_completed_by_a_one_token_chunk_is_compacted_under_full_graphs(
     piecewise = _greedy_tokens(settings, CHUNK + 1, "PIECEWISE")
     assert len(full) == 16 and full == piecewise
 
+
+
+def test_decode_time_eviction_steps_are_compacted_under_full_graphs():
+    """Every decode step that reaches a decode-time eviction point (here after 4, 68 and 132
+    generated tokens: a 4156-token prompt, rounds every 64 tokens after its 64 full blocks) would
+    be a FULL-graph replay; the dispatch wrapper runs it with PIECEWISE graphs so that it compacts.
+    Both modes must generate the same tokens."""
+    settings = {"method": "scissorhands", "budget": BUDGET, "bits": 4, "decode_interval": 64}
+    full = _greedy_tokens(settings, 4156, "FULL_AND_PIECEWISE", 140)
+    piecewise = _greedy_tokens(settings, 4156, "PIECEWISE", 140)
+    assert len(full) == 140 and full == piecewise

@@ -1,15 +1,34 @@
 """Owns KVPressImpl: per layer, write new K/V into compressed pages and attend over them."""
 
 import torch
+from vllm.forward_context import get_forward_context, is_forward_context_available
+from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.attention.backend import AttentionImpl, AttentionType
 
 from vllm_kvpress.backend.flash_prefill import flash_prefill_attention
 from vllm_kvpress.backend.metadata import KVPressMetadata
 from vllm_kvpress.backend.state import current_method_config
-from vllm_kvpress.eviction.compaction import compact_prompt
+from vllm_kvpress.eviction.compaction import compact_prompt, compact_recent
+from vllm_kvpress.eviction.headwise import compact_prompt_headwise
+from vllm_kvpress.eviction.policy import every_head_blocks
+from vllm_kvpress.methods.retrieval_heads import retrieval_heads_for_model
 from vllm_kvpress.triton_kernels.cache_write import write_kv_pages
 from vllm_kvpress.triton_kernels.decode_attention import decode_attention
 from vllm_kvpress.triton_kernels.prefill_attention import prefill_attention
+from vllm_kvpress.triton_kernels.recent_queries import recent_query_ring, write_recent_queries
+
+
+def layer_metadata(layer_name: str) -> KVPressMetadata | None:
+    """This step's metadata of the layer, from vLLM's forward context (vLLM passes the cache
+    update only the slot mapping); None outside a step with metadata (memory profiling)."""
+    if not is_forward_context_available():
+        return None
+    metadata = get_forward_context().attn_metadata
+    if isinstance(metadata, list):  # speculative decoding's form: [0] is the base model's
+        metadata = metadata[0] if metadata else None
+    if isinstance(metadata, dict):
+        metadata = metadata.get(layer_name)
+    return metadata if isinstance(metadata, KVPressMetadata) else None
 
 
 class KVPressImpl(AttentionImpl[KVPressMetadata]):
@@ -46,9 +65,40 @@ class KVPressImpl(AttentionImpl[KVPressMetadata]):
         self.layout = method_config.page_layout(head_size)
         self.power_iters = getattr(method_config, "power_iters", 1)
         self.eviction = method_config if method_config.evicts_tokens else None
+        # head-wise packing (razor): this model's retrieval heads per layer, chosen once here
+        packing = self.eviction.packing(num_kv_heads) if self.eviction is not None else None
+        self.retrieval_by_layer = None if packing is None else retrieval_heads_for_model(method_config, packing)
+        self._retrieval_ranks: dict[str, tuple[list[int], torch.Tensor]] = {}
+        # decode-time eviction: this layer's ring of every request's recent queries, made at the
+        # first call (the memory-profiling run), so vLLM counts it before sizing the KV cache
+        self.recent_window = self.eviction.decode_observation_window if (
+            self.eviction is not None and self.eviction.interval_blocks) else 0
+        self.recent_ring: torch.Tensor | None = None
+        if self.recent_window:  # one ring slot per request-state slot of vLLM's runner
+            from vllm.config import get_current_vllm_config
+
+            self.max_requests = get_current_vllm_config().scheduler_config.max_num_seqs
+
+    def _ring(self, query: torch.Tensor) -> torch.Tensor:
+        if self.recent_ring is None:
+            self.recent_ring = recent_query_ring(self.max_requests, self.recent_window, self.num_heads,
+                                                 self.head_size, query.dtype, query.device)
+        return self.recent_ring
+
+    def _layer_ranks(self, layer, device) -> tuple[list[int], torch.Tensor]:
+        """This layer's retrieval rank of every KV head (-1: not one), as a list and an int32
+        device tensor, made at the layer's first call (the memory-profiling run, before capture)."""
+        name = getattr(layer, "layer_name", "")
+        if name not in self._retrieval_ranks:
+            heads = self.retrieval_by_layer.heads[extract_layer_index(name)]
+            ranks = [heads.index(h) if h in heads else -1 for h in range(self.num_kv_heads)]
+            self._retrieval_ranks[name] = ranks, torch.tensor(ranks, dtype=torch.int32, device=device)
+        return self._retrieval_ranks[name]
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
-        write_kv_pages(key, value, kv_cache, slot_mapping, self.layout, power_iters=self.power_iters)
+        m = None if layer is None else layer_metadata(layer.layer_name)
+        write_kv_pages(key, value, kv_cache, slot_mapping, self.layout, power_iters=self.power_iters,
+                       completing=None if m is None else m.completing_tokens)
 
     def forward(
         self,
@@ -69,14 +119,20 @@ class KVPressImpl(AttentionImpl[KVPressMetadata]):
         """
         if output_scale is not None or output_block_scale is not None:
             raise NotImplementedError("fused output quantization is not supported by vllm-kvpress")
-        if attn_metadata is None:  # memory-profiling run
+        ranks = None if self.retrieval_by_layer is None else self._layer_ranks(layer, output.device)
+        ring = self._ring(query) if self.recent_window else None
+        if attn_metadata is None:  # memory-profiling run (the ranks and ring above are made before any capture)
             return output.fill_(0)
         m = attn_metadata
+        if ring is not None:  # before the compactions below, which score with this step's queries too
+            write_recent_queries(query, ring, m.request_slots, m.query_start_loc, m.physical_seq_lens,
+                                 m.seq_lens.shape[0])
+        headwise = None if ranks is None else (m.headwise_rows, ranks[1], self.retrieval_by_layer.per_layer)
         if m.num_decodes:
             n = m.num_decode_tokens
             decode_attention(
                 query[:n], kv_cache, m.block_table, m.seq_lens, output[:n], self.layout,
-                scale=self.scale, num_splits=m.num_splits, split_buffers=m.split_buffers,
+                scale=self.scale, num_splits=m.num_splits, split_buffers=m.split_buffers, headwise=headwise,
             )
         # the builder plans FlashAttention's prefill where vLLM has it; else the Triton prefill kernel
         if m.flash_prefill is not None:
@@ -88,12 +144,23 @@ class KVPressImpl(AttentionImpl[KVPressMetadata]):
             prefill_attention(
                 query, key, value, output, kv_cache, m.block_table, m.query_start_loc, m.seq_lens,
                 self.layout, scale=self.scale, first_seq=m.num_decodes, num_seqs=m.num_prefills,
-                max_query_len=m.max_query_len,
+                max_query_len=m.max_query_len, headwise=headwise,
             )
         # after attention: the compaction step itself still attends to every prompt token
         for compaction in m.compactions:
-            compact_prompt(
-                self.eviction, self.layout, kv_cache, m.physical_block_table[compaction.row], query,
-                compaction, self.scale, power_iters=self.power_iters,
-            )
+            row = m.physical_block_table[compaction.row]
+            if ranks is not None:
+                compact_prompt_headwise(
+                    self.layout, kv_cache, row, compaction.prompt_len, ranks[0],
+                    every_head_blocks(compaction.prompt_len, self.eviction.budget, self.layout.block_size),
+                    self.eviction.sink, dtype=query.dtype, power_iters=self.power_iters,
+                )
+            else:
+                compact_prompt(
+                    self.eviction, self.layout, kv_cache, row, query, compaction, self.scale,
+                    power_iters=self.power_iters,
+                )
+        for compaction in m.recent_compactions:  # over this step's view, which they shorten
+            compact_recent(self.eviction, self.layout, kv_cache, m.block_table[compaction.row], ring, compaction,
+                           self.scale, power_iters=self.power_iters)
         return output

@@ -29,7 +29,8 @@ from vllm_kvpress import cuda_decode
 from vllm_kvpress.backend.flash_prefill import FlashPrefillPlan, flash_attention_version, plan_flash_prefill
 from vllm_kvpress.backend.state import method_config_from_vllm_config
 from vllm_kvpress.errors import KVCompressionConfigError
-from vllm_kvpress.eviction.compaction import PromptCompaction
+from vllm_kvpress.eviction.compaction import PromptCompaction, RecentCompaction
+from vllm_kvpress.triton_kernels.cache_write import completing_tokens, max_completions
 from vllm_kvpress.triton_kernels.decode_attention import decode_kernel, split_buffers
 
 logger = init_logger("vllm.kvpress")
@@ -63,6 +64,20 @@ class KVPressMetadata:
     physical_block_table: torch.Tensor | None = None
     flash_prefill: FlashPrefillPlan | None = None
     """The prefill sequences' varlen layout for FlashAttention, where the impl uses it."""
+    headwise_rows: torch.Tensor | None = None
+    """Head-wise packing (razor): int32 [batch_size, 3] (kept K, chunks n, middle M) per row, all 0
+    for a row whose pages are not packed (eviction/headwise.py); None for the other methods."""
+    completing_tokens: torch.Tensor | None = None
+    """int32: the rows of `slot_mapping` that complete a block, then -1 (`completing_tokens`); one
+    list for every layer's cache write, in a persistent buffer."""
+    recent_compactions: tuple[RecentCompaction, ...] = field(default=())
+    """Decode-time eviction: rows that reach an eviction point in this step, compacted after
+    attention over this step's view (`block_table`, `seq_lens`)."""
+    request_slots: torch.Tensor | None = None
+    """Decode-time eviction: int32 [batch_size] each row's request-state slot (padding rows: the
+    ring's spare slot), under which every layer keeps the row's recent queries; None without."""
+    physical_seq_lens: torch.Tensor | None = None
+    """vLLM's own seq lens (tokens per request, not per view): the recent queries' positions."""
 
 
 def num_decode_splits(num_decodes: int, num_kv_heads: int, num_sms: int) -> int:
@@ -103,14 +118,22 @@ class KVPressMetadataBuilder(AttentionMetadataBuilder[KVPressMetadata]):
         method_config = method_config_from_vllm_config(vllm_config)
         layout = method_config.page_layout(model_config.get_head_size())
         self.block_size = layout.block_size
+        max_tokens = vllm_config.scheduler_config.max_num_batched_tokens
+        self.completing_buffer = torch.empty(
+            max_completions(max_tokens, max_seqs, self.block_size) + 1, dtype=torch.int32, device=device
+        )
         # prefill through vLLM's FlashAttention where it has one for this GPU, else the Triton kernel
         self.fa_version = flash_attention_version() if torch.device(device).type == "cuda" else None
         self.eviction = method_config if method_config.evicts_tokens else None
+        self.packing = None
+        self.request_slots: torch.Tensor | None = None  # decode-time eviction only (_init_eviction)
         if self.eviction is not None:
             self._init_eviction(vllm_config, device)
         # decode through the CUDA kernel where it takes these pages; built now, before graph capture
         group = self.num_heads // self.num_kv_heads
         decode, decode_why = decode_kernel(layout, group, model_config.dtype, torch.device(device))
+        if self.packing is not None:
+            decode, decode_why = "triton", "the CUDA kernel's head-wise path has not run on a GPU yet"
         if decode == "cuda":
             cuda_decode.build(layout, group, model_config.dtype, torch.device(device))
         logger.info(
@@ -140,12 +163,25 @@ class KVPressMetadataBuilder(AttentionMetadataBuilder[KVPressMetadata]):
         self.view_seq_lens = torch.zeros(max_seqs, dtype=torch.int32, device=device)
         self.view_kept = torch.zeros(max_seqs, dtype=torch.int32, device=device)
         self.view_shift = torch.zeros(max_seqs, dtype=torch.int32, device=device)
+        self.packing = self.eviction.packing(self.num_kv_heads)
+        self.interval_blocks = self.eviction.interval_blocks
+        # decode-time eviction: each row's request-state slot, the ring's spare slot for padding
+        self.spare_slot = max_seqs
+        self.request_slots = (
+            torch.full((max_seqs,), max_seqs, dtype=torch.int32, device=device) if self.interval_blocks else None
+        )
+        self.view_headwise = (
+            torch.zeros(max_seqs, 3, dtype=torch.int32, device=device) if self.packing is not None else None
+        )
 
     def _compacted_view(
         self, cm: CommonAttentionMetadata
-    ) -> tuple[torch.Tensor, torch.Tensor, tuple[PromptCompaction, ...], np.ndarray | None]:
-        """(block table, seq lens) the kernels read, the compactions this step performs, and the
-        view's seq lens on the host (None where the view is the table).
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[PromptCompaction, ...], tuple[RecentCompaction, ...],
+               np.ndarray | None, torch.Tensor | None, np.ndarray | None]:
+        """(block table, seq lens) the kernels read, the prompt and decode-time compactions this
+        step performs, the view's seq lens on the host (None where the view is the table) and,
+        with head-wise packing, the rows' (K, n, M) on the device and on the host (None where
+        nothing is packed).
 
         Host work on the rows' prompt lengths (CPU, from the runner patch), then one small copy and
         a gather on the device; no device-to-host sync, so decode steps stay graph-capturable.
@@ -160,29 +196,55 @@ class KVPressMetadataBuilder(AttentionMetadataBuilder[KVPressMetadata]):
             self.view_block_table = torch.zeros(
                 self.view_seq_lens.shape[0], width, dtype=block_table.dtype, device=block_table.device
             )
+        headwise = None if self.view_headwise is None else self.view_headwise[:num_reqs]
+        headwise_cpu = None
         if cm.rswa_prefix_lens is None:  # capture or profiling: no shift, the view is the table
             self.view_shift[:num_reqs].zero_()
+            if headwise is not None:
+                headwise.zero_()
+            if self.request_slots is not None:
+                self.request_slots[:num_reqs].fill_(self.spare_slot)
             compactions: tuple[PromptCompaction, ...] = ()
+            recent: tuple[RecentCompaction, ...] = ()
             view_seq_cpu = None  # the table's own lengths; read from the host only where needed
         else:
-            kept, shift, compactions, view_seq_cpu = self._plan_compaction(cm, num_reqs)
+            kept, shift, compactions, recent, view_seq_cpu, headwise_cpu = self._plan_compaction(cm, num_reqs)
             self.view_kept[:num_reqs].copy_(torch.from_numpy(kept), non_blocking=True)
             self.view_shift[:num_reqs].copy_(torch.from_numpy(shift), non_blocking=True)
+            if headwise is not None:
+                headwise.copy_(torch.from_numpy(headwise_cpu), non_blocking=True)
         out_table = self.view_block_table[:num_reqs, :width]
         out_seq = self.view_seq_lens[:num_reqs]
         write_compacted_view(
             block_table, cm.seq_lens[:num_reqs], self.view_kept[:num_reqs], self.view_shift[:num_reqs],
             out_table, out_seq, self.eviction.block_size,
         )
-        return out_table, out_seq, compactions, view_seq_cpu
+        return out_table, out_seq, compactions, recent, view_seq_cpu, headwise, headwise_cpu
+
+    def _request_slots(self, cm: CommonAttentionMetadata, num_reqs: int) -> np.ndarray:
+        """Host: each row's request-state slot (the runner patch's), the spare slot for padding."""
+        from vllm_kvpress.eviction.prompt_lens import request_slots_for
+
+        given = request_slots_for(cm.rswa_prefix_lens)
+        if given is None:
+            raise RuntimeError(
+                "decode-time eviction (decode_interval) needs the request-state slots of vLLM's V2 model "
+                "runner, which this step's metadata did not come with"
+            )
+        slots = np.full(num_reqs, self.spare_slot, dtype=np.int32)
+        slots[: given.shape[0]] = given[:num_reqs]
+        return slots
 
     def _plan_compaction(
         self, cm: CommonAttentionMetadata, num_reqs: int
-    ) -> tuple[np.ndarray, np.ndarray, tuple[PromptCompaction, ...], np.ndarray]:
+    ) -> tuple[np.ndarray, np.ndarray, tuple[PromptCompaction, ...], tuple[RecentCompaction, ...], np.ndarray,
+               np.ndarray | None]:
         """Host side, from the rows' prompt lengths: (kept blocks, shift) of the view per row (a row
         with shift 0 is copied whatever its kept count), the rows whose prompt completes in this
-        step, and the view's seq lens (what `write_compacted_view` writes on the device)."""
-        from vllm_kvpress.eviction.policy import compacts
+        step and those that reach a decode-time eviction point, the view's seq lens (what
+        `write_compacted_view` writes on the device) and, with head-wise packing, each row's
+        (K, n, M), zeros for a row that is not packed yet."""
+        from vllm_kvpress.eviction.policy import every_head_blocks, freed_end, kept_blocks
         from vllm_kvpress.eviction.view import shift_blocks
 
         bs = self.eviction.block_size
@@ -192,16 +254,35 @@ class KVPressMetadataBuilder(AttentionMetadataBuilder[KVPressMetadata]):
         starts = cm.query_start_loc_cpu.numpy()[: num_reqs + 1].astype(np.int64)
         seq = host_seq_lens(cm)
         context = seq - np.diff(starts)
-        kept = self.eviction.kept_prompt_blocks(prompt)
-        # padding rows (P = 0) never compact: compacts(0) is False
-        compacting_now = compacts(prompt, self.eviction.budget, bs) & (context < prompt) & (seq >= prompt)
+        schedule = (self.eviction.budget, bs, self.packing, self.interval_blocks)
+        kept = kept_blocks(prompt, *schedule)
+        # blocks [kept, end) are freed after a step: rows whose end grows in this step compact; the
+        # others (padding rows, P = 0, included) do not
+        shift = shift_blocks(prompt, context, *schedule)  # compactions of earlier steps: the view skips them
+        end_before, end_after = kept + shift, freed_end(prompt, seq, *schedule)
+        compacting = end_after > end_before
+        first_tail = prompt // bs
         compactions = tuple(
             PromptCompaction(int(i), int(prompt[i]), int(starts[i]), int(context[i]), int(kept[i]))
-            for i in np.nonzero(compacting_now)[0]
+            for i in np.nonzero(compacting & (end_after == first_tail))[0]
         )
-        # rows compacted in an earlier step skip their freed blocks; the others see their table
-        shift = shift_blocks(prompt, context, self.eviction.budget, bs)
-        return kept.astype(np.int32), shift, compactions, seq - shift.astype(np.int64) * bs
+        recent: tuple[RecentCompaction, ...] = ()
+        if self.request_slots is not None:
+            slots = self._request_slots(cm, num_reqs)
+            self.request_slots[:num_reqs].copy_(torch.from_numpy(slots), non_blocking=True)
+            view_seq = seq - shift.astype(np.int64) * bs
+            # the candidates: the view's blocks before the new end (kept ones and those since)
+            recent = tuple(
+                RecentCompaction(int(i), int(slots[i]), int(seq[i]), int(view_seq[i]),
+                                 int(end_after[i] - shift[i]) * bs, int(kept[i]))
+                for i in np.nonzero(compacting & (end_after > first_tail))[0]
+            )
+        headwise = None
+        if self.packing is not None:  # packed rows' (K, n, M): K blocks every head keeps, K + M in all
+            every_head = every_head_blocks(prompt, self.eviction.budget, bs)
+            rows = np.stack([every_head, prompt // bs - every_head, kept - every_head], 1)
+            headwise = np.where((shift > 0)[:, None], rows, 0).astype(np.int32)
+        return kept.astype(np.int32), shift, compactions, recent, seq - shift.astype(np.int64) * bs, headwise
 
     def build(
         self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata, fast_build: bool = False
@@ -210,11 +291,22 @@ class KVPressMetadataBuilder(AttentionMetadataBuilder[KVPressMetadata]):
         num_decodes, num_prefills, num_decode_tokens, _ = split_decodes_and_prefills(cm, decode_threshold=1)
         block_table, seq_lens = cm.block_table_tensor, cm.seq_lens
         compactions: tuple[PromptCompaction, ...] = ()
-        seq_cpu = None
+        recent: tuple[RecentCompaction, ...] = ()
+        seq_cpu = headwise = headwise_cpu = None
         if self.eviction is not None:  # the kernels see the compacted view, and so does the FA plan
-            block_table, seq_lens, compactions, seq_cpu = self._compacted_view(cm)
+            block_table, seq_lens, compactions, recent, seq_cpu, headwise, headwise_cpu = self._compacted_view(cm)
+        # prefill rows (after the decodes) whose heads read packed pages: each KV head has its own
+        # context length, which FlashAttention's varlen layout cannot express
+        packed_prefill = headwise_cpu is not None and bool((headwise_cpu[num_decodes:, 2] > 0).any())
+        num_tokens = cm.slot_mapping.shape[0]
+        completing = completing_tokens(
+            cm.slot_mapping, self.block_size, max_completions(num_tokens, cm.num_reqs, self.block_size),
+            out=self.completing_buffer,
+        )
         flash_prefill = None
-        if num_prefills and self.fa_version is not None:
+        # such a chunk (a re-prefill of a preempted request past its compacted prompt) runs through
+        # the Triton prefill kernel, which reads per head
+        if num_prefills and self.fa_version is not None and not packed_prefill:
             seq_cpu = host_seq_lens(cm) if seq_cpu is None else seq_cpu
             flash_prefill = plan_flash_prefill(
                 cm.query_start_loc_cpu.numpy(), seq_cpu, num_decodes, num_prefills, self.block_size,
@@ -235,6 +327,11 @@ class KVPressMetadataBuilder(AttentionMetadataBuilder[KVPressMetadata]):
             compactions=compactions,
             physical_block_table=cm.block_table_tensor,
             flash_prefill=flash_prefill,
+            completing_tokens=completing,
+            headwise_rows=headwise,
+            recent_compactions=recent,
+            request_slots=None if self.request_slots is None else self.request_slots[: cm.num_reqs],
+            physical_seq_lens=cm.seq_lens,
         )
 
     def build_for_cudagraph_capture(self, common_attn_metadata: CommonAttentionMetadata) -> KVPressMetadata:

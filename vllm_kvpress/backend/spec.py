@@ -77,7 +77,10 @@ def compressed_spec_for_layer(spec: FullAttentionSpec, vllm_config) -> KVPressAt
         from vllm_kvpress.eviction.manager import KVPressEvictionSpec, register_eviction_spec
 
         register_eviction_spec()  # the spec is useless to vLLM without its manager (idempotent)
-        return KVPressEvictionSpec(**common, budget=method_config.budget)
+        packing = method_config.packing(spec.num_kv_heads)
+        return KVPressEvictionSpec(**common, budget=method_config.budget,
+                                   retrieval_heads=packing.retrieval_heads if packing else 0,
+                                   interval_blocks=method_config.interval_blocks)
     return KVPressAttentionSpec(**common)
 
 

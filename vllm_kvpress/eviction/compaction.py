@@ -12,6 +12,15 @@ prompt (the compaction step), so that step still attends to every token:
 The kept tokens are read back (dequantized) from the pages, gathered per KV head and written again
 as complete blocks with the same cache-write kernel as fresh tokens, so the kernels need nothing
 new to read them. Positions are not renumbered: keys are stored after RoPE.
+
+Decode-time eviction (`decode_interval`) compacts again, in the step that reaches an eviction point
+(`policy.freed_end`), over what that step's compacted view holds:
+
+    view     |k0|k1|k2|t0|t1|t2|t3|..       candidates: the kept blocks and the T blocks since
+    after    |k0'|k1'|k2'|                  the method's choice among them, in the kept blocks
+                         ^ the T blocks are freed after this step; the next view starts after them
+
+scored by the request's last `decode_observation_window` queries (triton_kernels/recent_queries.py).
 """
 
 from dataclasses import dataclass
@@ -34,6 +43,25 @@ class PromptCompaction:
     """Tokens of the request computed before this step."""
     kept_blocks: int
     """Leading blocks that hold the kept tokens (`EvictionConfig.kept_prompt_blocks`)."""
+
+
+@dataclass(frozen=True)
+class RecentCompaction:
+    """A request that reaches a decode-time eviction point in this step (`policy.freed_end`) and
+    whose view is compacted after it: the candidates are its view's first `num_candidates` tokens
+    (the kept blocks and the complete blocks since the last compaction)."""
+
+    row: int
+    """Row of the request in the batch."""
+    request_slot: int
+    """Its request-state slot, under which its recent queries are kept."""
+    seq_len: int
+    """Tokens of the request including this step's (positions, not the view's count)."""
+    view_len: int
+    """Tokens of its compacted view in this step (seq_len minus the tokens freed before it)."""
+    num_candidates: int
+    kept_blocks: int
+    """Leading view blocks that hold the kept tokens (`policy.kept_blocks`)."""
 
 
 def gather_kept(
@@ -107,3 +135,59 @@ def compact_prompt(
     token = torch.arange(compaction.kept_blocks * bs, device=cache.device)
     slots = block_table_row[token // bs].to(torch.int64) * bs + token % bs
     write_kv_pages(kept_k.to(query.dtype), kept_v.to(query.dtype), cache, slots, layout, power_iters=power_iters)
+
+
+def kept_recent_kv(
+    config,
+    queries: torch.Tensor,
+    positions: torch.Tensor,
+    compaction: RecentCompaction,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    scale: float,
+    block_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The method's choice among a view's candidates: [kept_blocks * block_size, Hkv, D] K and V.
+    Shared by the worker (`compact_recent`) and the reference engine.
+
+    Args:
+        queries: [w, num_heads, head_size] the request's last post-RoPE queries, at `positions`.
+        keys, values: [view_len, num_kv_heads, head_size] the view's tokens, dequantized.
+    """
+    # the view drops whole blocks before the recent queries: their positions minus the freed
+    # tokens are view indices, and causal masking in view indices is the original one
+    view_positions = positions - (compaction.seq_len - compaction.view_len)
+    kept = select_kept_tokens(config, queries.float(), view_positions, keys, scale, compaction.num_candidates,
+                              compaction.kept_blocks * block_size)
+    return gather_kept(keys, values, kept)
+
+
+def compact_recent(
+    config,
+    layout,
+    cache: torch.Tensor,
+    view_row: torch.Tensor,
+    ring: torch.Tensor,
+    compaction: RecentCompaction,
+    scale: float,
+    *,
+    power_iters: int,
+) -> None:
+    """Keep `config`'s choice of a view's candidates in its first `kept_blocks` blocks.
+
+    Args:
+        view_row: the request's row of this step's compacted view (kept blocks, then the blocks
+            since the last compaction).
+        ring: this layer's recent queries (`triton_kernels.recent_queries`), this step's included.
+    """
+    from vllm_kvpress.triton_kernels.cache_write import write_kv_pages
+    from vllm_kvpress.triton_kernels.read_pages import read_pages
+    from vllm_kvpress.triton_kernels.recent_queries import recent_queries
+
+    bs = layout.block_size
+    keys, values = read_pages(cache, view_row, compaction.view_len, layout)
+    queries, positions = recent_queries(ring, compaction.request_slot, compaction.seq_len)
+    kept_k, kept_v = kept_recent_kv(config, queries, positions, compaction, keys, values, scale, bs)
+    token = torch.arange(compaction.kept_blocks * bs, device=cache.device)
+    slots = view_row[token // bs].to(torch.int64) * bs + token % bs
+    write_kv_pages(kept_k.to(ring.dtype), kept_v.to(ring.dtype), cache, slots, layout, power_iters=power_iters)

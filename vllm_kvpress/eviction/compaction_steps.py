@@ -1,30 +1,33 @@
-"""Owns keeping the step that compacts a prompt out of FULL CUDA graphs.
+"""Owns keeping the steps that compact out of FULL CUDA graphs.
 
-The attention layer compacts a prompt in Python right after the step that completes it
-(backend/impl.py), and the scheduler's block manager frees the evicted blocks after that step
-whatever happened on the GPU. A step replayed as a FULL CUDA graph runs only the captured kernels:
-its compaction would be skipped, and every later step would read uncompacted tokens through the
-compacted view. vLLM replays FULL graphs only for uniform decode batches (one token per row), so
-the case is a prompt whose last chunk is a single token in a batch of decodes, e.g. a prompt one
-token longer than the chunk it got.
+The attention layer compacts a request in Python right after the step that completes its prompt
+or reaches a decode-time eviction point (backend/impl.py), and the scheduler's block manager frees
+the evicted blocks after that step whatever happened on the GPU. A step replayed as a FULL CUDA
+graph runs only the captured kernels: its compaction would be skipped, and every later step would
+read uncompacted tokens through the compacted view. vLLM replays FULL graphs only for uniform
+decode batches (one token per row), so the cases are a prompt whose last chunk is a single token
+in a batch of decodes (a prompt one token longer than the chunk it got), and every decode step at
+which a row reaches a decode-time eviction point (one step in `decode_interval` per request).
 
 vLLM 0.26.0's V2 model runner picks the graph in `execute_model` through
 `dispatch_cg_and_sync_dp(..., uniform_token_count, ...)`, after it has brought its per-request state
 up to date for the step. The wrapper below hands that dispatch `uniform_token_count=None` when a
-row of the step completes a prompt that compacts: no FULL graph matches a non-uniform batch, so the
+row of the step compacts: no FULL graph matches a non-uniform batch, so the
 step runs with PIECEWISE graphs, in which attention (and so compaction) runs eagerly.
 """
 
 import contextvars
 
-from vllm_kvpress.eviction.policy import Budget, compacts
+from vllm_kvpress.eviction.policy import Budget, HeadPacking, freed_end
 
 _runner_step: contextvars.ContextVar = contextvars.ContextVar("kvpress_runner_step", default=None)
 """(runner, scheduler_output, eviction config) of the `execute_model` call in progress."""
 
 
-def compaction_due(req_states, num_scheduled_tokens: dict[str, int], budget: Budget, block_size: int) -> bool:
-    """Whether a scheduled row completes a prompt that compacts: computed < P <= computed + new.
+def compaction_due(req_states, num_scheduled_tokens: dict[str, int], budget: Budget, block_size: int,
+                   packing: HeadPacking | None = None, interval_blocks: int = 0) -> bool:
+    """Whether a scheduled row compacts in this step: the blocks freed after it
+    (`policy.freed_end` at computed + new tokens) are more than those freed before it.
 
     Args:
         req_states: the V2 runner's `RequestState`, already updated for this step.
@@ -36,20 +39,23 @@ def compaction_due(req_states, num_scheduled_tokens: dict[str, int], budget: Bud
             continue
         computed = int(req_states.num_computed_tokens_np[index])
         prompt = int(req_states.prompt_len.np[index])
-        if computed < prompt <= computed + num_new and compacts(prompt, budget, block_size):
+        before, after = (freed_end(prompt, n, budget, block_size, packing, interval_blocks)
+                         for n in (computed, computed + num_new))
+        if after > before:
             return True
     return False
 
 
 def wrap_dispatch(dispatch):
-    """`dispatch_cg_and_sync_dp` that sees a batch completing a compacting prompt as non-uniform."""
+    """`dispatch_cg_and_sync_dp` that sees a batch with a compacting row as non-uniform."""
 
     def dispatch_cg_and_sync_dp(cudagraph_manager, num_reqs, num_tokens, uniform_token_count, *args, **kwargs):
         step = _runner_step.get()
         if uniform_token_count is not None and step is not None:
             runner, scheduler_output, config = step
             if compaction_due(runner.req_states, scheduler_output.num_scheduled_tokens, config.budget,
-                              config.block_size):
+                              config.block_size, getattr(runner, "_kvpress_packing", None),
+                              config.interval_blocks):
                 uniform_token_count = None
         return dispatch(cudagraph_manager, num_reqs, num_tokens, uniform_token_count, *args, **kwargs)
 
@@ -67,6 +73,9 @@ def wrap_execute_model(execute_model):
             from vllm_kvpress.backend.state import method_config_from_vllm_config
 
             config = self._kvpress_method_config = method_config_from_vllm_config(self.vllm_config)
+            if config.evicts_tokens:  # head-wise packing (razor) depends on the KV heads per layer
+                heads = self.vllm_config.model_config.get_num_kv_heads(self.vllm_config.parallel_config)
+                self._kvpress_packing = config.packing(heads)
         token = _runner_step.set((self, scheduler_output, config) if config.evicts_tokens else None)
         try:
             return execute_model(self, scheduler_output, *args, **kwargs)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 
 from vllm_kvpress.backend.spec import KVPressAttentionSpec
-from vllm_kvpress.eviction.policy import Budget, compacts, kept_prompt_blocks
+from vllm_kvpress.eviction.policy import Budget, HeadPacking, freed_end, kept_blocks
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -40,10 +40,22 @@ class KVPressEvictionSpec(KVPressAttentionSpec):
     the prompt (float). The default exists only because vLLM's `FullAttentionSpec.merge` builds the
     merged spec from its own fields before `KVPressAttentionSpec.merge` copies ours over; a manager
     refuses it."""
+    retrieval_heads: int = 0
+    """Head-wise packing (RazorAttention): KV heads of every layer that keep all full prompt
+    blocks, packed after the kept ones (`eviction/headwise.py`); 0 for the other methods."""
+    interval_blocks: int = 0
+    """Decode-time eviction every this many blocks (`EvictionConfig.interval_blocks`); 0: after
+    the prompt only."""
+
+    @property
+    def packing(self) -> HeadPacking | None:
+        return HeadPacking(self.retrieval_heads, self.num_kv_heads) if self.retrieval_heads else None
 
 
 class EvictionBlockManager(FullAttentionManager):
-    """Frees blocks [kept, P // block_size) of a request once its prompt (P tokens) is processed.
+    """Frees blocks [kept, P // block_size) of a request once its prompt (P tokens) is processed,
+    and with decode-time eviction blocks [kept, P // block_size + m T) once (P // block_size + m T)
+    blocks are processed (`policy.freed_end`).
 
     Compacted blocks no longer hold the tokens their hashes name, so nothing is cached or reused:
     no prefix-cache hits, no common prefix (cascade attention), no block hashing.
@@ -62,13 +74,15 @@ class EvictionBlockManager(FullAttentionManager):
         # path; without it the compaction point is unknown, and a full-attention request frees nothing
         if num_prompt_tokens is None or processed_computed_tokens < num_prompt_tokens:
             return  # the compacting step has not run (or is still in flight)
-        budget = self.kv_cache_spec.budget
-        if not compacts(num_prompt_tokens, budget, self.block_size):
-            return  # the budget keeps the whole prompt: the worker compacts nothing
-        kept = kept_prompt_blocks(num_prompt_tokens, budget, self.block_size)
-        # idempotent and O(1) on later calls: vLLM frees the range backwards and stops at the first
-        # null block, which is block P // block_size - 1 once the range is freed
-        self._remove_blocks_in_range(request_id, kept, num_prompt_tokens // self.block_size)
+        spec = self.kv_cache_spec
+        args = (num_prompt_tokens, spec.budget, self.block_size, spec.packing, spec.interval_blocks)
+        end = freed_end(num_prompt_tokens, processed_computed_tokens, *args[1:])
+        kept = kept_blocks(*args)
+        if end > kept:  # else the budget keeps everything so far: the worker compacted nothing
+            # idempotent and O(1) on later calls: vLLM frees the range backwards and stops at the
+            # first null block, which is block end - 1 once the range is freed; a decode round's
+            # range [kept, end) stops at the previous round's end
+            self._remove_blocks_in_range(request_id, kept, end)
 
     @classmethod
     def find_longest_cache_hit(cls, block_hashes, max_length, kv_cache_group_ids, *args, **kwargs):

@@ -19,27 +19,29 @@ the builder has on the CPU), `write_compacted_view` on the device (torch, no hos
 import numpy as np
 import torch
 
-from vllm_kvpress.eviction.policy import Budget, compacts, kept_prompt_blocks
+from vllm_kvpress.eviction.policy import Budget, HeadPacking, freed_end, kept_blocks
 
 
-def shift_blocks(prompt_lens, context_lens, budget: Budget, block_size: int) -> np.ndarray:
-    """Freed blocks each row's view skips: `P // block_size - kept` for a row whose compaction has
-    already run (its context, the tokens computed before this step, covers the prompt P), else 0.
+def shift_blocks(prompt_lens, context_lens, budget: Budget, block_size: int,
+                 packing: HeadPacking | None = None, interval_blocks: int = 0) -> np.ndarray:
+    """Freed blocks each row's view skips: `freed_end(P, context) - kept`, the blocks freed by the
+    compactions that ran before this step (its context, the tokens computed before it, has passed
+    their points), else 0.
 
-    The step that completes the prompt gets 0: it attends to the whole prompt and compacts after.
-    Rows with P = 0 (CUDA-graph padding) get 0.
+    The step that completes the prompt (or reaches a decode-time eviction point) still sees the
+    blocks that it compacts: it attends to them and compacts after. Rows with P = 0 (CUDA-graph
+    padding) get 0.
 
     Args:
         prompt_lens: int [B] prompt length per row.
         context_lens: int [B] tokens computed before this step (seq_len - query_len).
+        interval_blocks: decode-time eviction every this many blocks (`freed_end`); 0: prompt only.
     Returns:
         int32 [B].
     """
     prompt = np.asarray(prompt_lens, dtype=np.int64)
-    context = np.asarray(context_lens, dtype=np.int64)
-    freed = prompt // block_size - kept_prompt_blocks(prompt, budget, block_size)
-    done = (context >= prompt) & compacts(prompt, budget, block_size)
-    return np.where(done, freed, 0).astype(np.int32)
+    end = freed_end(prompt, context_lens, budget, block_size, packing, interval_blocks)
+    return (np.asarray(end) - kept_blocks(prompt, budget, block_size, packing, interval_blocks)).astype(np.int32)
 
 
 def write_compacted_view(
@@ -61,7 +63,7 @@ def write_compacted_view(
     Args:
         block_table: int32 [B, W] physical block ids per row (the worker's table, stale ids included).
         seq_lens: int32 [B] tokens per row including this step's.
-        kept_blocks: integer [B] leading blocks kept as they are (`kept_prompt_blocks`); any value
+        kept_blocks: integer [B] leading blocks kept as they are (`policy.kept_blocks`); any value
             when shift is 0 (the row is copied as is).
         shift: int32 [B] freed blocks skipped after the kept ones (`shift_blocks`).
         out_block_table: int32 [B, W], written; entries past a row's view length are don't-care.

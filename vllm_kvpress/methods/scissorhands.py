@@ -14,21 +14,24 @@ Once per request, on the forward that completes the prompt (`eviction/scoring.py
 
 How this relates to the paper's decode-time schedule: Scissorhands keeps a KV cache of at most B
 tokens during generation; whenever it is full it drops the m tokens that were least often pivotal
-over the last w steps, the recent r tokens exempt. Here the schedule runs once, at the end of
-prefill, with the last `observation_window` prompt queries as the history (they are the queries
-the paper would have seen had the prompt been generated), `window` as the exempt recent tokens and
-one drop of P - budget tokens instead of repeated drops of m. Decode tokens are not evicted later:
-freeing blocks during decode would need a second compaction per request, which the block manager
-does not do. Counting "above average" is the complement of the paper's "below average" count for
-every token the whole window saw; tokens inside the window are in the kept recent window anyway.
+over the last w steps, the recent r tokens exempt. Here the first drop runs at the end of prefill,
+with the last `observation_window` prompt queries as the history (they are the queries the paper
+would have seen had the prompt been generated), `window` as the exempt recent tokens and one drop
+of P - budget tokens instead of repeated drops of m. With `decode_interval` > 0 the schedule goes on
+during generation: every `decode_interval` tokens the kept tokens and those generated since are
+counted again over the last `decode_observation_window` queries and `budget` of them stay (m =
+decode_interval, the paper's drop size, in whole blocks so that the blocks go back to vLLM). Counting
+"above average" is the complement of the paper's "below average" count for every token the whole
+window saw; tokens inside the window are in the kept recent window anyway.
 
 Other deviations: the budget is rounded up to whole blocks and the last partial prompt block stays;
 attention sinks (`sink`) are kept explicitly; the kept tokens are re-quantized into `bits`-bit pages.
 
 Parameters (defaults in configs/scissorhands.yaml)
 ----------
-budget, window, sink, observation_window : as for every eviction method (methods/eviction.py);
-    observation_window is the paper's history window.
+budget, window, sink, observation_window, decode_interval, decode_observation_window : as for
+    every eviction method (methods/eviction.py); observation_window is the paper's history window
+    at the end of prefill, decode_observation_window during generation.
 bits, group_size, block_size : as for KIVI (methods/kivi.py).
 """
 

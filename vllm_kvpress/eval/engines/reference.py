@@ -16,13 +16,23 @@ of the chunk that completes the prompt: each layer scores the prompt with that c
 `observation_window` queries (`eviction.scoring.select_kept_tokens`), writes the kept tokens of
 every KV head as complete blocks into the sequence's first pages (re-quantized by the page codec)
 and moves the tail (the last partial prompt block) right after them, bytes unchanged. Later steps
-read kept + tail + decoded tokens; their positions (RoPE) stay the original ones.
+read kept + tail + decoded tokens; their positions (RoPE) stay the original ones. With decode-time
+eviction (`decode_interval`), every step that reaches an eviction point (`policy.freed_end`)
+compacts the kept tokens and those since the last eviction the same way, scored by the sequence's
+last `decode_observation_window` queries. RazorAttention (`razor`) packs the prompt head-wise
+exactly as the worker does (`eviction/headwise.py`): the same kept and middle regions, in the same
+view blocks and head slots; each KV head then attends to its own tokens.
 """
 
 import torch
 
-from vllm_kvpress.eviction.compaction import PromptCompaction, kept_prompt_kv
-from vllm_kvpress.eviction.policy import compacts
+from vllm_kvpress.eviction.compaction import (
+    PromptCompaction,
+    RecentCompaction,
+    kept_prompt_kv,
+    kept_recent_kv,
+)
+from vllm_kvpress.eviction.policy import compacts, freed_end, kept_blocks
 from vllm_kvpress.layout import PageLayout
 from vllm_kvpress.reference import page_codec
 from vllm_kvpress.reference.attention import causal_attention
@@ -39,8 +49,10 @@ class SequencePages:
     A complete block is never written again (slots only grow), so its dequantized K/V are decoded
     once and kept; each call decodes only the blocks completed by this write and the partial one.
 
-    With an eviction config and a prompt length, the sequence is compacted once, after the forward
-    whose tokens complete the prompt (`evict_prompt`); `num_evicted` tokens are then gone.
+    With an eviction config and a prompt length, the sequence is compacted after the forward
+    whose tokens complete the prompt (`evict_prompt`) and, with decode-time eviction, after every
+    forward that reaches an eviction point (`evict_recent`); `num_evicted` tokens are then gone.
+    `compact_if_due` does whichever is due.
     """
 
     def __init__(
@@ -53,10 +65,13 @@ class SequencePages:
         *,
         eviction=None,
         prompt_len: int | None = None,
+        retrieval_index: list[int] | None = None,
     ):
         """
         Args:
-            eviction: an `EvictionConfig`, or None for a method that keeps every token.
+            eviction: an `EvictionConfig` (or `RazorConfig`), or None for a method that keeps every token.
+            retrieval_index: razor: this layer's rank of every KV head among its retrieval heads
+                (-1: not one).
             prompt_len: prompt tokens of the sequence; None never evicts (e.g. teacher-forced NLL,
                 where vLLM would evict only after the last chunk, with every number computed).
         """
@@ -65,11 +80,21 @@ class SequencePages:
         self.eviction = eviction
         self.prompt_len = prompt_len
         self.num_evicted = 0
+        self.retrieval_index = retrieval_index
+        self.packing = eviction.packing(num_kv_heads) if eviction is not None else None
+        self.headwise: tuple[int, int, int] | None = None
+        """Razor, once packed: (K, n, M) of `eviction/headwise.py`."""
+        self._head_prefix: list[tuple[torch.Tensor, torch.Tensor]] = []
+        """Razor, once packed: each KV head's K, V before the tail (its kept and middle tokens)."""
         num_blocks = -(-max_tokens // layout.block_size)
         self.cache = torch.zeros(
             num_blocks, num_kv_heads, layout.bytes_per_head, dtype=torch.uint8, device=device
         )
         self.num_tokens = 0
+        self._num_tokens_before = 0
+        """Tokens of the sequence (evicted ones included) before the last append."""
+        self._recent_queries: torch.Tensor | None = None
+        """The last `decode_observation_window` queries, with decode-time eviction."""
         self._complete_k = torch.empty(0, num_kv_heads, layout.head_size, device=device)
         self._complete_v = torch.empty(0, num_kv_heads, layout.head_size, device=device)
 
@@ -95,6 +120,7 @@ class SequencePages:
             )
         slots = torch.arange(self.num_tokens, seq_len, device=self.cache.device)
         page_codec.write_tokens(self.cache, key, value, slots, self.layout, self.power_iters)
+        self._num_tokens_before = self.num_tokens + self.num_evicted
         self.num_tokens = seq_len
         bs = self.layout.block_size
         done, full = self.num_complete_blocks, seq_len // bs
@@ -108,14 +134,66 @@ class SequencePages:
         k, v = self._read_blocks(full, partial)
         return torch.cat([self._complete_k, k]), torch.cat([self._complete_v, v])
 
+    def _freed_end(self, num_tokens: int) -> int:
+        config = self.eviction
+        return freed_end(self.prompt_len, num_tokens, config.budget, self.layout.block_size, None,
+                         config.interval_blocks)
+
     def evicts_now(self) -> bool:
         """Whether the tokens just appended complete the prompt of a sequence that compacts."""
         return (
             self.eviction is not None
             and self.num_evicted == 0
             and self.num_tokens == self.prompt_len
-            and bool(compacts(self.prompt_len, self.eviction.budget, self.layout.block_size))
+            and bool(compacts(self.prompt_len, self.eviction.budget, self.layout.block_size, self.packing))
         )
+
+    def recent_eviction_due(self) -> bool:
+        """Whether the tokens just appended reach a decode-time eviction point."""
+        if self.eviction is None or self.prompt_len is None or not self.eviction.interval_blocks:
+            return False
+        before, after = self._freed_end(self._num_tokens_before), self._freed_end(self.num_tokens + self.num_evicted)
+        return after > before and after > self.prompt_len // self.layout.block_size
+
+    def observe(self, queries: torch.Tensor) -> None:
+        """Keep the last `decode_observation_window` of the queries seen (decode-time eviction)."""
+        if self.eviction is None or not self.eviction.interval_blocks:
+            return
+        seen = queries if self._recent_queries is None else torch.cat([self._recent_queries, queries])
+        self._recent_queries = seen[-self.eviction.decode_observation_window:]
+
+    def compact_if_due(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> None:
+        """After a forward's attention: `observe` its queries, then compact if a point is reached.
+
+        Args:
+            queries: [T, num_heads, head_size] the forward's post-RoPE queries.
+            keys, values: what `append` returned (the stored tokens, dequantized).
+        """
+        self.observe(queries)
+        if self.recent_eviction_due():
+            self.evict_recent(keys, values, scale)
+        elif self.evicts_now() and self.packing is not None:
+            self.pack_prompt(keys, values)
+        elif self.evicts_now():
+            self.evict_prompt(queries, keys, values, scale)
+
+    def _keep(self, kept_k: torch.Tensor, kept_v: torch.Tensor, num_candidates: int) -> None:
+        """Write the kept tokens as the first blocks and move the stored blocks after the
+        candidates (bytes unchanged) right after them."""
+        bs = self.layout.block_size
+        num_keep = kept_k.shape[0]
+        rest = self.cache[num_candidates // bs : -(-self.num_tokens // bs)].clone()
+        # the worker hands the write kernel bf16 K/V, as for fresh tokens; every block is complete,
+        # so each is encoded whole (per-channel K) from the kept tokens alone
+        slots = torch.arange(num_keep, device=self.cache.device)
+        page_codec.write_tokens(
+            self.cache, kept_k.to(torch.bfloat16), kept_v.to(torch.bfloat16), slots, self.layout, self.power_iters,
+        )
+        self.cache[num_keep // bs : num_keep // bs + rest.shape[0]] = rest
+        self.num_evicted += num_candidates - num_keep
+        self.num_tokens -= num_candidates - num_keep
+        complete = self.num_tokens // bs * bs
+        self._complete_k, self._complete_v = self._read_blocks(0, complete)
 
     def evict_prompt(
         self, queries: torch.Tensor, k_prompt: torch.Tensor, v_prompt: torch.Tensor, scale: float
@@ -127,29 +205,64 @@ class SequencePages:
             k_prompt, v_prompt: [prompt_len, num_kv_heads, head_size] dequantized from the pages.
         """
         bs, prompt_len = self.layout.block_size, self.prompt_len
-        num_candidates = prompt_len // bs * bs
         num_keep = self.eviction.kept_prompt_blocks(prompt_len) * bs
         # the chunk ends at the prompt's last token; its queries are the batch's only ones
         compaction = PromptCompaction(row=0, prompt_len=prompt_len, query_start=0,
                                       context_len=prompt_len - queries.shape[0], kept_blocks=num_keep // bs)
         kept_k, kept_v = kept_prompt_kv(self.eviction, queries, compaction, k_prompt, v_prompt, scale, bs)
-        tail = self.cache[prompt_len // bs].clone() if prompt_len % bs else None
-        # the worker hands the write kernel bf16 K/V, as for fresh tokens; every block is complete,
-        # so each is encoded whole (per-channel K) from the kept tokens alone
-        slots = torch.arange(num_keep, device=self.cache.device)
-        page_codec.write_tokens(
-            self.cache,
-            kept_k.to(torch.bfloat16),
-            kept_v.to(torch.bfloat16),
-            slots,
-            self.layout,
-            self.power_iters,
+        self._keep(kept_k, kept_v, prompt_len // bs * bs)
+
+    def pack_prompt(self, k_prompt: torch.Tensor, v_prompt: torch.Tensor) -> None:
+        """Razor: rewrite the prompt in the head-wise packed form of the worker
+        (`headwise.compact_prompt_headwise`): kept region, then the retrieval heads' middle chunks,
+        then the tail; `head_sequences` then gives each KV head its own tokens."""
+        from vllm_kvpress.eviction.headwise import kept_region, middle_region
+        from vllm_kvpress.eviction.policy import every_head_blocks
+
+        bs = self.layout.block_size
+        full = self.prompt_len // bs
+        kept = every_head_blocks(self.prompt_len, self.eviction.budget, bs)
+        kept_k, kept_v = kept_region(k_prompt[: full * bs], v_prompt[: full * bs], self.retrieval_index, kept, bs,
+                                     self.eviction.sink)
+        mid_k, mid_v = middle_region(k_prompt[: full * bs], v_prompt[: full * bs], self.retrieval_index, kept, bs)
+        self._keep(torch.cat([kept_k, mid_k]), torch.cat([kept_v, mid_v]), full * bs)
+        self.headwise = (kept, full - kept, mid_k.shape[0] // bs)
+        view = torch.arange(self.cache.shape[0])
+        self._head_prefix = [
+            page_codec.read_head_sequence(
+                self.cache, view, h, index, (kept + self.headwise[2]) * bs, self.layout, kept=kept,
+                chunks=self.headwise[1], middle=self.headwise[2], retrieval_heads=self.packing.retrieval_heads,
+            )
+            for h, index in enumerate(self.retrieval_index)
+        ]
+
+    def head_sequences(self, keys: torch.Tensor, values: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Razor, once packed: each KV head's K, V [tokens, head_size] from the view's tokens
+        (what `append` returned): its packed prefix, then the tail every head shares."""
+        kept, _, middle = self.headwise
+        start = (kept + middle) * self.layout.block_size
+        return [(torch.cat([k, keys[start:, h]]), torch.cat([v, values[start:, h]]))
+                for h, (k, v) in enumerate(self._head_prefix)]
+
+    def evict_recent(self, k_view: torch.Tensor, v_view: torch.Tensor, scale: float) -> None:
+        """Decode-time eviction: keep the method's choice of the kept tokens and those since the
+        last eviction, scored by the last queries (`observe`).
+
+        Args:
+            k_view, v_view: [num_tokens, num_kv_heads, head_size] every stored token, dequantized.
+        """
+        config, bs = self.eviction, self.layout.block_size
+        seq_len = self.num_tokens + self.num_evicted
+        kept = kept_blocks(self.prompt_len, config.budget, bs, None, config.interval_blocks)
+        window = config.decode_observation_window
+        compaction = RecentCompaction(
+            row=0, request_slot=0, seq_len=seq_len, view_len=self.num_tokens,
+            num_candidates=self._freed_end(seq_len) * bs - self.num_evicted, kept_blocks=kept,
         )
-        if tail is not None:
-            self.cache[num_keep // bs] = tail
-        self.num_evicted = num_candidates - num_keep
-        self.num_tokens = prompt_len - self.num_evicted
-        self._complete_k, self._complete_v = self._read_blocks(0, num_keep)
+        positions = torch.arange(seq_len - window, seq_len, device=k_view.device)
+        kept_k, kept_v = kept_recent_kv(config, self._recent_queries, positions, compaction, k_view, v_view,
+                                        scale, bs)
+        self._keep(kept_k, kept_v, compaction.num_candidates)
 
 
 def compressed_attention_forward(
@@ -191,9 +304,17 @@ def compressed_attention_forward(
             past = layer.num_tokens - num_new
             k_all = torch.cat([k_stored[:past], k_new.float()])
             v_all = torch.cat([v_stored[:past], v_new.float()])
-        out = causal_attention(q, k_all, v_all, scale)
-        if layer.evicts_now():  # after this chunk's attention, as the vLLM worker
-            layer.evict_prompt(q, k_stored, v_stored, scale)
+        if layer.headwise is not None:  # razor's packed pages: each KV head over its own tokens
+            if num_new > 1:
+                raise NotImplementedError("a prompt chunk over razor's packed pages (the reference prefills once)")
+            group = q.shape[1] // len(layer.retrieval_index)
+            out = torch.cat([
+                causal_attention(q[:, h * group : (h + 1) * group], k_h[:, None], v_h[:, None], scale)
+                for h, (k_h, v_h) in enumerate(layer.head_sequences(k_stored, v_stored))
+            ], dim=1)
+        else:
+            out = causal_attention(q, k_all, v_all, scale)
+        layer.compact_if_due(q, k_stored, v_stored, scale)  # after this chunk's attention, as the vLLM worker
     else:
         out = causal_attention(q, k_all, v_all, scale)
     return out.to(query.dtype).unsqueeze(0), None
@@ -253,10 +374,6 @@ class ReferenceEngine:
         """
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        if method_config is not None and method_config.evicts_tokens and method_config.method == "razor":
-            raise NotImplementedError(
-                "--engine reference does not implement razor's head-wise packing yet; allowed: --engine vllm"
-            )
         register_attention()
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         torch_dtype = getattr(torch, dtype or "bfloat16")
@@ -276,6 +393,16 @@ class ReferenceEngine:
         )
         self.method_config = method_config
         self.layout = method_config.page_layout(self.head_size) if method_config is not None else None
+        # razor: every layer's retrieval rank of each KV head, from the model's scores (configs/razor/)
+        self.retrieval_index = None
+        packing = method_config.packing(self.num_kv_heads) if method_config is not None and (
+            method_config.evicts_tokens) else None
+        if packing is not None:
+            from vllm_kvpress.methods.retrieval_heads import retrieval_heads_for_model
+
+            heads = retrieval_heads_for_model(method_config, packing, self.model.config.to_dict()).heads
+            self.retrieval_index = [[layer.index(h) if h in layer else -1 for h in range(self.num_kv_heads)]
+                                    for layer in heads]
         self.power_iters = getattr(method_config, "power_iters", 1)
         self.prefill_chunk = prefill_chunk
         self.max_model_len = max_model_len
@@ -302,8 +429,9 @@ class ReferenceEngine:
                 SequencePages(
                     self.layout, self.power_iters, self.num_kv_heads, max_tokens, self.device,
                     eviction=eviction, prompt_len=prompt_len,
+                    retrieval_index=None if self.retrieval_index is None else self.retrieval_index[i],
                 )
-                for _ in range(self.num_layers)
+                for i in range(self.num_layers)
             ]
         return DynamicCache(config=self.model.config), pages
 
