@@ -50,6 +50,11 @@ def test_vllm_kv_dtype_baseline_needs_the_vllm_engine_and_method_none():
         cli.main(["--engine", "vllm", "--method", "none,kivi", "--kv-cache-dtype", "fp8"])
 
 
+def test_decode_perplexity_needs_the_reference_engine():
+    with pytest.raises(ValueError, match="--tasks decode-ppl .* allowed: --engine reference"):
+        cli.main(["--engine", "vllm", "--method", "none", "--tasks", "niah,decode-ppl"])
+
+
 def test_bad_method_settings_are_rejected_with_the_allowed_values():
     with pytest.raises(KVCompressionConfigError, match=r"bits=3 is not allowed; allowed: 2, 4, 8"):
         cli.main(["--engine", "reference", "--method", "kivi", "--config", '{"bits": 3}'])

@@ -80,3 +80,35 @@ def test_greedy_generation_answers_and_stops_at_eos(smollm2_path, tokenizer):
     assert answer == "The capital of France is Paris."  # ended by <|im_end|>, not by the 24-token limit
     with pytest.raises(ValueError, match="exceeds --max-model-len 8192"):
         engine.generate([ids], [8192])
+
+
+def test_decode_nll_feeds_one_token_per_step_after_the_prompt(smollm2_path, token_ids):
+    """decode-ppl in fp32: with every token kept, one token per step after a prompt gives the NLL
+    of chunked teacher forcing (only rounding differs). With snapkv the prompt is evicted after its
+    last chunk, so the decoded positions change and the prompt's do not; decode_interval evicts
+    again during decoding, which changes the positions after its first round and none before."""
+    prompt = 2 * CHUNK
+    plain = ReferenceEngine(smollm2_path, None, prefill_chunk=CHUNK, max_model_len=8192, device="cpu",
+                            dtype="float32")
+    decoded = torch.tensor(plain.decode_nll(token_ids, prompt))
+    forced = torch.tensor(plain.token_nll(token_ids))
+    assert decoded.shape == forced.shape == (len(token_ids) - 1,)
+    torch.testing.assert_close(decoded, forced, rtol=0, atol=2e-4)
+
+    def evicting(**settings):
+        config = load_method_config({"method": "snapkv", "budget": 64, "window": 16, "observation_window": 8,
+                                     **settings})
+        return torch.tensor(ReferenceEngine(smollm2_path, config, prefill_chunk=CHUNK, max_model_len=8192,
+                                            device="cpu", dtype="float32").decode_nll(token_ids, prompt))
+
+    once, rounds = evicting(), evicting(decode_interval=64, decode_observation_window=8)
+    kivi = torch.tensor(ReferenceEngine(
+        smollm2_path, load_method_config({"method": "kivi", "bits": 8, "group_size": "head"}), prefill_chunk=CHUNK,
+        max_model_len=8192, device="cpu", dtype="float32").decode_nll(token_ids, prompt))
+    # the prompt's own positions (and the first decoded token, predicted by its last chunk) are kivi's
+    assert torch.equal(once[:prompt], kivi[:prompt]) and torch.equal(rounds[:prompt], kivi[:prompt])
+    assert (once[prompt:] - kivi[prompt:]).abs().max() > 1e-3
+    # the first decode round is at (3 + 1) * 64 = 256 tokens: the NLL of token 257 on reads it
+    first_round = (prompt // 64 + 1) * 64
+    assert torch.equal(rounds[:first_round], once[:first_round])
+    assert (rounds[first_round:] - once[first_round:]).abs().max() > 1e-3

@@ -24,7 +24,7 @@ def test_a_failing_second_method_keeps_the_first_methods_results(tmp_path, monke
     monkeypatch.setattr("transformers.AutoTokenizer.from_pretrained", lambda path: None)
     measured = {"method": "none", "label": "none", "device": "cpu", "tasks": {}, "compression_ratio": 1.0}
 
-    def run_method(config, run, method_config, samples, windows, head_size, num_kv_heads):
+    def run_method(config, run, method_config, samples, windows, head_size, num_kv_heads, decode_windows):
         if run.method == "kivi":
             raise RuntimeError("engine died")
         return dict(measured), []
@@ -53,3 +53,32 @@ def test_an_eviction_methods_ratio_counts_the_kept_tokens():
     assert compression_ratio(run, config, 64, "auto", [200]) == pytest.approx(page_ratio)
     kivi = load_method_config({"method": "kivi"})
     assert compression_ratio(run, kivi, 64, "auto", [1000]) == pytest.approx(1 / kivi.page_layout(64).compression_vs_bf16)
+
+
+def test_decode_perplexity_is_summarised_against_none(tmp_path, monkeypatch):
+    """`decode-ppl` rows: the decoded half's mean NLL, and its change against `none` of the same run."""
+    from vllm_kvpress.eval import results
+
+    rows = [{"method": "none", "label": "none", "device": "cpu", "tasks": {}, "compression_ratio": 1.0,
+             "decode_ppl": {"mean_nll": 2.0, "ppl": 7.389}},
+            {"method": "snapkv", "label": "snapkv", "device": "cpu", "tasks": {}, "compression_ratio": 0.1,
+             "decode_ppl": {"mean_nll": 2.5, "ppl": 12.18}}]
+    monkeypatch.setattr(results, "environment", lambda device: {})
+    runner._write(str(tmp_path), _config(tmp_path, tmp_path), "cmd", rows, [])
+    assert rows[1]["decode_ppl"]["delta_nll_vs_none"] == 0.5 and "ppl" not in rows[1]
+    table = results.markdown_tables({"runs": rows})
+    assert "| snapkv | 0.100 | 12.180 | 2.5000 | +0.5000 |" in table and "decode ΔNLL vs none" in table
+
+
+def test_decode_perplexity_windows_split_prompt_and_decode(monkeypatch):
+    from vllm_kvpress.eval import corpora, perplexity
+
+    monkeypatch.setattr(corpora, "perplexity_text", lambda: ("words", "\n\n".join(["word " * 500] * 10)))
+
+    class Tokens:
+        def encode(self, text, add_special_tokens=False):
+            return list(range(len(text.split())))
+
+    windows = perplexity.build_windows(Tokens(), 200, 64, 2, decode=True)
+    assert [(w.prompt_len, w.first_scored, len(w.token_ids)) for w in windows] == [(100, 100, 200)] * 2
+    assert all(w.prompt_len is None for w in perplexity.build_windows(Tokens(), 200, 64, 2))

@@ -13,7 +13,7 @@ import sys
 
 from vllm_kvpress.eval.engines import ENGINES
 from vllm_kvpress.eval.ruler import TASKS as RULER_TASKS
-from vllm_kvpress.eval.runner import TASKS, UNCOMPRESSED
+from vllm_kvpress.eval.runner import DEFAULT_TASKS, TASKS, UNCOMPRESSED
 
 KV_CACHE_DTYPES = ("auto", "fp8", "int4_per_token_head")
 DEFAULT_LENGTHS = {"smollm2": (2000, 4000, 7500), "qwen0.5b": (4000, 8000, 16000)}
@@ -110,9 +110,9 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument(
         "--tasks",
-        default=TASKS,
+        default=DEFAULT_TASKS,
         type=_choices_list("--tasks", TASKS),
-        help=f"comma-separated subset of {','.join(TASKS)} (default: all)",
+        help=f"comma-separated subset of {','.join(TASKS)} (default: {','.join(DEFAULT_TASKS)})",
     )
     p.add_argument(
         "--ruler-tasks",
@@ -198,6 +198,11 @@ def build_config(args: argparse.Namespace):
         raise ValueError(
             f"--kv-cache-dtype {args.kv_cache_dtype} is vLLM's own KV format: it needs --engine vllm "
             "and --method none"
+        )
+    if args.engine == "vllm" and "decode-ppl" in args.tasks:
+        raise ValueError(
+            "--tasks decode-ppl feeds a text one token per step after its prompt, which vLLM's engine "
+            "cannot (it decodes only the tokens it samples); allowed: --engine reference"
         )
     runs, method_configs = resolve_methods(args.method, args.config)
     model_path = ensure_model(args.model)

@@ -68,9 +68,12 @@ def markdown_tables(results: dict[str, Any]) -> str:
     runs = results["runs"]
     tasks = list(dict.fromkeys(t for run in runs for t in run["tasks"]))
     has_ppl = any(run.get("ppl") for run in runs)
+    has_decode_ppl = any(run.get("decode_ppl") for run in runs)
     header = ["method", "KV bytes vs bf16"] + [f"{t} (%)" for t in tasks]
     if has_ppl:
         header += ["ppl", "mean NLL", "ΔNLL vs none"]
+    if has_decode_ppl:
+        header += ["decode ppl", "decode mean NLL", "decode ΔNLL vs none"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for run in runs:
         row = [run["label"], f"{run['compression_ratio']:.3f}" if run["compression_ratio"] else "-"]
@@ -81,8 +84,10 @@ def markdown_tables(results: dict[str, Any]) -> str:
                 if score is None
                 else f"{_fmt_pct(score['accuracy'])} ({score['correct']}/{score['total']})"
             )
-        if has_ppl:
-            ppl = run.get("ppl") or {}
+        for key, shown in (("ppl", has_ppl), ("decode_ppl", has_decode_ppl)):
+            if not shown:
+                continue
+            ppl = run.get(key) or {}
             delta = ppl.get("delta_nll_vs_none")
             row += [
                 f"{ppl['ppl']:.3f}" if ppl else "-",
@@ -94,7 +99,8 @@ def markdown_tables(results: dict[str, Any]) -> str:
     out.append(
         "KV bytes vs bf16: stored bytes per token and head over bf16's (`1 / layout.compression_vs_bf16`); "
         "for an eviction method times the tokens kept after prefill over the prompt tokens of the "
-        "generation tasks (perplexity windows are not evicted)."
+        "generation tasks (`ppl` windows are not evicted; `decode-ppl` prompts are, and so are its decoded "
+        "tokens with decode_interval)."
     )
     out.append(
         "Accuracy: a sample is correct when every expected string is in the completion; RULER's "

@@ -14,7 +14,9 @@ from vllm_kvpress.eval import multiturn, niah, perplexity, results, ruler
 from vllm_kvpress.eval.samples import Sample
 from vllm_kvpress.eval.scoring import score_task
 
-TASKS = ("niah", "ruler", "multiturn", "ppl")
+TASKS = ("niah", "ruler", "multiturn", "ppl", "decode-ppl")
+DEFAULT_TASKS = ("niah", "ruler", "multiturn", "ppl")
+"""What `--tasks` runs by default: decode-ppl only runs on the reference engine."""
 UNCOMPRESSED = "none"
 VLLM_DTYPE_BYTES_VS_BF16 = {"auto": 1.0, "fp8": 0.5, "int4_per_token_head": 0.25}
 """Code bytes of vLLM's own KV dtypes over bf16's (int4: its per-token scales not counted)."""
@@ -139,11 +141,18 @@ def niah_grid(samples: list[Sample], correct: list[bool]) -> dict[str, dict[str,
     return grid
 
 
+def _nll_summary(windows: list, scored_nll: list[float]) -> dict[str, Any]:
+    mean = sum(scored_nll) / len(scored_nll)
+    return {"corpus": windows[0].corpus, "windows": len(windows), "tokens_scored": len(scored_nll),
+            "mean_nll": mean, "ppl": math.exp(mean)}
+
+
 def run_method(
     config: EvalConfig, run: MethodRun, method_config, samples: list[Sample], windows: list, head_size: int,
-    num_kv_heads: int | None = None,
+    num_kv_heads: int | None = None, decode_windows: list = (),
 ) -> tuple[dict[str, Any], list[dict]]:
-    """Evaluate one method: generation tasks, then perplexity. Returns (result row, predictions)."""
+    """Evaluate one method: generation tasks, then perplexity (`ppl`, then `decode-ppl` over
+    `decode_windows`). Returns (result row, predictions)."""
     from tqdm import tqdm
 
     from vllm_kvpress.eval.engines import make_engine
@@ -171,6 +180,11 @@ def run_method(
         scored_nll: list[float] = []
         for window in tqdm(windows, desc=f"{run.label}: perplexity", unit="window", disable=not windows):
             scored_nll += engine.token_nll(list(window.token_ids))[window.first_scored :]
+        decoded_nll: list[float] = []
+        for window in tqdm(decode_windows, desc=f"{run.label}: decode perplexity", unit="window",
+                           disable=not decode_windows):
+            nll = engine.decode_nll(list(window.token_ids), window.prompt_len)
+            decoded_nll += nll[window.first_scored :]
         device_name = engine.device_name
     finally:
         engine.close()
@@ -200,14 +214,9 @@ def run_method(
         "device": device_name,
     }
     if windows:
-        mean = sum(scored_nll) / len(scored_nll)
-        row["ppl"] = {
-            "corpus": windows[0].corpus,
-            "windows": len(windows),
-            "tokens_scored": len(scored_nll),
-            "mean_nll": mean,
-            "ppl": math.exp(mean),
-        }
+        row["ppl"] = _nll_summary(windows, scored_nll)
+    if decode_windows:
+        row["decode_ppl"] = {**_nll_summary(decode_windows, decoded_nll), "prompt_len": decode_windows[0].prompt_len}
     predictions = [
         {
             "method": run.label,
@@ -236,10 +245,16 @@ def evaluate(config: EvalConfig, method_configs: list, command: str) -> str:
         if "ppl" in config.tasks
         else []
     )
+    decode_windows = (
+        perplexity.build_windows(tokenizer, config.ppl_tokens, config.prefill_chunk, config.ppl_windows, decode=True)
+        if perplexity.DECODE_TASK in config.tasks
+        else []
+    )
     result_dir = results.create_result_dir(config.out, config.directory_name())
     rows, predictions = [], []
     for run, method_config in zip(config.runs, method_configs, strict=True):
-        row, preds = run_method(config, run, method_config, samples, windows, head_size, num_kv_heads)
+        row, preds = run_method(config, run, method_config, samples, windows, head_size, num_kv_heads,
+                                decode_windows)
         rows.append(row)
         predictions += preds
         # written after every method, so a run cut short (a time limit, a crash) keeps what it measured
@@ -248,10 +263,11 @@ def evaluate(config: EvalConfig, method_configs: list, command: str) -> str:
 
 
 def _write(result_dir: str, config: EvalConfig, command: str, rows: list[dict], predictions: list[dict]) -> None:
-    baseline = next((r for r in rows if r["method"] == UNCOMPRESSED and r.get("ppl")), None)
-    for row in rows:
-        if baseline is not None and row.get("ppl"):
-            row["ppl"]["delta_nll_vs_none"] = row["ppl"]["mean_nll"] - baseline["ppl"]["mean_nll"]
+    for key in ("ppl", "decode_ppl"):
+        baseline = next((r for r in rows if r["method"] == UNCOMPRESSED and r.get(key)), None)
+        for row in rows:
+            if baseline is not None and row.get(key):
+                row[key]["delta_nll_vs_none"] = row[key]["mean_nll"] - baseline[key]["mean_nll"]
     payload = {"name": config.directory_name(), "runs": rows}
     results.write_results(
         result_dir, config.to_dict(), command, results.environment(rows[0]["device"]), payload, predictions

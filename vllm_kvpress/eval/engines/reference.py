@@ -500,5 +500,21 @@ class ReferenceEngine:
             nll.extend((-log_probs.gather(1, targets[:, None])[:, 0]).tolist())
         return nll
 
+    @torch.inference_mode()
+    def decode_nll(self, token_ids: list[int], prompt_len: int) -> list[float]:
+        """NLL (nats) of token i given tokens < i, for i = 1..N-1: the first `prompt_len` tokens
+        prefilled in chunks as a prompt (an eviction method compacts it after the last chunk), the
+        rest fed one token per step as generated tokens are (decode-time eviction applies)."""
+        self._check_length(len(token_ids))
+        if not 1 <= prompt_len < len(token_ids):
+            raise ValueError(f"prompt_len={prompt_len}; allowed: 1 to {len(token_ids) - 1}")
+        cache, pages = self._new_sequence(len(token_ids), prompt_len=prompt_len)
+        logits = [self._forward(token_ids[start:end], start, cache, pages)
+                  for start, end in self._chunks(prompt_len)]
+        logits += [self._forward([token_ids[i]], i, cache, pages) for i in range(prompt_len, len(token_ids) - 1)]
+        log_probs = torch.cat(logits)[: len(token_ids) - 1].log_softmax(-1)
+        targets = torch.tensor(token_ids[1:], device=self.device)
+        return (-log_probs.gather(1, targets[:, None])[:, 0]).tolist()
+
     def close(self) -> None:
         del self.model

@@ -98,6 +98,12 @@ class VllmEngine:
             progress.update(len(prompts))
         return [out.outputs[0].text for out in outputs]
 
+    def decode_nll(self, token_ids: list[int], prompt_len: int) -> list[float]:
+        raise NotImplementedError(
+            "task decode-ppl feeds a text one token per step after its prompt; vLLM's engine decodes "
+            "only the tokens it samples; allowed: --engine reference"
+        )
+
     def token_nll(self, token_ids: list[int]) -> list[float]:
         """NLL (nats) of token i given tokens < i, for i = 1..N-1, from vLLM's prompt logprobs."""
         from vllm import SamplingParams
