@@ -67,7 +67,23 @@ def test_decode_perplexity_is_summarised_against_none(tmp_path, monkeypatch):
     runner._write(str(tmp_path), _config(tmp_path, tmp_path), "cmd", rows, [])
     assert rows[1]["decode_ppl"]["delta_nll_vs_none"] == 0.5 and "ppl" not in rows[1]
     table = results.markdown_tables({"runs": rows})
-    assert "| snapkv | 0.100 | 12.180 | 2.5000 | +0.5000 |" in table and "decode ΔNLL vs none" in table
+    assert "| snapkv | 0.100 | - | 12.180 | 2.5000 | +0.5000 |" in table and "decode ΔNLL vs none" in table
+
+
+def test_decoded_kv_counts_what_each_decode_step_reads():
+    from vllm_kvpress.config import load_method_config
+
+    kept_once = load_method_config({"method": "snapkv", "budget": 64, "block_size": 16, "window": 16})
+    rounds = load_method_config({"method": "snapkv", "budget": 64, "block_size": 16, "window": 16, "decode_interval": 32,
+                                 "decode_observation_window": 8})
+    # prompt 160 (10 blocks, 4 kept), 64 decoded tokens: steps read seq - 96 tokens once compacted
+    seq = list(range(161, 224))
+    assert runner.decoded_kv_fraction(kept_once, 160, 224) == pytest.approx(sum(n - 96 for n in seq) / sum(seq))
+    # rounds at 192 and 224 tokens: the steps after 192 read 32 more freed tokens fewer
+    freed = [96 + (32 if n - 1 >= 192 else 0) for n in seq]
+    assert runner.decoded_kv_fraction(rounds, 160, 224) == pytest.approx(
+        sum(n - f for n, f in zip(seq, freed)) / sum(seq))
+    assert runner.decoded_kv_fraction(load_method_config({"method": "kivi"}), 160, 224) == 1.0
 
 
 def test_decode_perplexity_windows_split_prompt_and_decode(monkeypatch):

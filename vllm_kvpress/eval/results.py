@@ -73,7 +73,7 @@ def markdown_tables(results: dict[str, Any]) -> str:
     if has_ppl:
         header += ["ppl", "mean NLL", "ΔNLL vs none"]
     if has_decode_ppl:
-        header += ["decode ppl", "decode mean NLL", "decode ΔNLL vs none"]
+        header += ["decode KV vs bf16", "decode ppl", "decode mean NLL", "decode ΔNLL vs none"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for run in runs:
         row = [run["label"], f"{run['compression_ratio']:.3f}" if run["compression_ratio"] else "-"]
@@ -89,6 +89,8 @@ def markdown_tables(results: dict[str, Any]) -> str:
                 continue
             ppl = run.get(key) or {}
             delta = ppl.get("delta_nll_vs_none")
+            if key == "decode_ppl":
+                row.append(f"{ppl['kv_vs_bf16']:.3f}" if "kv_vs_bf16" in ppl else "-")
             row += [
                 f"{ppl['ppl']:.3f}" if ppl else "-",
                 f"{ppl['mean_nll']:.4f}" if ppl else "-",
@@ -99,8 +101,9 @@ def markdown_tables(results: dict[str, Any]) -> str:
     out.append(
         "KV bytes vs bf16: stored bytes per token and head over bf16's (`1 / layout.compression_vs_bf16`); "
         "for an eviction method times the tokens kept after prefill over the prompt tokens of the "
-        "generation tasks (`ppl` windows are not evicted; `decode-ppl` prompts are, and so are its decoded "
-        "tokens with decode_interval)."
+        "generation tasks (`ppl` windows are not evicted). Decode KV vs bf16: the same for what the "
+        "`decode-ppl` steps attend to, summed over its decode steps (its prompt is evicted, and so are "
+        "the decoded tokens with decode_interval)."
     )
     out.append(
         "Accuracy: a sample is correct when every expected string is in the completion; RULER's "

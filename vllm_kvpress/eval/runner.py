@@ -97,6 +97,23 @@ def kept_token_fraction(method_config, prompt_lengths: list[int], num_kv_heads: 
     return float(kept.sum() / prompt_lengths.sum())
 
 
+def decoded_kv_fraction(method_config, prompt_len: int, num_tokens: int, num_kv_heads: int | None = None) -> float:
+    """Tokens attended to over the full cache's, summed over the decode steps of a `decode-ppl`
+    window (sequence lengths prompt_len + 1 .. num_tokens - 1): each step reads its view, the
+    sequence minus the blocks freed before it (`policy.freed_end`); 1.0 for a method that evicts
+    nothing."""
+    if not method_config.evicts_tokens:
+        return 1.0
+    from vllm_kvpress.eviction.policy import freed_end, kept_blocks
+
+    bs = method_config.block_size
+    packing = method_config.packing(num_kv_heads) if num_kv_heads else None
+    schedule = (method_config.budget, bs, packing, method_config.interval_blocks)
+    seq = np.arange(prompt_len + 1, num_tokens, dtype=np.int64)
+    freed = (freed_end(prompt_len, seq - 1, *schedule) - kept_blocks(prompt_len, *schedule)) * bs
+    return float((seq - freed).sum() / seq.sum())
+
+
 def compression_ratio(
     run: MethodRun, method_config, head_size: int, kv_cache_dtype: str, prompt_lengths: list[int] = (),
     num_kv_heads: int | None = None,
@@ -216,7 +233,12 @@ def run_method(
     if windows:
         row["ppl"] = _nll_summary(windows, scored_nll)
     if decode_windows:
-        row["decode_ppl"] = {**_nll_summary(decode_windows, decoded_nll), "prompt_len": decode_windows[0].prompt_len}
+        window = decode_windows[0]
+        kv = 1.0 if method_config is None else 1.0 / method_config.page_layout(head_size).compression_vs_bf16
+        kv *= 1.0 if method_config is None else decoded_kv_fraction(
+            method_config, window.prompt_len, len(window.token_ids), num_kv_heads)
+        row["decode_ppl"] = {**_nll_summary(decode_windows, decoded_nll), "prompt_len": window.prompt_len,
+                             "kv_vs_bf16": kv}
     predictions = [
         {
             "method": run.label,
