@@ -151,3 +151,77 @@ def test_decode_time_eviction_compacts_each_round_as_the_reference_engine(engine
     assert rounds == [160, 176]
     # the request holds its 3 kept blocks and the 2 tokens since the last round
     assert reference.num_tokens == 3 * bs + 2 and reference.num_evicted == DECODE_END - (3 * bs + 2)
+
+
+def _decode_batch_metadata(builder, rows, num_padding, slots, device):
+    """A uniform decode step over `rows` [(context, prompt)], plus `num_padding` CUDA-graph padding
+    rows (no tokens, no prompt length), as vLLM's V2 runner hands it to the builder."""
+    import numpy as np
+    from vllm.v1.attention.backend import CommonAttentionMetadata
+
+    from vllm_kvpress.eviction import prompt_lens
+
+    num_reqs = len(rows) + num_padding
+    qsl = torch.tensor(list(range(len(rows) + 1)) + [len(rows)] * num_padding, dtype=torch.int32)
+    seq = torch.tensor([c + 1 for c, _ in rows] + [0] * num_padding, dtype=torch.int32)
+    table = torch.arange(num_reqs * 20, dtype=torch.int32, device=device).reshape(num_reqs, 20)
+    common = CommonAttentionMetadata(
+        query_start_loc=qsl.to(device), query_start_loc_cpu=qsl, seq_lens=seq.to(device), _seq_lens_cpu=seq,
+        num_reqs=num_reqs, num_actual_tokens=len(rows), max_query_len=1, max_seq_len=int(seq.max()),
+        block_table_tensor=table, slot_mapping=torch.zeros(num_reqs, dtype=torch.int64, device=device),
+        rswa_prefix_lens=torch.tensor([p for _, p in rows], dtype=torch.int32),
+    )
+    if slots is not None:
+        prompt_lens._step_slots = (common.rswa_prefix_lens, np.array(slots, dtype=np.int32))
+    return builder.build(0, common)
+
+
+def test_a_decode_batch_compacts_only_the_rows_at_an_eviction_point(engine_config, monkeypatch, device):
+    """Rows of one decode step: one reaching its first round (176 tokens), one its second (208),
+    one between rounds, one whose prompt fits the budget; padding rows read the ring's spare slot."""
+    from vllm_kvpress.eviction import prompt_lens
+
+    monkeypatch.setattr(prompt_lens, "_step_slots", None)
+    vllm_config = engine_config(block_size=16, additional_config={"kv_compression": {**DECODE_SETTINGS,
+                                                                                       "decode_interval": 32}})
+    monkeypatch.setattr(type(vllm_config), "use_v2_model_runner", property(lambda self: True))
+    builder = KVPressMetadataBuilder(None, ["layer"], vllm_config, torch.device(device))
+    rows = [(175, 150), (207, 150), (180, 150), (40, 40)]  # (context, prompt); rounds at (9 + 2 m) * 16
+    metadata = _decode_batch_metadata(builder, rows, 2, [7, 3, 5, 0], device)
+    by_row = {c.row: c for c in metadata.recent_compactions}
+    assert sorted(by_row) == [0, 1] and not metadata.compactions
+    assert (by_row[0].request_slot, by_row[0].seq_len, by_row[0].view_len, by_row[0].num_candidates) == (
+        7, 176, 176 - 6 * 16, (3 + 2) * 16)  # the view: 3 kept blocks and the 2 since the prompt's
+    assert (by_row[1].request_slot, by_row[1].view_len, by_row[1].num_candidates) == (3, 208 - 8 * 16, 5 * 16)
+    spare = vllm_config.scheduler_config.max_num_seqs
+    assert metadata.request_slots.tolist() == [7, 3, 5, 0, spare, spare]
+    # the view skips what earlier compactions freed: 6 prompt blocks, plus 2 per round done
+    assert metadata.seq_lens.tolist() == [176 - 96, 208 - 128, 181 - 128, 41, 0, 0]
+    assert metadata.block_table[1, 3].item() == 20 + 3 + 8  # row 1's view continues at block 11
+
+    monkeypatch.setattr(prompt_lens, "_step_slots", None)  # a step the runner patch did not prepare
+    with pytest.raises(RuntimeError, match="decode_interval.* needs the request-state slots"):
+        _decode_batch_metadata(builder, rows, 0, None, device)
+
+
+def test_the_recent_query_ring_is_made_at_the_first_call_for_every_request_slot(engine_config, monkeypatch,
+                                                                                  device):
+    """Made in the memory-profiling run (no metadata), so vLLM counts it before sizing the KV cache."""
+    from vllm.config import set_current_vllm_config
+
+    vllm_config = engine_config(block_size=16, additional_config={"kv_compression": DECODE_SETTINGS})
+    config = load_method_config(DECODE_SETTINGS)
+    monkeypatch.setattr(impl_module, "current_method_config", lambda: config)
+    with set_current_vllm_config(vllm_config):
+        impl = impl_module.KVPressImpl(HEADS, HEAD_SIZE, HEAD_SIZE ** -0.5, KV_HEADS, None, None, "auto")
+    assert impl.recent_ring is None
+    q = torch.randn(3, HEADS, HEAD_SIZE, device=device).bfloat16()
+    impl.forward(None, q, q[:, :KV_HEADS], q[:, :KV_HEADS], None, None, torch.empty_like(q))
+    slots = vllm_config.scheduler_config.max_num_seqs + 1
+    assert impl.recent_ring.shape == (slots, 4, HEADS, HEAD_SIZE) and impl.recent_ring.dtype == torch.bfloat16
+    # without decode-time eviction there is no ring
+    plain = load_method_config(SETTINGS)
+    monkeypatch.setattr(impl_module, "current_method_config", lambda: plain)
+    impl = impl_module.KVPressImpl(HEADS, HEAD_SIZE, HEAD_SIZE ** -0.5, KV_HEADS, None, None, "auto")
+    impl.forward(None, q, q[:, :KV_HEADS], q[:, :KV_HEADS], None, None, torch.empty_like(q))
+    assert impl.recent_ring is None
