@@ -18,6 +18,8 @@ step runs with PIECEWISE graphs, in which attention (and so compaction) runs eag
 
 import contextvars
 
+import numpy as np
+
 from vllm_kvpress.eviction.policy import Budget, HeadPacking, freed_end
 
 _runner_step: contextvars.ContextVar = contextvars.ContextVar("kvpress_runner_step", default=None)
@@ -33,17 +35,16 @@ def compaction_due(req_states, num_scheduled_tokens: dict[str, int], budget: Bud
         req_states: the V2 runner's `RequestState`, already updated for this step.
         num_scheduled_tokens: request id -> tokens this step computes for it.
     """
-    for req_id, num_new in num_scheduled_tokens.items():
-        index = req_states.req_id_to_index.get(req_id)
-        if index is None:
-            continue
-        computed = int(req_states.num_computed_tokens_np[index])
-        prompt = int(req_states.prompt_len.np[index])
-        before, after = (freed_end(prompt, n, budget, block_size, packing, interval_blocks)
-                         for n in (computed, computed + num_new))
-        if after > before:
-            return True
-    return False
+    rows = [(index, num_new) for req_id, num_new in num_scheduled_tokens.items()
+            if (index := req_states.req_id_to_index.get(req_id)) is not None]
+    if not rows:
+        return False
+    # one vectorised schedule per step: this runs before every step's graph dispatch
+    index, num_new = (np.asarray(column, dtype=np.int64) for column in zip(*rows, strict=True))
+    computed = req_states.num_computed_tokens_np[index].astype(np.int64)
+    prompt = req_states.prompt_len.np[index].astype(np.int64)
+    schedule = (budget, block_size, packing, interval_blocks)
+    return bool((freed_end(prompt, computed + num_new, *schedule) > freed_end(prompt, computed, *schedule)).any())
 
 
 def wrap_dispatch(dispatch):
