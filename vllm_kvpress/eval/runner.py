@@ -234,9 +234,9 @@ def run_method(
         row["ppl"] = _nll_summary(windows, scored_nll)
     if decode_windows:
         window = decode_windows[0]
-        kv = 1.0 if method_config is None else 1.0 / method_config.page_layout(head_size).compression_vs_bf16
-        kv *= 1.0 if method_config is None else decoded_kv_fraction(
-            method_config, window.prompt_len, len(window.token_ids), num_kv_heads)
+        kv = compression_ratio(run, method_config, head_size, config.kv_cache_dtype)  # the pages' bytes
+        if method_config is not None:
+            kv *= decoded_kv_fraction(method_config, window.prompt_len, len(window.token_ids), num_kv_heads)
         row["decode_ppl"] = {**_nll_summary(decode_windows, decoded_nll), "prompt_len": window.prompt_len,
                              "kv_vs_bf16": kv}
     predictions = [

@@ -32,7 +32,7 @@ from vllm_kvpress.eviction.compaction import (
     kept_prompt_kv,
     kept_recent_kv,
 )
-from vllm_kvpress.eviction.policy import compacts, freed_end, kept_blocks
+from vllm_kvpress.eviction.policy import freed_end, kept_blocks
 from vllm_kvpress.layout import PageLayout
 from vllm_kvpress.reference import page_codec
 from vllm_kvpress.reference.attention import causal_attention
@@ -136,24 +136,26 @@ class SequencePages:
 
     def _freed_end(self, num_tokens: int) -> int:
         config = self.eviction
-        return freed_end(self.prompt_len, num_tokens, config.budget, self.layout.block_size, None,
+        return freed_end(self.prompt_len, num_tokens, config.budget, self.layout.block_size, self.packing,
                          config.interval_blocks)
+
+    def _new_freed_end(self) -> int | None:
+        """End of the freed range if the tokens just appended reach an eviction point (the
+        worker's rule: `policy.freed_end` grows), else None."""
+        if self.eviction is None or self.prompt_len is None:
+            return None
+        before, after = (self._freed_end(n) for n in (self._num_tokens_before, self.num_tokens + self.num_evicted))
+        return after if after > before else None
 
     def evicts_now(self) -> bool:
         """Whether the tokens just appended complete the prompt of a sequence that compacts."""
-        return (
-            self.eviction is not None
-            and self.num_evicted == 0
-            and self.num_tokens == self.prompt_len
-            and bool(compacts(self.prompt_len, self.eviction.budget, self.layout.block_size, self.packing))
-        )
+        end = self._new_freed_end()
+        return end is not None and end == self.prompt_len // self.layout.block_size
 
     def recent_eviction_due(self) -> bool:
         """Whether the tokens just appended reach a decode-time eviction point."""
-        if self.eviction is None or self.prompt_len is None or not self.eviction.interval_blocks:
-            return False
-        before, after = self._freed_end(self._num_tokens_before), self._freed_end(self.num_tokens + self.num_evicted)
-        return after > before and after > self.prompt_len // self.layout.block_size
+        end = self._new_freed_end()
+        return end is not None and end > self.prompt_len // self.layout.block_size
 
     def observe(self, queries: torch.Tensor) -> None:
         """Keep the last `decode_observation_window` of the queries seen (decode-time eviction)."""
