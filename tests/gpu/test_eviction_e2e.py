@@ -4,6 +4,9 @@ process; the engine core runs in that process too (VLLM_ENABLE_V1_MULTIPROCESSIN
 can read the scheduler's block pool between steps.
 
     pytest -m gpu tests/gpu/test_eviction_e2e.py -s
+
+(from outside the repository root with a plain install: the engines' subprocesses would import the
+source tree's vllm_kvpress, which lacks the installed triton_kernels and configs; README.md)
 """
 
 import json
