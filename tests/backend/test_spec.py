@@ -61,12 +61,28 @@ def test_block_size_mismatch_is_named(engine_config):
         compressed_spec_for_layer(_bf16_spec(16), cfg)
 
 
-@pytest.mark.parametrize("method,bits,head_size,bytes_per_token_head", [
-    ("kivi", 4, 128, 144), ("kivi", 2, 128, 80), ("gear", 4, 128, 154), ("gear", 2, 128, 90),
-    ("kivi", 4, 64, 72), ("gear", 4, 64, 82),
+@pytest.mark.parametrize("settings,head_size,bytes_per_token_head", [
+    ({"method": "kivi", "bits": 4}, 128, 144), ({"method": "kivi", "bits": 2}, 128, 80),
+    ({"method": "gear", "bits": 4}, 128, 152), ({"method": "gear", "bits": 2}, 128, 90),
+    ({"method": "kivi", "bits": 4}, 64, 72), ({"method": "gear", "bits": 4}, 64, 80),
+    ({"method": "gear", "bits": 2}, 64, 50), ({"method": "gear", "bits": 4, "outliers": 16}, 128, 154),
+    ({"method": "gear", "bits": 4, "outliers": 16}, 64, 82), ({"method": "gear", "bits": 4, "outliers": 32}, 128, 156),
 ])
-def test_documented_page_sizes(method, bits, head_size, bytes_per_token_head):
+def test_documented_page_sizes(settings, head_size, bytes_per_token_head):
     """The sizes quoted in docs/quantized_pages.md and configs/*.yaml."""
-    layout = load_method_config({"method": method, "bits": bits}).page_layout(head_size)
+    layout = load_method_config(settings).page_layout(head_size)
     assert layout.bytes_per_token_head == bytes_per_token_head
     assert layout.bytes_per_head % 16 == 0
+
+
+def test_gear_outlier_slots_follow_the_bit_width_unless_set():
+    from vllm_kvpress.methods.gear import AUTO_OUTLIERS
+    from vllm_kvpress.methods.kivi import ALLOWED_BITS
+
+    assert sorted(AUTO_OUTLIERS) == sorted(ALLOWED_BITS)
+    assert [load_method_config({"method": "gear", "bits": b}).page_layout(128).num_outliers for b in (2, 4, 8)] == [
+        16, 0, 0]
+    assert load_method_config({"method": "gear", "bits": 4, "outliers": 32}).page_layout(128).num_outliers == 32
+    assert load_method_config({"method": "gear", "bits": 2, "outliers": 0}).page_layout(128).num_outliers == 0
+    with pytest.raises(KVCompressionConfigError, match=r"outliers='some' is not allowed; allowed: 0, 16, 32, 64, 'auto'"):
+        load_method_config({"method": "gear", "outliers": "some"})

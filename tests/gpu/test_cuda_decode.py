@@ -16,7 +16,7 @@ pytestmark = pytest.mark.gpu
 # (method, settings, heads, kv_heads, head_size)
 CASES = [
     ("kivi", {"bits": 4}, 32, 8, 128),  # Llama-3.1-8B, two V groups
-    ("gear", {"bits": 4}, 32, 8, 128),  # rank 1, 16 outlier slots
+    ("gear", {"bits": 4, "outliers": 16}, 32, 8, 128),  # rank 1, 16 outlier slots
     ("gear", {"bits": 2}, 9, 3, 64),  # SmolLM2-135M
     ("kivi", {"bits": 2, "group_size": "head"}, 14, 2, 64),  # Qwen2.5-0.5B
     ("gear", {"bits": 4, "block_size": 128, "outliers": 32}, 8, 8, 128),

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.gpu
 
 # (method, settings, heads, kv_heads, head_size)
 SHAPES = [
-    ("gear", {"bits": 4}, 32, 8, 128),  # Llama-3.1-8B
+    ("gear", {"bits": 4, "outliers": 16}, 32, 8, 128),  # Llama-3.1-8B
     ("kivi", {"bits": 2}, 32, 8, 128),
     ("gear", {"bits": 2}, 9, 3, 64),  # SmolLM2-135M
     ("kivi", {"bits": 4}, 14, 2, 64),  # Qwen2.5-0.5B

@@ -28,8 +28,8 @@ def real_kv():
     return [(cache.layers[i].keys[0], cache.layers[i].values[0]) for i in LAYERS]
 
 
-def _mean_relative_error(real_kv, method: str, bits: int) -> tuple[float, float]:
-    layout, iters = layout_for(method, 64, bits=bits)
+def _mean_relative_error(real_kv, method: str, bits: int, **settings) -> tuple[float, float]:
+    layout, iters = layout_for(method, 64, bits=bits, **settings)
     errors = {True: [], False: []}
     for keys, values in real_kv:
         for head in range(keys.shape[0]):
@@ -42,10 +42,13 @@ def _mean_relative_error(real_kv, method: str, bits: int) -> tuple[float, float]
     return sum(errors[True]) / len(errors[True]), sum(errors[False]) / len(errors[False])
 
 
-@pytest.mark.parametrize("bits", [4, 2])
-def test_gear_reduces_the_error_of_plain_quantization_on_smollm2(real_kv, bits):
+@pytest.mark.parametrize("bits,settings,k_ratio,v_ratio", [
+    (4, {"outliers": 16}, 0.97, 0.95),  # measured: K 0.046 -> 0.042, V 0.111 -> 0.093
+    (4, {}, 0.97, 0.98),  # the default, low rank only: K 0.046 -> 0.044, V 0.111 -> 0.106
+    (2, {}, 0.97, 0.95),  # the default, 16 outlier slots: K 0.23 -> 0.21, V 0.56 -> 0.47
+])
+def test_gear_reduces_the_error_of_plain_quantization_on_smollm2(real_kv, bits, settings, k_ratio, v_ratio):
     kivi_k, kivi_v = _mean_relative_error(real_kv, "kivi", bits)
-    gear_k, gear_v = _mean_relative_error(real_kv, "gear", bits)
-    # measured on this CPU (bits 4: K 0.048 -> 0.043, V 0.103 -> 0.090; bits 2: K 0.24 -> 0.22,
-    # V 0.52 -> 0.45); a correction that does nothing would leave the ratio at 1
-    assert gear_k < 0.97 * kivi_k and gear_v < 0.95 * kivi_v, (kivi_k, gear_k, kivi_v, gear_v)
+    gear_k, gear_v = _mean_relative_error(real_kv, "gear", bits, **settings)
+    # a correction that does nothing would leave the ratios at 1
+    assert gear_k < k_ratio * kivi_k and gear_v < v_ratio * kivi_v, (kivi_k, gear_k, kivi_v, gear_v)

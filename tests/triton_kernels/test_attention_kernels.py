@@ -18,7 +18,7 @@ CASES = [
     ("kivi", {"bits": 4}, 9, 3, 64),
     ("kivi", {"bits": 2, "group_size": 32}, 8, 8, 128),
     ("kivi", {"bits": 8}, 32, 4, 128),
-    ("gear", {"bits": 4}, 14, 2, 64),
+    ("gear", {"bits": 4, "outliers": 16}, 14, 2, 64),
     ("gear", {"bits": 2}, 5, 1, 128),
     ("gear", {"bits": 4, "rank": 2}, 8, 1, 128),
 ]

@@ -12,7 +12,7 @@ CASES = [
     ("kivi", {"bits": 4}, 64, 3),
     ("kivi", {"bits": 2, "group_size": 32}, 128, 2),
     ("kivi", {"bits": 8, "block_size": 16}, 128, 1),
-    ("gear", {"bits": 4}, 64, 1),
+    ("gear", {"bits": 4, "outliers": 16}, 64, 1),
     ("gear", {"bits": 2, "rank": 2, "outliers": 16}, 128, 2),
 ]
 # chunk boundaries of one 150-token sequence: a prefill chunk ending mid-block, a chunk that

@@ -22,8 +22,9 @@ Parameters (defaults in configs/gear.yaml)
 bits, group_size, block_size : as for KIVI (methods/kivi.py).
 rank : int
     Rank of the per-block residual, 0 to 4.
-outliers : int
-    Sparse outlier slots per block, head and tensor: 0, 16, 32 or 64.
+outliers : int or "auto"
+    Sparse outlier slots per block, head and tensor: 0, 16, 32 or 64; "auto" (the default) takes
+    AUTO_OUTLIERS[bits].
 power_iters : int
     Power-iteration steps per rank, 1 to 8.
 """
@@ -37,6 +38,11 @@ from vllm_kvpress.methods.kivi import KiviConfig
 
 ALLOWED_OUTLIERS = (0, 16, 32, 64)
 """Multiples of 16 because the kernels apply outliers with a one-hot matrix product."""
+AUTO_OUTLIERS = {2: 16, 4: 0, 8: 0}
+"""`outliers: auto` by bit width. At 2 bits the slots remove about a tenth of KIVI's V error on top
+of the low-rank term; at 4 bits they bought no measurable quality on SmolLM2 (docs/results/
+quality_cpu_reference) but cost the decode kernel 15% of its bandwidth and the block encode 2.3x of
+its time (docs/quantized_pages.md)."""
 MAX_RANK = 4
 MAX_POWER_ITERS = 8
 
@@ -47,17 +53,22 @@ class GearConfig(KiviConfig):
 
     rank: int
     """Rank of the per-block low-rank residual."""
-    outliers: int
-    """Sparse outlier slots per block, head and tensor."""
+    outliers: int | str
+    """Sparse outlier slots per block, head and tensor, or "auto"."""
     power_iters: int
     """Power-iteration steps per rank."""
 
     def problems(self) -> list[str]:
         problems = super().problems()
         check_range("rank", self.rank, 0, MAX_RANK, problems)
-        check_choice("outliers", self.outliers, ALLOWED_OUTLIERS, problems)
+        check_choice("outliers", self.outliers, ALLOWED_OUTLIERS + ("auto",), problems)
         check_range("power_iters", self.power_iters, 1, MAX_POWER_ITERS, problems)
         return problems
+
+    @property
+    def outlier_slots(self) -> int:
+        """Outlier slots per block, head and tensor, with "auto" resolved by the bit width."""
+        return AUTO_OUTLIERS[self.bits] if self.outliers == "auto" else self.outliers
 
     def page_layout(self, head_size: int) -> PageLayout:
         return PageLayout(
@@ -67,5 +78,5 @@ class GearConfig(KiviConfig):
             v_bits=self.bits,
             v_group_size=self.v_group_size(head_size),
             rank=self.rank,
-            num_outliers=self.outliers,
+            num_outliers=self.outlier_slots,
         )
