@@ -27,6 +27,7 @@
 #define K_STAGE_GROUP 32
 #define RANK 1
 #define NUM_OUTLIERS 16
+#define EXACT_TAIL 0
 #define GROUP 4
 #define NUM_WARPS 4
 #define MIN_CTAS 2
@@ -78,6 +79,7 @@ static_assert(V_GROUP % 16 == 0, "an output m-tile lies in one V group");
 static_assert(K_STAGE_GROUP % CPW == 0, "a word's codes lie in one staging group");
 static_assert(GROUP >= 1 && GROUP <= N8, "at most 8 query heads per KV head");
 static_assert(RANK == 0 || RANK == 1, "GEAR rank 0 or 1");
+static_assert(EXACT_TAIL == 0, "partial blocks are read from the page, not from an exact tail (cuda_decode.py refuses one)");
 static_assert(2 * BLOCK_SIZE / 16 <= 16 && 2 * HEAD_SIZE / 16 <= 16, "one-hot rows of a thread fit 16 bits");
 
 // ---- small helpers ------------------------------------------------------------------------------

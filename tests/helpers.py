@@ -91,6 +91,30 @@ def write_batch(batch: Batch, layout: PageLayout, power_iters: int, spare_blocks
     return cache, k_new, v_new
 
 
+def write_batch_exact_tail(batch: Batch, layout: PageLayout, power_iters: int, request_slots: list[int],
+                           spare_blocks: int = 0):
+    """`write_batch` for a layout with `exact_tail_keys`: sequence i keeps its partial block's keys
+    under request-state slot request_slots[i] of a fresh tail: (cache, tail, k_new, v_new)."""
+    from vllm_kvpress.triton_kernels.cache_write import write_kv_pages
+    from vllm_kvpress.triton_kernels.exact_tail import exact_tail_buffer
+
+    device, bs = batch.block_table.device, layout.block_size
+    num_kv_heads = batch.full_k[0].shape[1]
+    cache = torch.zeros(int(batch.block_table.max()) + 1 + spare_blocks, num_kv_heads, layout.bytes_per_head,
+                        dtype=torch.uint8, device=device)
+    tail = exact_tail_buffer(max(request_slots) + 1, num_kv_heads, layout, batch.full_k[0].dtype, device)
+    for i, c in enumerate(batch.context_lens):  # each context as an earlier step of its own wrote it
+        if c:
+            token_slots = torch.full((c,), request_slots[i], dtype=torch.int32, device=device)
+            write_kv_pages(batch.full_k[i][:c], batch.full_v[i][:c], cache, batch.slots(i, 0, c, bs).to(device),
+                           layout, power_iters=power_iters, tail=(tail, token_slots))
+    k_new, v_new = batch.new_kv()
+    token_slots = torch.repeat_interleave(torch.tensor(request_slots, dtype=torch.int32),
+                                          torch.tensor(batch.query_lens)).to(device)
+    write_kv_pages(k_new, v_new, cache, batch.new_slots(bs).to(device), layout, power_iters=power_iters,
+                   tail=(tail, token_slots))
+    return cache, tail, k_new, v_new
+
 
 def single_request_step_metadata(builder, block_table, context, seq_len, slot_mapping, prompt_len, device,
                                  request_slot: int | None = None):
@@ -114,3 +138,24 @@ def single_request_step_metadata(builder, block_table, context, seq_len, slot_ma
     if request_slot is not None:  # what the runner patch keeps for this step's prompt lengths
         prompt_lens._step_slots = (common.rswa_prefix_lens, np.array([request_slot], dtype=np.int32))
     return builder.build(0, common)
+
+
+def v2_runner_config(engine_config, monkeypatch, settings: dict, block_size: int):
+    """The tiny_llama_dir engine config for `settings` as vLLM makes it on a GPU, where it runs its V2
+    model runner (on a CPU platform vLLM picks V1: there is no Triton attention backend there)."""
+    vllm_config = engine_config(block_size=block_size, additional_config={"kv_compression": settings})
+    monkeypatch.setattr(type(vllm_config), "use_v2_model_runner", property(lambda self: True))
+    return vllm_config
+
+
+def impl_for(vllm_config, monkeypatch, heads: int, kv_heads: int, head_size: int):
+    """KVPressImpl of the config's method, made under the config as vLLM makes each layer's."""
+    from vllm.config import set_current_vllm_config
+
+    from vllm_kvpress.backend import impl as impl_module
+    from vllm_kvpress.config import load_method_config
+
+    config = load_method_config(vllm_config.additional_config["kv_compression"])
+    monkeypatch.setattr(impl_module, "current_method_config", lambda: config)
+    with set_current_vllm_config(vllm_config):
+        return impl_module.KVPressImpl(heads, head_size, head_size ** -0.5, kv_heads, None, None, "auto")

@@ -2,14 +2,17 @@
 
 Two kernels, split by what happens to a token's block:
 - `_stage_tokens_kernel`, grid (token, kv head): the block stays partial after this write. The
-  token is quantized on its own (K over its whole head, V per group) into the staging form.
+  token is quantized on its own (K over its whole head, V per group) into the staging form; with
+  an exact tail (`triton_kernels/exact_tail.py`) its K is stored there exactly instead.
 - `_encode_blocks_kernel`, grid (completed block, kv head, K or V): this write fills the block.
   The program gathers the whole block (new tokens exact from the input, older ones dequantized
-  from staging) and encodes it: per-channel K, per-token V, GEAR outliers and low-rank terms.
-  Its grid is the list of completing tokens (`completing_tokens`), not every token: a complete
-  GEAR encode is long, and idle programs of its size would still occupy the multiprocessors.
-They touch disjoint blocks, so their order does not matter. The PyTorch oracle is
-`vllm_kvpress.reference.page_codec.write_tokens`.
+  from staging, or exact from the tail) and encodes it: per-channel K, per-token V, GEAR outliers
+  and low-rank terms. Its grid is the list of completing tokens (`completing_tokens`), not every
+  token: a complete GEAR encode is long, and idle programs of its size would still occupy the
+  multiprocessors.
+They touch disjoint blocks, but a request's tail holds one block: the block a write completes reads
+its older keys from the tail slot that the write's new partial block overwrites, so the encode runs
+first. The PyTorch oracle is `vllm_kvpress.reference.page_codec.write_tokens`.
 """
 
 import functools
@@ -20,6 +23,7 @@ import triton.language as tl
 
 from vllm_kvpress.layout import PageLayout
 from vllm_kvpress.triton_kernels.checks import check_tensor
+from vllm_kvpress.triton_kernels.exact_tail import load_tail_k, tail_arguments, tail_rows
 from vllm_kvpress.reference.gear import GOLDEN, POWER_ITER_EPS, ZSCORE_EPS
 from vllm_kvpress.triton_kernels.page_format import (
     fp16_ptr,
@@ -76,10 +80,10 @@ def store_codes(page, codes, row, CODES_OFF: tl.constexpr, ROWS: tl.constexpr,
 @triton.jit
 def _stage_tokens_kernel(
     key_ptr, value_ptr, stride_kt, stride_kh, stride_vt, stride_vh,
-    cache_ptr, stride_cb, stride_ch, slot_mapping_ptr, num_tokens,
+    cache_ptr, stride_cb, stride_ch, slot_mapping_ptr, tail_ptr, stride_ts, stride_th, tail_slots_ptr, num_tokens,
     BLOCK_SIZE: tl.constexpr, HEAD_SIZE: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr,
-    V_GROUP: tl.constexpr, K_STAGE_GROUP: tl.constexpr, K_CODES_OFF: tl.constexpr, V_CODES_OFF: tl.constexpr,
-    K_META_OFF: tl.constexpr, V_META_OFF: tl.constexpr,
+    V_GROUP: tl.constexpr, K_STAGE_GROUP: tl.constexpr, EXACT_TAIL: tl.constexpr, K_CODES_OFF: tl.constexpr,
+    V_CODES_OFF: tl.constexpr, K_META_OFF: tl.constexpr, V_META_OFF: tl.constexpr,
 ):
     """Grid (num_tokens, num_kv_heads): stage one token of a block that stays partial."""
     t = tl.program_id(0)
@@ -95,14 +99,17 @@ def _stage_tokens_kernel(
         return  # this write completes the block: the finalize kernel encodes it whole
     page = cache_ptr + block * stride_cb + h * stride_ch
     cols = tl.arange(0, HEAD_SIZE)
-    k = tl.load(key_ptr + t.to(tl.int64) * stride_kt + h * stride_kh + cols).to(tl.float32)
-
-    K_GROUPS: tl.constexpr = HEAD_SIZE // K_STAGE_GROUP
-    k_groups = tl.reshape(k, (K_GROUPS, K_STAGE_GROUP))
-    k_codes, k_scale = quantize_symmetric(k_groups, tl.max(tl.abs(k_groups), 1)[:, None], K_BITS)
-    store_codes(page, tl.reshape(k_codes, (1, HEAD_SIZE)), off, K_CODES_OFF, 1, HEAD_SIZE, K_BITS)
-    kg = tl.arange(0, K_GROUPS)
-    tl.store(fp16_ptr(page + K_META_OFF) + off * K_GROUPS + kg, tl.reshape(k_scale, (K_GROUPS,)).to(tl.float16))
+    k = tl.load(key_ptr + t.to(tl.int64) * stride_kt + h * stride_kh + cols)
+    if EXACT_TAIL:  # the key as computed, in the tail's (the model's) dtype
+        rows = tail_rows(tail_ptr, stride_ts, stride_th, tl.load(tail_slots_ptr + t), h, HEAD_SIZE)
+        tl.store(rows + off * HEAD_SIZE + cols, k.to(tail_ptr.dtype.element_ty))
+    else:
+        K_GROUPS: tl.constexpr = HEAD_SIZE // K_STAGE_GROUP
+        k_groups = tl.reshape(k.to(tl.float32), (K_GROUPS, K_STAGE_GROUP))
+        k_codes, k_scale = quantize_symmetric(k_groups, tl.max(tl.abs(k_groups), 1)[:, None], K_BITS)
+        store_codes(page, tl.reshape(k_codes, (1, HEAD_SIZE)), off, K_CODES_OFF, 1, HEAD_SIZE, K_BITS)
+        kg = tl.arange(0, K_GROUPS)
+        tl.store(fp16_ptr(page + K_META_OFF) + off * K_GROUPS + kg, tl.reshape(k_scale, (K_GROUPS,)).to(tl.float16))
 
     # V bytes hold TOKENS_PER_BYTE neighbouring tokens of one channel: the program of the first new
     # token of each byte writes the whole byte (read-modify-write), so no two programs race on it.
@@ -251,10 +258,10 @@ def encode_block(x, page, IS_KEY: tl.constexpr, BITS: tl.constexpr, CODES_OFF: t
 @triton.jit
 def _encode_blocks_kernel(
     key_ptr, value_ptr, stride_kt, stride_kh, stride_vt, stride_vh,
-    cache_ptr, stride_cb, stride_ch, slot_mapping_ptr, tokens_ptr,
+    cache_ptr, stride_cb, stride_ch, slot_mapping_ptr, tokens_ptr, tail_ptr, stride_ts, stride_th, tail_slots_ptr,
     BLOCK_SIZE: tl.constexpr, HEAD_SIZE: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr,
     V_GROUP: tl.constexpr, K_STAGE_GROUP: tl.constexpr, RANK: tl.constexpr, NUM_OUTLIERS: tl.constexpr,
-    POWER_ITERS: tl.constexpr, K_CODES_OFF: tl.constexpr, V_CODES_OFF: tl.constexpr, K_META_OFF: tl.constexpr,
+    EXACT_TAIL: tl.constexpr, POWER_ITERS: tl.constexpr, K_CODES_OFF: tl.constexpr, V_CODES_OFF: tl.constexpr, K_META_OFF: tl.constexpr,
     V_META_OFF: tl.constexpr, K_LOWRANK_OFF: tl.constexpr, V_LOWRANK_OFF: tl.constexpr,
     K_SPARSE_OFF: tl.constexpr, V_SPARSE_OFF: tl.constexpr,
 ):
@@ -276,8 +283,11 @@ def _encode_blocks_kernel(
     src64 = tl.where(src >= 0, src, 0).to(tl.int64)[:, None]
     if tl.program_id(2) == 0:
         k_new = tl.load(key_ptr + src64 * stride_kt + h * stride_kh + cols[None, :], mask=is_new, other=0.0)
-        k_old = load_block_k(page, False, BLOCK_SIZE, HEAD_SIZE, K_BITS, K_STAGE_GROUP, K_CODES_OFF, K_META_OFF,
-                             K_LOWRANK_OFF, K_SPARSE_OFF, RANK, NUM_OUTLIERS)
+        if EXACT_TAIL:  # the block's older keys, exact, from its request's tail
+            k_old = load_tail_k(tail_ptr, stride_ts, stride_th, tl.load(tail_slots_ptr + t), h, BLOCK_SIZE, HEAD_SIZE)
+        else:
+            k_old = load_block_k(page, False, BLOCK_SIZE, HEAD_SIZE, K_BITS, K_STAGE_GROUP, K_CODES_OFF, K_META_OFF,
+                                 K_LOWRANK_OFF, K_SPARSE_OFF, RANK, NUM_OUTLIERS)
         encode_block(tl.where(is_new, k_new.to(tl.float32), k_old), page, True, K_BITS, K_CODES_OFF, K_META_OFF,
                      K_LOWRANK_OFF, K_SPARSE_OFF, BLOCK_SIZE, HEAD_SIZE, V_GROUP, RANK, NUM_OUTLIERS, POWER_ITERS)
     else:
@@ -328,6 +338,7 @@ def write_kv_pages(
     power_iters: int = 1,
     completing: torch.Tensor | None = None,
     num_seqs: int | None = None,
+    tail: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
     """Write new K/V into compressed pages (vLLM's `do_kv_cache_update`).
 
@@ -340,6 +351,8 @@ def write_kv_pages(
         completing: `completing_tokens(slot_mapping, ...)` of this write, where the caller has it
             (the metadata builder makes it once per step); else it is made here, bounded by
             `num_seqs` (the sequences the tokens belong to; default one per token).
+        tail: with `layout.exact_tail_keys`: (the layer's exact tail, int32 [>= num_tokens'] each
+            token's request-state slot), where partial blocks keep their keys (exact_tail.py).
     """
     num_tokens = slot_mapping.shape[0]
     num_kv_heads = cache.shape[1]
@@ -355,19 +368,21 @@ def write_kv_pages(
     if completing is None:
         bound = max_completions(num_tokens, num_tokens if num_seqs is None else num_seqs, layout.block_size)
         completing = completing_tokens(slot_mapping, layout.block_size, bound)
+    tail_args = tail_arguments(tail, layout, slot_mapping)
     common = (key, value, key.stride(0), key.stride(1), value.stride(0), value.stride(1),
               cache, cache.stride(0), cache.stride(1), slot_mapping)
-    _stage_tokens_kernel[(num_tokens, num_kv_heads)](*common, num_tokens, **_stage_constants(layout),
-                                                    num_warps=STAGE_NUM_WARPS)
+    # encode first: a completed block reads its older keys from the tail the new partial block overwrites
     _encode_blocks_kernel[(completing.shape[0], num_kv_heads, 2)](
-        *common, completing, POWER_ITERS=power_iters if layout.rank else 1, **layout.kernel_constants,
+        *common, completing, *tail_args, POWER_ITERS=power_iters if layout.rank else 1, **layout.kernel_constants,
         num_warps=ENCODE_NUM_WARPS,
     )
+    _stage_tokens_kernel[(num_tokens, num_kv_heads)](*common, *tail_args, num_tokens, **_stage_constants(layout),
+                                                    num_warps=STAGE_NUM_WARPS)
 
 
 @functools.cache
 def _stage_constants(layout: PageLayout) -> dict[str, int]:
     """The part of the layout the staging kernel takes (it has no GEAR regions)."""
     return {k: layout.kernel_constants[k] for k in (
-        "BLOCK_SIZE", "HEAD_SIZE", "K_BITS", "V_BITS", "V_GROUP", "K_STAGE_GROUP",
+        "BLOCK_SIZE", "HEAD_SIZE", "K_BITS", "V_BITS", "V_GROUP", "K_STAGE_GROUP", "EXACT_TAIL",
         "K_CODES_OFF", "V_CODES_OFF", "K_META_OFF", "V_META_OFF")}

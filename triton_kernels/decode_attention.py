@@ -43,6 +43,7 @@ from vllm_kvpress.triton_kernels.page_format import (
 
 from vllm_kvpress import cuda_decode
 from vllm_kvpress.layout import PageLayout
+from vllm_kvpress.triton_kernels.exact_tail import load_tail_k, tail_arguments
 
 LOG2E = 1.4426950408889634
 DECODE_NUM_WARPS = 4
@@ -138,13 +139,13 @@ def _decode_split_kernel(
     cache_ptr, stride_cb, stride_ch,
     block_table_ptr, stride_bt, seq_lens_ptr,
     part_out_ptr, part_max_ptr, part_sum_ptr,
-    scale_log2, headwise_ptr, retrieval_ptr,
+    scale_log2, headwise_ptr, retrieval_ptr, tail_ptr, stride_ts, stride_th, tail_slots_ptr,
     HEADWISE: tl.constexpr, RETRIEVAL_HEADS: tl.constexpr,
     NUM_SPLITS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, DOT_DTYPE: tl.constexpr,
     K_BIAS: tl.constexpr, V_BIAS: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, HEAD_SIZE: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr,
     V_GROUP: tl.constexpr, K_STAGE_GROUP: tl.constexpr, RANK: tl.constexpr, NUM_OUTLIERS: tl.constexpr,
-    K_CODES_OFF: tl.constexpr, V_CODES_OFF: tl.constexpr, K_META_OFF: tl.constexpr,
+    EXACT_TAIL: tl.constexpr, K_CODES_OFF: tl.constexpr, V_CODES_OFF: tl.constexpr, K_META_OFF: tl.constexpr,
     V_META_OFF: tl.constexpr, K_LOWRANK_OFF: tl.constexpr, V_LOWRANK_OFF: tl.constexpr,
     K_SPARSE_OFF: tl.constexpr, V_SPARSE_OFF: tl.constexpr,
 ):
@@ -200,15 +201,21 @@ def _decode_split_kernel(
         acc_t += block_output_t(p_t, page, True, DOT_DTYPE, V_BIAS, BLOCK_SIZE, HEAD_SIZE, V_BITS, V_GROUP,
                                 V_CODES_OFF, V_META_OFF, V_LOWRANK_OFF, V_SPARSE_OFF, RANK, NUM_OUTLIERS)
     if (num_complete < last) & (num_complete >= first):
-        # the sequence's partial block: staged K (plain dequantization is cheap for one block), no GEAR terms
+        # the sequence's partial block: staged K (plain dequantization is cheap for one block) or the
+        # exact tail's, no GEAR terms
         view_block, slot = num_complete, kv_head
         if HEADWISE:
             view_block, slot = headwise_block(num_complete, kv_head, retrieval, kept, chunks, middle,
                                               RETRIEVAL_HEADS, num_kv_heads)
         block_id = tl.load(block_table_ptr + seq.to(tl.int64) * stride_bt + view_block).to(tl.int64)
         page = cache_ptr + block_id * stride_cb + slot * stride_ch
-        k_codes = load_codes(page, K_CODES_OFF, BLOCK_SIZE, HEAD_SIZE, K_BITS).to(tl.float32)
-        k = dequantize_staged_k(k_codes, fp16_ptr(page + K_META_OFF), BLOCK_SIZE, HEAD_SIZE, K_BITS, K_STAGE_GROUP)
+        if EXACT_TAIL:
+            k = load_tail_k(tail_ptr, stride_ts, stride_th, tl.load(tail_slots_ptr + seq), kv_head, BLOCK_SIZE,
+                            HEAD_SIZE)
+        else:
+            k_codes = load_codes(page, K_CODES_OFF, BLOCK_SIZE, HEAD_SIZE, K_BITS).to(tl.float32)
+            k = dequantize_staged_k(k_codes, fp16_ptr(page + K_META_OFF), BLOCK_SIZE, HEAD_SIZE, K_BITS,
+                                    K_STAGE_GROUP)
         scores_t = tl.dot(k.to(DOT_DTYPE), q_t.to(DOT_DTYPE))
         scores_t = tl.where((num_complete * BLOCK_SIZE + tokens < seq_len)[:, None], scores_t, float("-inf"))
         p_t, running_max, running_sum, acc_t = online_softmax_update_t(scores_t, running_max, running_sum, acc_t)
@@ -284,6 +291,7 @@ def decode_attention(
     kernel: str = "auto",
     min_ctas: int = cuda_decode.MIN_CTAS,
     headwise: tuple[torch.Tensor, torch.Tensor, int] | None = None,
+    tail: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Attention of one decode token per sequence over its compressed pages.
 
@@ -303,6 +311,8 @@ def decode_attention(
             [>= num_seqs, 3] (kept K, chunks n, middle M) per row, int32 [num_kv_heads] each KV
             head's rank among the layer's retrieval heads (-1: not one), and their count R. Rows
             with n = M = 0 read as usual. "auto" reads them with the Triton kernel.
+        tail: with `layout.exact_tail_keys`: (the layer's exact tail, int32 [>= num_seqs] each
+            row's request-state slot), where partial blocks keep their keys (exact_tail.py).
     """
     num_seqs, num_heads, head_size = query.shape
     num_kv_heads = cache.shape[1]
@@ -320,8 +330,9 @@ def decode_attention(
         return out
     group = num_heads // num_kv_heads
     row_params, retrieval, retrieval_heads = headwise_arguments(headwise, num_kv_heads, block_table)
+    tail_args = tail_arguments(tail, layout, block_table)
     if headwise is not None and kernel == "auto":
-        # the CUDA kernel's head-wise path has not run on a GPU yet (tests/gpu/test_cuda_decode.py)
+        # the CUDA kernel's head-wise path passed tests/gpu/test_cuda_decode.py but has not run in an engine yet
         kernel = "triton"
     if kernel == "auto":
         kernel = decode_kernel(layout, group, query.dtype, query.device)[0]
@@ -336,7 +347,7 @@ def decode_attention(
             cache, cache.stride(0), cache.stride(1),
             block_table, block_table.stride(0), seq_lens,
             part_out, part_max, part_sum,
-            scale * LOG2E, row_params, retrieval,
+            scale * LOG2E, row_params, retrieval, *tail_args,
             HEADWISE=headwise is not None, RETRIEVAL_HEADS=retrieval_heads,
             NUM_SPLITS=num_splits, GROUP=group, GROUP_PAD=triton.next_power_of_2(group),
             DOT_DTYPE=dot_dtype(query.dtype), K_BIAS=code_bias(query.dtype, layout.k_bits),

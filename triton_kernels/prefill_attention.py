@@ -19,12 +19,12 @@ import triton.language as tl
 from vllm_kvpress.layout import PageLayout
 from vllm_kvpress.triton_kernels.checks import check_tensor
 from vllm_kvpress.triton_kernels.decode_attention import LOG2E
+from vllm_kvpress.triton_kernels.exact_tail import load_stored_k, tail_arguments
 from vllm_kvpress.triton_kernels.page_format import (
     dot_dtype,
     headwise_arguments,
     headwise_block,
     headwise_row,
-    load_block_k,
     load_block_v,
 )
 
@@ -54,12 +54,13 @@ def _prefill_kernel(
     out_ptr, stride_ot, stride_oh,
     cache_ptr, stride_cb, stride_ch, block_table_ptr, stride_bt,
     query_start_loc_ptr, seq_lens_ptr, first_seq, scale_log2, headwise_ptr, retrieval_ptr,
+    tail_ptr, stride_ts, stride_th, tail_slots_ptr,
     HEADWISE: tl.constexpr, RETRIEVAL_HEADS: tl.constexpr,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, HEAD_SIZE: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr,
     V_GROUP: tl.constexpr, K_STAGE_GROUP: tl.constexpr, RANK: tl.constexpr, NUM_OUTLIERS: tl.constexpr,
-    K_CODES_OFF: tl.constexpr, V_CODES_OFF: tl.constexpr, K_META_OFF: tl.constexpr,
+    EXACT_TAIL: tl.constexpr, K_CODES_OFF: tl.constexpr, V_CODES_OFF: tl.constexpr, K_META_OFF: tl.constexpr,
     V_META_OFF: tl.constexpr, K_LOWRANK_OFF: tl.constexpr, V_LOWRANK_OFF: tl.constexpr,
     K_SPARSE_OFF: tl.constexpr, V_SPARSE_OFF: tl.constexpr,
 ):
@@ -95,6 +96,9 @@ def _prefill_kernel(
     acc = tl.zeros((BLOCK_M, HEAD_SIZE), tl.float32)
 
     tokens = tl.arange(0, BLOCK_SIZE)
+    tail_slot = 0
+    if EXACT_TAIL:
+        tail_slot = tl.load(tail_slots_ptr + seq)
     for b in range(0, tl.cdiv(context_len, BLOCK_SIZE)):
         view_block, slot = b, kv_head
         if HEADWISE:
@@ -104,8 +108,9 @@ def _prefill_kernel(
         page = cache_ptr + block_id * stride_cb + slot * stride_ch
         complete = (b + 1) * BLOCK_SIZE <= seq_len
         # k, v : (BLOCK_SIZE, HEAD_SIZE) fp32
-        k = load_block_k(page, complete, BLOCK_SIZE, HEAD_SIZE, K_BITS, K_STAGE_GROUP, K_CODES_OFF, K_META_OFF,
-                         K_LOWRANK_OFF, K_SPARSE_OFF, RANK, NUM_OUTLIERS)
+        k = load_stored_k(page, complete, tail_ptr, stride_ts, stride_th, tail_slot, kv_head, EXACT_TAIL, BLOCK_SIZE,
+                          HEAD_SIZE, K_BITS, K_STAGE_GROUP, K_CODES_OFF, K_META_OFF, K_LOWRANK_OFF, K_SPARSE_OFF,
+                          RANK, NUM_OUTLIERS)
         v = load_block_v(page, complete, BLOCK_SIZE, HEAD_SIZE, V_BITS, V_GROUP, V_CODES_OFF, V_META_OFF,
                          V_LOWRANK_OFF, V_SPARSE_OFF, RANK, NUM_OUTLIERS)
         scores = tl.dot(q, tl.trans(k.to(DOT_DTYPE))) * scale_log2
@@ -149,6 +154,7 @@ def prefill_attention(
     num_seqs: int,
     max_query_len: int,
     headwise: tuple[torch.Tensor, torch.Tensor, int] | None = None,
+    tail: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Causal attention of the prefill sequences `first_seq .. first_seq + num_seqs - 1` of a batch.
 
@@ -159,6 +165,7 @@ def prefill_attention(
         query_start_loc: int32 [num_batch_seqs + 1] offsets of each sequence's queries.
         max_query_len: an upper bound of these sequences' query lengths (sets the grid).
         headwise: head-wise packed rows, as in `decode_attention`.
+        tail: the exact tail and each batch row's request-state slot, as in `decode_attention`.
     """
     num_heads, num_kv_heads = query.shape[1], cache.shape[1]
     check_tensor("query", query, dtype=(torch.float16, torch.bfloat16), ndim=3, shape=(None, None, layout.head_size))
@@ -172,12 +179,13 @@ def prefill_attention(
     group = num_heads // num_kv_heads
     group_pad = triton.next_power_of_2(group)
     row_params, retrieval, retrieval_heads = headwise_arguments(headwise, num_kv_heads, block_table)
+    tail_args = tail_arguments(tail, layout, block_table)
     grid = (num_seqs, triton.cdiv(max_query_len, BLOCK_M // group_pad), num_kv_heads)
     _prefill_kernel[grid](
         query, query.stride(0), query.stride(1), key, key.stride(0), key.stride(1),
         value, value.stride(0), value.stride(1), out, out.stride(0), out.stride(1),
         cache, cache.stride(0), cache.stride(1), block_table, block_table.stride(0),
-        query_start_loc, seq_lens, first_seq, scale * LOG2E, row_params, retrieval,
+        query_start_loc, seq_lens, first_seq, scale * LOG2E, row_params, retrieval, *tail_args,
         HEADWISE=headwise is not None, RETRIEVAL_HEADS=retrieval_heads,
         GROUP=group, GROUP_PAD=group_pad, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, DOT_DTYPE=dot_dtype(query.dtype),
         **layout.kernel_constants, num_warps=PREFILL_NUM_WARPS,

@@ -12,7 +12,8 @@ buffer (FlashAttention's varlen layout).
 import torch
 import triton
 import triton.language as tl
-from vllm_kvpress.triton_kernels.page_format import load_block_k, load_block_v
+from vllm_kvpress.triton_kernels.exact_tail import load_stored_k, tail_arguments
+from vllm_kvpress.triton_kernels.page_format import load_block_v
 
 from vllm_kvpress.layout import PageLayout
 
@@ -21,10 +22,10 @@ from vllm_kvpress.layout import PageLayout
 def _read_pages_kernel(
     cache_ptr, stride_cb, stride_ch, block_table_ptr, stride_bt, first_row,
     num_tokens_ptr, seq_lens_ptr, dest_start_ptr,
-    k_out_ptr, v_out_ptr, stride_ot, stride_oh,
+    k_out_ptr, v_out_ptr, stride_ot, stride_oh, tail_ptr, stride_ts, stride_th, tail_slots_ptr,
     BLOCK_SIZE: tl.constexpr, HEAD_SIZE: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr,
     V_GROUP: tl.constexpr, K_STAGE_GROUP: tl.constexpr, RANK: tl.constexpr, NUM_OUTLIERS: tl.constexpr,
-    K_CODES_OFF: tl.constexpr, V_CODES_OFF: tl.constexpr, K_META_OFF: tl.constexpr, V_META_OFF: tl.constexpr,
+    EXACT_TAIL: tl.constexpr, K_CODES_OFF: tl.constexpr, V_CODES_OFF: tl.constexpr, K_META_OFF: tl.constexpr, V_META_OFF: tl.constexpr,
     K_LOWRANK_OFF: tl.constexpr, V_LOWRANK_OFF: tl.constexpr, K_SPARSE_OFF: tl.constexpr,
     V_SPARSE_OFF: tl.constexpr,
 ):
@@ -40,8 +41,12 @@ def _read_pages_kernel(
     # a block is complete (per-channel K, GEAR terms) once the sequence's stored tokens fill it,
     # which can be after the tokens read here (a prefill chunk completes its context's last block)
     complete = (b + 1) * BLOCK_SIZE <= tl.load(seq_lens_ptr + row)
-    k = load_block_k(page, complete, BLOCK_SIZE, HEAD_SIZE, K_BITS, K_STAGE_GROUP, K_CODES_OFF, K_META_OFF,
-                     K_LOWRANK_OFF, K_SPARSE_OFF, RANK, NUM_OUTLIERS)
+    tail_slot = 0
+    if EXACT_TAIL:
+        tail_slot = tl.load(tail_slots_ptr + row)
+    k = load_stored_k(page, complete, tail_ptr, stride_ts, stride_th, tail_slot, head, EXACT_TAIL, BLOCK_SIZE,
+                      HEAD_SIZE, K_BITS, K_STAGE_GROUP, K_CODES_OFF, K_META_OFF, K_LOWRANK_OFF, K_SPARSE_OFF, RANK,
+                      NUM_OUTLIERS)
     v = load_block_v(page, complete, BLOCK_SIZE, HEAD_SIZE, V_BITS, V_GROUP, V_CODES_OFF, V_META_OFF,
                      V_LOWRANK_OFF, V_SPARSE_OFF, RANK, NUM_OUTLIERS)
     token = b * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
@@ -64,6 +69,7 @@ def read_pages_into(
     *,
     first_row: int,
     max_blocks: int,
+    tail: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
     """Dequantize the first `num_tokens[r]` stored tokens of rows `first_row + r` of `block_table`
     into `k_out/v_out[dest_start[r] + t]`.
@@ -75,6 +81,8 @@ def read_pages_into(
             has stored (a block is read as complete iff they fill it).
         k_out, v_out: [>= max(dest_start + num_tokens), num_kv_heads, head_size], written there.
         max_blocks: an upper bound of cdiv(num_tokens[r], block_size) (sets the grid).
+        tail: with `layout.exact_tail_keys`: (the layer's exact tail, int32 [>= first_row + R] each
+            block-table row's request-state slot), which holds partial blocks' keys (exact_tail.py).
     """
     num_rows, num_kv_heads = num_tokens.shape[0], cache.shape[1]
     if num_rows == 0 or max_blocks == 0:
@@ -82,7 +90,7 @@ def read_pages_into(
     _read_pages_kernel[(num_rows, max_blocks, num_kv_heads)](
         cache, cache.stride(0), cache.stride(1), block_table, block_table.stride(0), first_row,
         num_tokens, seq_lens, dest_start, k_out, v_out, k_out.stride(0), k_out.stride(1),
-        **layout.kernel_constants,
+        *tail_arguments(tail, layout, num_tokens), **layout.kernel_constants,
     )
 
 

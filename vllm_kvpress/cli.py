@@ -1,5 +1,5 @@
 """Owns the `vllm-kvpress` command: `methods`, `model`, `eval`, `agree`, `bench`, `report`,
-`retrieval-heads`.
+`retrieval-heads`, `key-errors`.
 
 Each subcommand's module registers its own parser through `add_parser(subparsers)` and sets
 `run`; those modules keep vLLM, torch and transformers imports inside `run`, so building the
@@ -18,6 +18,7 @@ SUBCOMMAND_MODULES = {
     "bench": "vllm_kvpress.bench.cli",
     "report": "vllm_kvpress.bench.report",
     "retrieval-heads": "vllm_kvpress.methods.retrieval_heads",
+    "key-errors": "vllm_kvpress.eval.key_errors",
 }
 
 

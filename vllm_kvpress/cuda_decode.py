@@ -33,6 +33,8 @@ def unsupported_reason(layout: PageLayout, group: int, query_dtype: torch.dtype)
 
     The limits mirror the static_asserts of the kernel source: a thread's share of a row must be
     1-4 whole words, fragments must tile the block, and GEAR's terms must fit one mma tile."""
+    if layout.exact_tail_keys:
+        return "partial blocks whose keys are in an exact tail (tail_keys: exact; it reads them from the page only)"
     bits = layout.k_bits
     if layout.k_bits != layout.v_bits or bits not in (2, 4):
         return f"K/V bits {layout.k_bits}/{layout.v_bits} (the CUDA kernel takes 2 or 4, the same for K and V)"

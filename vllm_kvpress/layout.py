@@ -21,8 +21,10 @@ byte `c * bits // 8` of the token's row at bit `(c * bits) % 8`; V token `t` of 
 `t * bits // 8` of the channel's row. Each tensor is packed along the dimension its attention
 matmul reduces over (K: channels, V: tokens), which lets the decode kernel feed the packed tiles
 to the tensor cores without a shared-memory transpose. A block is *complete* once all `block_size` tokens are written; until then its
-K codes are per-token ("staging"), because per-channel K statistics need the whole block (see
-docs/quantized_pages.md for why there is no separate bf16 window).
+K codes are per-token ("staging"), because per-channel K statistics need the whole block. With
+`exact_tail_keys` a partial block's K is not in the page at all: it is kept exact in the model dtype
+outside the pages (`triton_kernels/exact_tail.py`, KIVI's full-precision residual) and its K codes
+and meta are unwritten until the block completes (docs/quantized_pages.md says why).
 """
 
 from dataclasses import dataclass
@@ -53,6 +55,8 @@ class PageLayout:
     """Rank of the per-block low-rank residual (GEAR); 0 disables it."""
     num_outliers: int = 0
     """Sparse outlier slots per block, head and tensor (GEAR); 0 disables them."""
+    exact_tail_keys: bool = False
+    """Partial blocks keep K exact outside the page (`tail_keys: exact`) instead of staged in it."""
 
     def __post_init__(self) -> None:
         # Callers validate user input (config.py); these guard internal misuse.
@@ -161,6 +165,7 @@ class PageLayout:
             "K_STAGE_GROUP": self.k_stage_group_size,
             "RANK": self.rank,
             "NUM_OUTLIERS": self.num_outliers,
+            "EXACT_TAIL": int(self.exact_tail_keys),
             "K_CODES_OFF": self.offset("k_codes"),
             "V_CODES_OFF": self.offset("v_codes"),
             "K_META_OFF": self.offset("k_meta"),

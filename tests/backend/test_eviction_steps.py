@@ -4,7 +4,7 @@ new tokens through the compacted view, exactly as the reference engine does."""
 
 import pytest
 import torch
-from helpers import make_batch, single_request_step_metadata
+from helpers import impl_for, make_batch, single_request_step_metadata, v2_runner_config
 
 from vllm_kvpress.backend import impl as impl_module
 from vllm_kvpress.backend.metadata import KVPressMetadataBuilder
@@ -106,18 +106,13 @@ def test_decode_time_eviction_compacts_each_round_as_the_reference_engine(engine
     """Prompt compaction, then two decode-time rounds (every 16 tokens after the prompt's 9 full
     blocks), each scored by the last 4 queries: the kernels read the view of kept + recent tokens
     and every step's attention equals the reference engine's over its own compacted pages."""
-    from vllm.config import set_current_vllm_config
-
     from vllm_kvpress.eviction import prompt_lens
     from vllm_kvpress.eviction.policy import freed_end
 
     monkeypatch.setattr(prompt_lens, "_step_slots", None)
-    vllm_config = engine_config(block_size=16, additional_config={"kv_compression": DECODE_SETTINGS})
-    monkeypatch.setattr(type(vllm_config), "use_v2_model_runner", property(lambda self: True))
+    vllm_config = v2_runner_config(engine_config, monkeypatch, DECODE_SETTINGS, 16)
+    impl = impl_for(vllm_config, monkeypatch, HEADS, KV_HEADS, HEAD_SIZE)
     config = load_method_config(DECODE_SETTINGS)
-    monkeypatch.setattr(impl_module, "current_method_config", lambda: config)
-    with set_current_vllm_config(vllm_config):
-        impl = impl_module.KVPressImpl(HEADS, HEAD_SIZE, HEAD_SIZE ** -0.5, KV_HEADS, None, None, "auto")
     builder = KVPressMetadataBuilder(None, ["layer"], vllm_config, torch.device(device))
     layout, bs = impl.layout, 16
     batch = make_batch([0], [DECODE_END], KV_HEADS, HEAD_SIZE, bs, device=device)
@@ -200,7 +195,7 @@ def test_a_decode_batch_compacts_only_the_rows_at_an_eviction_point(engine_confi
     assert metadata.block_table[1, 3].item() == 20 + 3 + 8  # row 1's view continues at block 11
 
     monkeypatch.setattr(prompt_lens, "_step_slots", None)  # a step the runner patch did not prepare
-    with pytest.raises(RuntimeError, match="decode_interval.* needs the request-state slots"):
+    with pytest.raises(RuntimeError, match="decode_interval.* need the request-state slots"):
         _decode_batch_metadata(builder, rows, 0, None, device)
 
 

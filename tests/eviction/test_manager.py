@@ -338,7 +338,7 @@ def test_evicting_config_gets_the_eviction_spec(engine_config, monkeypatch):
     kivi = engine_config(additional_config={"kv_compression": {"method": "kivi"}})
     assert type(spec_module.compressed_spec_for_layer(base, kivi)) is spec_module.KVPressAttentionSpec
 
-    evicting = EvictionConfig(bits=8, group_size="head", block_size=64, budget=256, window=32, sink=4,
+    evicting = EvictionConfig(bits=8, group_size="head", block_size=64, tail_keys="staged", budget=256, window=32, sink=4,
                               observation_window=32, decode_interval=128, decode_observation_window=16)
     assert not evicting.problems()
     monkeypatch.setattr(state, "method_config_from_vllm_config", lambda vllm_config: evicting)

@@ -9,7 +9,7 @@ import pytest
 from vllm_kvpress import engine_args
 from vllm_kvpress.methods.eviction import EvictionConfig
 
-EVICTING = EvictionConfig(bits=8, group_size="head", block_size=64, budget=256, window=32, sink=4,
+EVICTING = EvictionConfig(bits=8, group_size="head", block_size=64, tail_keys="staged", budget=256, window=32, sink=4,
                           observation_window=32, decode_interval=0, decode_observation_window=16)
 
 

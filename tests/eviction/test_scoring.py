@@ -257,7 +257,7 @@ def test_every_validation_message(method, settings, message):
 def test_unknown_setting_lists_the_fields():
     with pytest.raises(KVCompressionConfigError) as info:
         load_method_config({"method": "scissorhands", "kernel_size": 7})
-    assert ("unknown setting(s) kernel_size for method 'scissorhands'; allowed: bits, group_size, block_size, "
+    assert ("unknown setting(s) kernel_size for method 'scissorhands'; allowed: bits, group_size, block_size, tail_keys, "
             "budget, window, sink, observation_window, decode_interval, decode_observation_window") in str(info.value)
 
 

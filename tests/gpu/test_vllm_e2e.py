@@ -53,8 +53,10 @@ def test_plain_vllm_is_unaffected(baseline):
     assert "Paris" in result["texts"][0]
 
 
-@pytest.mark.parametrize("settings", [{"method": "gear"}, {"method": "kivi", "bits": 2}, {"method": "gear", "bits": 2}])
+@pytest.mark.parametrize("settings", [{"method": "gear"}, {"method": "kivi", "bits": 2}, {"method": "gear", "bits": 2},
+                                      {"method": "gear", "tail_keys": "exact"}])
 def test_compressed_generation_with_cuda_graphs(baseline, settings):
+    """The prompts are shorter than a block: every step reads a partial block (staged, or the exact tail)."""
     result, log = _offline({"additional_config": {"kv_compression": settings}})
     print(settings, result, "\nbaseline", baseline[0])
     assert "vllm-kvpress:" in log and result["backend"].endswith("CUSTOM")

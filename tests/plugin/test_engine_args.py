@@ -54,7 +54,7 @@ def test_engine_config_selects_backend_block_size_and_resolves_defaults(engine_c
     assert cfg.attention_config.backend.name == "CUSTOM"
     assert cfg.cache_config.block_size == 64
     assert cfg.additional_config["kv_compression"] == {
-        "method": "gear", "bits": 2, "group_size": "head", "block_size": 64, "rank": 1, "outliers": "auto", "power_iters": 3,
+        "method": "gear", "bits": 2, "group_size": "head", "block_size": 64, "tail_keys": "staged", "rank": 1, "outliers": "auto", "power_iters": 3,
     }
 
 

@@ -14,6 +14,7 @@ from vllm_kvpress.eviction.policy import every_head_blocks
 from vllm_kvpress.methods.retrieval_heads import retrieval_heads_for_model
 from vllm_kvpress.triton_kernels.cache_write import write_kv_pages
 from vllm_kvpress.triton_kernels.decode_attention import decode_attention
+from vllm_kvpress.triton_kernels.exact_tail import exact_tail_buffer
 from vllm_kvpress.triton_kernels.prefill_attention import prefill_attention
 from vllm_kvpress.triton_kernels.recent_queries import recent_query_ring, write_recent_queries
 
@@ -74,7 +75,9 @@ class KVPressImpl(AttentionImpl[KVPressMetadata]):
         self.recent_window = self.eviction.decode_observation_window if (
             self.eviction is not None and self.eviction.interval_blocks) else 0
         self.recent_ring: torch.Tensor | None = None
-        if self.recent_window:  # one ring slot per request-state slot of vLLM's runner
+        # tail_keys exact: every request's partial-block keys, made at the first call like the ring
+        self.exact_tail: torch.Tensor | None = None
+        if self.recent_window or self.layout.exact_tail_keys:  # one entry per request-state slot of the runner
             from vllm.config import get_current_vllm_config
 
             self.max_requests = get_current_vllm_config().scheduler_config.max_num_seqs
@@ -84,6 +87,12 @@ class KVPressImpl(AttentionImpl[KVPressMetadata]):
             self.recent_ring = recent_query_ring(self.max_requests, self.recent_window, self.num_heads,
                                                  self.head_size, query.dtype, query.device)
         return self.recent_ring
+
+    def _tail(self, like: torch.Tensor) -> torch.Tensor:
+        if self.exact_tail is None:
+            self.exact_tail = exact_tail_buffer(self.max_requests, self.num_kv_heads, self.layout, like.dtype,
+                                                like.device)
+        return self.exact_tail
 
     def _layer_ranks(self, layer, device) -> tuple[list[int], torch.Tensor]:
         """This layer's retrieval rank of every KV head (-1: not one), as a list and an int32
@@ -97,8 +106,14 @@ class KVPressImpl(AttentionImpl[KVPressMetadata]):
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
         m = None if layer is None else layer_metadata(layer.layer_name)
+        tail = None
+        if self.layout.exact_tail_keys:
+            if m is None:
+                raise RuntimeError("tail_keys='exact': the cache update needs the step's metadata (each token's "
+                                   "request-state slot), which vLLM did not provide")
+            tail = (self._tail(key), m.token_slots)
         write_kv_pages(key, value, kv_cache, slot_mapping, self.layout, power_iters=self.power_iters,
-                       completing=None if m is None else m.completing_tokens)
+                       completing=None if m is None else m.completing_tokens, tail=tail)
 
     def forward(
         self,
@@ -121,9 +136,11 @@ class KVPressImpl(AttentionImpl[KVPressMetadata]):
             raise NotImplementedError("fused output quantization is not supported by vllm-kvpress")
         ranks = None if self.retrieval_by_layer is None else self._layer_ranks(layer, output.device)
         ring = self._ring(query) if self.recent_window else None
-        if attn_metadata is None:  # memory-profiling run (the ranks and ring above are made before any capture)
+        tail_buffer = self._tail(query) if self.layout.exact_tail_keys else None
+        if attn_metadata is None:  # memory-profiling run (ranks, ring and tail above are made before any capture)
             return output.fill_(0)
         m = attn_metadata
+        tail = None if tail_buffer is None else (tail_buffer, m.request_slots)
         if ring is not None:  # before the compactions below, which score with this step's queries too
             write_recent_queries(query, ring, m.request_slots, m.query_start_loc, m.physical_seq_lens,
                                  m.seq_lens.shape[0])
@@ -133,18 +150,19 @@ class KVPressImpl(AttentionImpl[KVPressMetadata]):
             decode_attention(
                 query[:n], kv_cache, m.block_table, m.seq_lens, output[:n], self.layout,
                 scale=self.scale, num_splits=m.num_splits, split_buffers=m.split_buffers, headwise=headwise,
+                tail=tail,
             )
         # the builder plans FlashAttention's prefill where vLLM has it; else the Triton prefill kernel
         if m.flash_prefill is not None:
             flash_prefill_attention(
                 query, key, value, output, kv_cache, m.block_table, m.seq_lens, self.layout, m.flash_prefill,
-                scale=self.scale, first_seq=m.num_decodes,
+                scale=self.scale, first_seq=m.num_decodes, tail=tail,
             )
         elif m.num_prefills:
             prefill_attention(
                 query, key, value, output, kv_cache, m.block_table, m.query_start_loc, m.seq_lens,
                 self.layout, scale=self.scale, first_seq=m.num_decodes, num_seqs=m.num_prefills,
-                max_query_len=m.max_query_len, headwise=headwise,
+                max_query_len=m.max_query_len, headwise=headwise, tail=tail,
             )
         # after attention: the compaction step itself still attends to every prompt token
         for compaction in m.compactions:

@@ -78,6 +78,10 @@ class KVPressMetadata:
     ring's spare slot), under which every layer keeps the row's recent queries; None without."""
     physical_seq_lens: torch.Tensor | None = None
     """vLLM's own seq lens (tokens per request, not per view): the recent queries' positions."""
+    token_slots: torch.Tensor | None = None
+    """Exact tail (`tail_keys: exact`): int32 [>= num_tokens] each input token's request-state slot,
+    under which the cache write keeps a partial block's keys; `request_slots` is the same per row,
+    for the readers. None without an exact tail."""
 
 
 def num_decode_splits(num_decodes: int, num_kv_heads: int, num_sms: int) -> int:
@@ -126,14 +130,21 @@ class KVPressMetadataBuilder(AttentionMetadataBuilder[KVPressMetadata]):
         self.fa_version = flash_attention_version() if torch.device(device).type == "cuda" else None
         self.eviction = method_config if method_config.evicts_tokens else None
         self.packing = None
-        self.request_slots: torch.Tensor | None = None  # decode-time eviction only (_init_eviction)
+        # each row's request-state slot: decode-time eviction's query ring, the exact tail
+        self.spare_slot = max_seqs
+        self.request_slots: torch.Tensor | None = None
+        self.token_slots: torch.Tensor | None = None
         if self.eviction is not None:
             self._init_eviction(vllm_config, device)
+        self.exact_tail = layout.exact_tail_keys
+        if self.exact_tail:
+            self._init_exact_tail(vllm_config, device)
         # decode through the CUDA kernel where it takes these pages; built now, before graph capture
         group = self.num_heads // self.num_kv_heads
         decode, decode_why = decode_kernel(layout, group, model_config.dtype, torch.device(device))
         if self.packing is not None:
-            decode, decode_why = "triton", "the CUDA kernel's head-wise path has not run on a GPU yet"
+            decode, decode_why = "triton", ("the CUDA kernel's head-wise path has passed its kernel test on a GPU "
+                                            "but not yet run in an engine")
         if decode == "cuda":
             cuda_decode.build(layout, group, model_config.dtype, torch.device(device))
         logger.info(
@@ -166,13 +177,42 @@ class KVPressMetadataBuilder(AttentionMetadataBuilder[KVPressMetadata]):
         self.packing = self.eviction.packing(self.num_kv_heads)
         self.interval_blocks = self.eviction.interval_blocks
         # decode-time eviction: each row's request-state slot, the ring's spare slot for padding
-        self.spare_slot = max_seqs
         self.request_slots = (
-            torch.full((max_seqs,), max_seqs, dtype=torch.int32, device=device) if self.interval_blocks else None
+            torch.full((max_seqs,), self.spare_slot, dtype=torch.int32, device=device) if self.interval_blocks else None
         )
         self.view_headwise = (
             torch.zeros(max_seqs, 3, dtype=torch.int32, device=device) if self.packing is not None else None
         )
+
+    def _init_exact_tail(self, vllm_config, device) -> None:
+        from vllm_kvpress.eviction.prompt_lens import patch_v2_runner_prompt_lens
+
+        if not vllm_config.use_v2_model_runner:
+            raise KVCompressionConfigError(
+                "tail_keys='exact' keeps each request's partial block under its request-state slot, which only "
+                "vLLM's V2 model runner hands over; allowed: a model vLLM runs on it (dense decoder models) "
+                "without VLLM_USE_V2_MODEL_RUNNER=0, or tail_keys='staged'"
+            )
+        patch_v2_runner_prompt_lens()  # it hands over each row's request-state slot too
+        max_seqs = vllm_config.scheduler_config.max_num_seqs
+        max_tokens = vllm_config.scheduler_config.max_num_batched_tokens
+        # persistent: captured decode graphs read the slots from these addresses at every replay
+        self.request_slots = torch.full((max_seqs,), self.spare_slot, dtype=torch.int32, device=device)
+        self.token_slots = torch.full((max_tokens,), self.spare_slot, dtype=torch.int32, device=device)
+
+    def _write_tail_slots(self, cm: CommonAttentionMetadata) -> None:
+        """Each row's and each input token's request-state slot into the persistent buffers (the
+        spare slot where the step has none: CUDA-graph capture and profiling)."""
+        num_reqs = cm.num_reqs
+        if cm.rswa_prefix_lens is None:
+            self.request_slots[:num_reqs].fill_(self.spare_slot)
+            self.token_slots.fill_(self.spare_slot)
+            return
+        slots = self._request_slots(cm, num_reqs)
+        query_lens = np.diff(cm.query_start_loc_cpu.numpy()[: num_reqs + 1])
+        per_token = np.repeat(slots, query_lens)
+        self.request_slots[:num_reqs].copy_(torch.from_numpy(slots), non_blocking=True)
+        self.token_slots[: per_token.shape[0]].copy_(torch.from_numpy(per_token), non_blocking=True)
 
     def _compacted_view(
         self, cm: CommonAttentionMetadata
@@ -228,8 +268,8 @@ class KVPressMetadataBuilder(AttentionMetadataBuilder[KVPressMetadata]):
         given = request_slots_for(cm.rswa_prefix_lens)
         if given is None:
             raise RuntimeError(
-                "decode-time eviction (decode_interval) needs the request-state slots of vLLM's V2 model "
-                "runner, which this step's metadata did not come with"
+                "decode-time eviction (decode_interval) and tail_keys='exact' need the request-state slots of "
+                "vLLM's V2 model runner, which this step's metadata did not come with"
             )
         slots = np.full(num_reqs, self.spare_slot, dtype=np.int32)
         slots[: given.shape[0]] = given[:num_reqs]
@@ -295,6 +335,8 @@ class KVPressMetadataBuilder(AttentionMetadataBuilder[KVPressMetadata]):
         seq_cpu = headwise = headwise_cpu = None
         if self.eviction is not None:  # the kernels see the compacted view, and so does the FA plan
             block_table, seq_lens, compactions, recent, seq_cpu, headwise, headwise_cpu = self._compacted_view(cm)
+        if self.exact_tail:
+            self._write_tail_slots(cm)
         # prefill rows (after the decodes) whose heads read packed pages: each KV head has its own
         # context length, which FlashAttention's varlen layout cannot express
         packed_prefill = headwise_cpu is not None and bool((headwise_cpu[num_decodes:, 2] > 0).any())
@@ -332,6 +374,7 @@ class KVPressMetadataBuilder(AttentionMetadataBuilder[KVPressMetadata]):
             recent_compactions=recent,
             request_slots=None if self.request_slots is None else self.request_slots[: cm.num_reqs],
             physical_seq_lens=cm.seq_lens,
+            token_slots=self.token_slots,
         )
 
     def build_for_cudagraph_capture(self, common_attn_metadata: CommonAttentionMetadata) -> KVPressMetadata:

@@ -19,7 +19,7 @@ quantized per token without correction until the block completes.
 
 Parameters (defaults in configs/gear.yaml)
 ----------
-bits, group_size, block_size : as for KIVI (methods/kivi.py).
+bits, group_size, block_size, tail_keys : as for KIVI (methods/kivi.py).
 rank : int
     Rank of the per-block residual, 0 to 4.
 outliers : int or "auto"
@@ -79,4 +79,5 @@ class GearConfig(KiviConfig):
             v_group_size=self.v_group_size(head_size),
             rank=self.rank,
             num_outliers=self.outlier_slots,
+            exact_tail_keys=self.tail_keys == "exact",
         )

@@ -8,10 +8,14 @@ Based on KIVI (https://arxiv.org/abs/2402.02750).
 3. Codes are `bits`-bit asymmetric integers: q = round((x - min) / scale), scale = (max - min) / (2^bits - 1).
 
 Deviation from the paper: KIVI keeps the most recent tokens in full precision until a group fills.
-Inside vLLM's paged memory there is no per-request side buffer, so the tokens of a block that is
-not yet full are stored with per-token K groups and re-quantized per channel when the block
-completes (docs/quantized_pages.md). Prompt blocks, the ones that matter for long contexts, are
-quantized per channel directly from the exact bf16 values.
+By default (`tail_keys: staged`) the tokens of a block that is not yet full are stored in the page
+with per-token K groups and re-quantized per channel when the block completes
+(docs/quantized_pages.md). Prompt blocks, the ones that matter for long contexts, are quantized per
+channel directly from the exact bf16 values. `tail_keys: exact` keeps KIVI's full-precision
+residual for keys: each request's partial block keeps its K in the model dtype outside the pages
+(under the request's state slot), and the block is quantized per channel from those exact values
+when it completes. Models whose keys have a few channels of very large magnitude (Qwen2.5) need it:
+a per-token scale spans those channels and rounds every other channel of the token to zero.
 
 Parameters (defaults in configs/kivi.yaml)
 ----------
@@ -21,6 +25,10 @@ group_size : int or "head"
     Channels per V quantization group; "head" means the whole head.
 block_size : int
     Tokens per vLLM block; also the token group of per-channel K scales.
+tail_keys : str
+    "staged" (per-token K codes in the partial block's page) or "exact" (the partial block's K kept
+    in the model dtype beside the pages: max_num_seqs x num_kv_heads x block_size x head_size
+    elements per layer; needs vLLM's V2 model runner).
 """
 
 from dataclasses import dataclass
@@ -32,6 +40,7 @@ from vllm_kvpress.methods.base import MethodConfig, check_choice
 ALLOWED_BITS = (2, 4, 8)
 ALLOWED_GROUP_SIZES = ("head", 16, 32, 64, 128)
 ALLOWED_BLOCK_SIZES = (16, 32, 64, 128)
+ALLOWED_TAIL_KEYS = ("staged", "exact")
 
 
 @dataclass(frozen=True)
@@ -44,12 +53,21 @@ class KiviConfig(MethodConfig):
     """Channels per V quantization group, or "head" for the whole head."""
     block_size: int
     """Tokens per vLLM block and per-channel K group."""
+    tail_keys: str
+    """Where a partial block's K lives: "staged" in its page, or "exact" beside the pages."""
 
     def problems(self) -> list[str]:
         problems: list[str] = []
         check_choice("bits", self.bits, ALLOWED_BITS, problems)
         check_choice("group_size", self.group_size, ALLOWED_GROUP_SIZES, problems)
         check_choice("block_size", self.block_size, ALLOWED_BLOCK_SIZES, problems)
+        check_choice("tail_keys", self.tail_keys, ALLOWED_TAIL_KEYS, problems)
+        if self.evicts_tokens and self.tail_keys == "exact":
+            # compaction moves a request's blocks; the exact tail has not been taught to follow them
+            problems.append(
+                f"tail_keys='exact' is not implemented for method '{self.method}' (it evicts tokens) yet; "
+                "allowed: 'staged'"
+            )
         return problems
 
     def problems_for_model(self, *, head_size: int, num_kv_heads: int, max_model_len: int) -> list[str]:
@@ -73,4 +91,5 @@ class KiviConfig(MethodConfig):
             k_bits=self.bits,
             v_bits=self.bits,
             v_group_size=self.v_group_size(head_size),
+            exact_tail_keys=self.tail_keys == "exact",
         )

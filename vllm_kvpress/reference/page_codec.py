@@ -7,6 +7,9 @@ uint8 [num_blocks, num_kv_heads, layout.bytes_per_head].
 Write semantics (shared with the kernels): a block that becomes complete in a write is encoded
 whole (per-channel K, per-token V, GEAR terms) from the exact new tokens plus the dequantized
 staged ones; tokens of a block that stays partial are staged (per-token K and V, no GEAR terms).
+With `layout.exact_tail_keys` a partial block's keys are kept exact in a tail beside the pages
+(`triton_kernels/exact_tail.py`), so the completing encode reads them from there, and its K codes
+and meta stay unwritten until then.
 """
 
 from dataclasses import dataclass
@@ -111,12 +114,14 @@ def encode_complete(page: torch.Tensor, x: torch.Tensor, is_key: bool, layout: P
         _view(page, layout.offset(regions.sparse) + 2 * n, torch.float16, n)[:] = value
 
 
-def stage_token(page: torch.Tensor, offset: int, k: torch.Tensor, v: torch.Tensor, layout: PageLayout):
-    """Write one token of a partial block: K symmetric per channel group, V asymmetric per group."""
+def stage_token(page: torch.Tensor, offset: int, k: torch.Tensor | None, v: torch.Tensor, layout: PageLayout):
+    """Write one token of a partial block: K symmetric per channel group (None: the key is kept in
+    an exact tail instead), V asymmetric per group."""
     bs, kg = layout.block_size, layout.k_stage_groups
-    kc, ks = quantize_groups_symmetric(k.float().reshape(kg, -1), layout.k_bits)
-    _codes_region(page, True, layout)[offset] = pack_codes(kc.flatten(), layout.k_bits)
-    _view(page, layout.offset("k_meta"), torch.float16, bs * kg)[offset * kg : (offset + 1) * kg] = ks
+    if k is not None:
+        kc, ks = quantize_groups_symmetric(k.float().reshape(kg, -1), layout.k_bits)
+        _codes_region(page, True, layout)[offset] = pack_codes(kc.flatten(), layout.k_bits)
+        _view(page, layout.offset("k_meta"), torch.float16, bs * kg)[offset * kg : (offset + 1) * kg] = ks
     vc, vs, vz = quantize_groups(v.float().reshape(-1, layout.v_group_size), layout.v_bits)
     codes = _load_codes(page, False, layout)  # V bytes are shared by neighbouring tokens
     codes[offset] = vc.flatten()
@@ -164,38 +169,64 @@ def write_tokens(
     slot_mapping: torch.Tensor,
     layout: PageLayout,
     power_iters: int,
+    tail: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
-    """Reference of the cache update: key/value [num_tokens, num_kv_heads, head_size], slots < 0 skipped."""
+    """Reference of the cache update: key/value [num_tokens, num_kv_heads, head_size], slots < 0 skipped.
+
+    Args:
+        tail: with `layout.exact_tail_keys`: (exact tail [slots, num_kv_heads, block_size, head_size],
+            int [num_tokens] each token's request-state slot), as the write kernels take them.
+    """
+    if layout.exact_tail_keys != (tail is not None):
+        raise ValueError(f"a layout with exact_tail_keys={layout.exact_tail_keys} needs a tail exactly when set")
     bs = layout.block_size
     by_block: dict[int, list[tuple[int, int]]] = {}
     for t, slot in enumerate(slot_mapping.tolist()):
         if slot >= 0:
             by_block.setdefault(slot // bs, []).append((t, slot % bs))
-    for block, tokens in by_block.items():
-        completes = any(off == bs - 1 for _, off in tokens)
+    completing = {b: toks for b, toks in by_block.items() if any(off == bs - 1 for _, off in toks)}
+    # completed blocks first: their older keys sit in the tail that a new partial block overwrites
+    for block, tokens in completing.items():
         for h in range(cache.shape[1]):
             page = cache[block, h]
-            if not completes:
-                for t, off in tokens:
-                    stage_token(page, off, key[t, h], value[t, h], layout)
-                continue
             k_full, v_full = decode_block(page, layout, complete=False)
+            if tail is not None:
+                k_full = tail[0][int(tail[1][tokens[-1][0]]), h].float().clone()
             for t, off in tokens:
                 k_full[off], v_full[off] = key[t, h].float(), value[t, h].float()
             encode_complete(page, k_full, True, layout, power_iters)
             encode_complete(page, v_full, False, layout, power_iters)
+    for block, tokens in by_block.items():
+        if block in completing:
+            continue
+        for h in range(cache.shape[1]):
+            for t, off in tokens:
+                if tail is not None:
+                    tail[0][int(tail[1][t]), h, off] = key[t, h].to(tail[0].dtype)
+                stage_token(cache[block, h], off, None if tail is not None else key[t, h], value[t, h], layout)
 
 
 def read_sequence(
-    cache: torch.Tensor, block_table_row: torch.Tensor, seq_len: int, layout: PageLayout
+    cache: torch.Tensor, block_table_row: torch.Tensor, seq_len: int, layout: PageLayout,
+    tail_keys: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dequantized K, V of one sequence: fp32 [seq_len, num_kv_heads, head_size] each."""
+    """Dequantized K, V of one sequence: fp32 [seq_len, num_kv_heads, head_size] each.
+
+    Args:
+        tail_keys: with `layout.exact_tail_keys`: the sequence's exact tail [num_kv_heads,
+            block_size, head_size], where a partial last block's keys are.
+    """
+    if layout.exact_tail_keys and tail_keys is None and seq_len % layout.block_size:
+        raise ValueError("a partial block under exact_tail_keys is read from the sequence's tail_keys")
     bs = layout.block_size
     ks, vs = [], []
     for i in range(-(-seq_len // bs)):
         n = min(bs, seq_len - i * bs)
         per_head = [decode_block(cache[int(block_table_row[i]), h], layout, n == bs) for h in range(cache.shape[1])]
-        ks.append(torch.stack([k[:n] for k, _ in per_head], 1))
+        k_block = torch.stack([k[:n] for k, _ in per_head], 1)
+        if n < bs and layout.exact_tail_keys:
+            k_block = tail_keys[:, :n].transpose(0, 1).float()
+        ks.append(k_block)
         vs.append(torch.stack([v[:n] for _, v in per_head], 1))
     return torch.cat(ks), torch.cat(vs)
 

@@ -97,6 +97,9 @@ class SequencePages:
         """The last `decode_observation_window` queries, with decode-time eviction."""
         self._complete_k = torch.empty(0, num_kv_heads, layout.head_size, device=device)
         self._complete_v = torch.empty(0, num_kv_heads, layout.head_size, device=device)
+        self._tail: torch.Tensor | None = None
+        """`tail_keys: exact`: the sequence's exact tail, as one request-state slot (made at the first
+        append, in the model's dtype)."""
 
     @property
     def num_complete_blocks(self) -> int:
@@ -106,7 +109,8 @@ class SequencePages:
         """read_sequence over blocks first_block.. holding `num_tokens` tokens (identity block table)."""
         num_blocks = -(-num_tokens // self.layout.block_size)
         block_ids = torch.arange(first_block, first_block + num_blocks)
-        return page_codec.read_sequence(self.cache, block_ids, num_tokens, self.layout)
+        tail_keys = None if self._tail is None else self._tail[0]
+        return page_codec.read_sequence(self.cache, block_ids, num_tokens, self.layout, tail_keys)
 
     def append(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write `key`/`value` [T, num_kv_heads, head_size] after the stored tokens, as vLLM's write
@@ -119,7 +123,13 @@ class SequencePages:
                 f"sequence of {seq_len} tokens exceeds the {self.cache.shape[0]} pages allocated"
             )
         slots = torch.arange(self.num_tokens, seq_len, device=self.cache.device)
-        page_codec.write_tokens(self.cache, key, value, slots, self.layout, self.power_iters)
+        tail = None
+        if self.layout.exact_tail_keys:
+            if self._tail is None:
+                self._tail = torch.zeros(1, self.cache.shape[1], self.layout.block_size, self.layout.head_size,
+                                         dtype=key.dtype, device=key.device)
+            tail = (self._tail, torch.zeros(num_new, dtype=torch.long))
+        page_codec.write_tokens(self.cache, key, value, slots, self.layout, self.power_iters, tail)
         self._num_tokens_before = self.num_tokens + self.num_evicted
         self.num_tokens = seq_len
         bs = self.layout.block_size
