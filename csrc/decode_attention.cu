@@ -9,7 +9,8 @@
 // math is the Triton kernel's (triton_kernels/decode_attention.py):
 //   complete block:  K = code * s_c + z_c per channel, so  q.k = (q * s).code + q.z
 //                    V = code * s_t + z_t per token,   so  p.V = (p * s_t).code + p.z
-//   partial block:   K = (code - qmax / 2) * s_tg per token and channel group ("staging")
+//   partial block:   K = (code - qmax / 2) * s_tg per token and channel group ("staging"), or with
+//                    EXACT_TAIL the keys themselves from the request's exact tail (triton_kernels/exact_tail.py)
 //   GEAR:            + a b^T (rank 1) and sparse outliers, on complete blocks only
 // A code c becomes the fp16 value 2^(10-e) + c by AND-ing its field (at bit e of a 16-bit half)
 // and OR-ing in the exponent of 2^(10-e): one logic op per two codes, no shifts for the fields
@@ -79,7 +80,6 @@ static_assert(V_GROUP % 16 == 0, "an output m-tile lies in one V group");
 static_assert(K_STAGE_GROUP % CPW == 0, "a word's codes lie in one staging group");
 static_assert(GROUP >= 1 && GROUP <= N8, "at most 8 query heads per KV head");
 static_assert(RANK == 0 || RANK == 1, "GEAR rank 0 or 1");
-static_assert(EXACT_TAIL == 0, "partial blocks are read from the page, not from an exact tail (cuda_decode.py refuses one)");
 static_assert(2 * BLOCK_SIZE / 16 <= 16 && 2 * HEAD_SIZE / 16 <= 16, "one-hot rows of a thread fit 16 bits");
 
 // ---- small helpers ------------------------------------------------------------------------------
@@ -209,9 +209,25 @@ struct State {
 
 // ---- one block ------------------------------------------------------------------------------------
 
+// fp16 pairs of one exact key row's share of the thread (channels c * CH_T + pair_lo(p), + HALF),
+// the query pairs' order: a bf16 (Q_BF16) or fp16 row of HEAD_SIZE elements
+__device__ __forceinline__ void exact_key_pairs(const u16* key_row, int c, u32* out) {
+    u32 w[CH_T / 2];
+    load_span<CH_T / 2>(reinterpret_cast<const u8*>(key_row + c * CH_T), w);
+    float kf[CH_T];
+#pragma unroll
+    for (int i = 0; i < CH_T / 2; ++i) {
+        kf[2 * i] = Q_BF16 ? __uint_as_float(w[i] << 16) : lo_f16(w[i]);
+        kf[2 * i + 1] = Q_BF16 ? __uint_as_float(w[i] & 0xffff0000u) : hi_f16(w[i]);
+    }
+#pragma unroll
+    for (int p = 0; p < KP; ++p) out[p] = pack_f16(kf[pair_lo(p)], kf[pair_lo(p) + HALF]);
+}
+
 template <bool COMPLETE>
 __device__ __forceinline__ void attend_block(const u8* page, int valid, const u32* qpair, const float* sq,
-                                             float scale_log2, State& st, WarpSmem& ws, int lane) {
+                                             float scale_log2, State& st, WarpSmem& ws, int lane,
+                                             const u16* tail_keys) {
     const int r = lane >> 2, c = lane & 3;
     // ---- loads: K rows 16 mt + r (+8), V rows (channels) 16 mt + 2r (+1), the metadata spans
     u32 kc[MT][2][KW], vc[VMT][2][VW];
@@ -293,6 +309,17 @@ __device__ __forceinline__ void attend_block(const u8* page, int valid, const u3
                     mma(s[mt], onehot_pair(bits[0], 2 * mt), onehot_pair(bits[0], 2 * mt + 1),
                         onehot_pair(bits[1], 2 * mt), onehot_pair(bits[1], 2 * mt + 1), w[0], w[1]);
             }
+        }
+    } else if (EXACT_TAIL) {
+        // the partial block's keys, exact: rows 16 mt + r (+8) of the tail, as fp16 A fragments
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+            u32 k0[KP], k1[KP];
+            exact_key_pairs(tail_keys + (16 * mt + r) * HEAD_SIZE, c, k0);
+            exact_key_pairs(tail_keys + (16 * mt + r + 8) * HEAD_SIZE, c, k1);
+#pragma unroll
+            for (int kt = 0; kt < KT; ++kt)
+                mma(s[mt], k0[2 * kt], k1[2 * kt], k0[2 * kt + 1], k1[2 * kt + 1], qpair[2 * kt], qpair[2 * kt + 1]);
         }
     } else {
         // staging: per token and channel group g, K = (code - QMAX/2) * s_tg: one product per group with
@@ -486,7 +513,8 @@ kvpress_decode_split(const u16* __restrict__ q, int stride_qt, int stride_qh, co
                      int stride_cb, int stride_ch, const int* __restrict__ block_table, int stride_bt,
                      const int* __restrict__ seq_lens, float* __restrict__ part_out, float* __restrict__ part_max,
                      float* __restrict__ part_sum, int num_splits, double scale_log2_arg,
-                     const int* __restrict__ headwise, const int* __restrict__ retrieval, int retrieval_heads) {
+                     const int* __restrict__ headwise, const int* __restrict__ retrieval, int retrieval_heads,
+                     const u16* __restrict__ tail, int stride_ts, int stride_th, const int* __restrict__ tail_slots) {
     __shared__ WarpSmem smem[NUM_WARPS];
     __shared__ float sq[NUM_OUTLIERS ? N8 * HEAD_SIZE : 1];   // the group's query rows in fp32, for outliers
     const int seq = blockIdx.x, kv_head = blockIdx.y, split = blockIdx.z;
@@ -545,14 +573,17 @@ kvpress_decode_split(const u16* __restrict__ q, int stride_qt, int stride_qh, co
     const int last = min(first + per_split, num_blocks);
     const int num_complete = seq_len / BLOCK_SIZE;
     const int* row = block_table + (long long)seq * stride_bt;
+    // with an exact tail, the partial block's keys are there, under the request's state slot
+    const u16* tail_keys = EXACT_TAIL ? tail + (long long)tail_slots[seq] * stride_ts + (long long)kv_head * stride_th
+                                      : nullptr;
     for (int b = first + warp; b < last; b += NUM_WARPS) {
         int view_block = b, slot = kv_head;
         if (retrieval_heads > 0) headwise_block(b, kv_head, rank, kept, chunks, middle, retrieval_heads, view_block, slot);
         const u8* page = cache + (long long)row[view_block] * stride_cb + (long long)slot * stride_ch;
         if (b < num_complete)
-            attend_block<true>(page, BLOCK_SIZE, qpair, sq, scale_log2, st, ws, lane);
+            attend_block<true>(page, BLOCK_SIZE, qpair, sq, scale_log2, st, ws, lane, tail_keys);
         else
-            attend_block<false>(page, seq_len - b * BLOCK_SIZE, qpair, sq, scale_log2, st, ws, lane);
+            attend_block<false>(page, seq_len - b * BLOCK_SIZE, qpair, sq, scale_log2, st, ws, lane, tail_keys);
     }
 
     // ---- the warp's result: sum over r, the deferred terms, then merge the warps of the CTA

@@ -262,6 +262,9 @@ def decode_kernel(layout: PageLayout, group: int, query_dtype: torch.dtype, devi
     reason = cuda_decode.unavailable_reason(layout, group, query_dtype, device)
     if reason:
         return "triton", f"the CUDA kernel does not take {reason}"
+    if layout.exact_tail_keys:  # kernel="cuda" runs it: the GPU test below does
+        return "triton", ("the CUDA kernel's exact-tail path has not run on a GPU yet "
+                          "(tests/gpu/test_cuda_decode.py::test_cuda_decode_reads_the_exact_tail)")
     return "cuda", "csrc/decode_attention.cu takes these pages"
 
 
@@ -340,7 +343,8 @@ def decode_attention(
         cuda_decode.decode_split(query, cache, block_table, seq_lens, layout, scale_log2=scale * LOG2E,
                                  num_splits=num_splits, split_buffers=split_buffers,
                                  num_warps=num_warps or cuda_decode.NUM_WARPS, min_ctas=min_ctas,
-                                 headwise=None if headwise is None else (row_params, retrieval, retrieval_heads))
+                                 headwise=None if headwise is None else (row_params, retrieval, retrieval_heads),
+                                 tail=None if tail is None else tail_args)
     elif kernel == "triton":
         _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
             query, query.stride(0), query.stride(1),

@@ -33,8 +33,6 @@ def unsupported_reason(layout: PageLayout, group: int, query_dtype: torch.dtype)
 
     The limits mirror the static_asserts of the kernel source: a thread's share of a row must be
     1-4 whole words, fragments must tile the block, and GEAR's terms must fit one mma tile."""
-    if layout.exact_tail_keys:
-        return "partial blocks whose keys are in an exact tail (tail_keys: exact; it reads them from the page only)"
     bits = layout.k_bits
     if layout.k_bits != layout.v_bits or bits not in (2, 4):
         return f"K/V bits {layout.k_bits}/{layout.v_bits} (the CUDA kernel takes 2 or 4, the same for K and V)"
@@ -162,9 +160,12 @@ def decode_split(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Te
                  layout: PageLayout, *, scale_log2: float, num_splits: int,
                  split_buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
                  num_warps: int = NUM_WARPS, min_ctas: int = MIN_CTAS,
-                 headwise: tuple[torch.Tensor, torch.Tensor, int] | None = None) -> None:
+                 headwise: tuple[torch.Tensor, torch.Tensor, int] | None = None,
+                 tail: tuple[torch.Tensor, int, int, torch.Tensor] | None = None) -> None:
     """The split pass of `triton_kernels.decode_attention.decode_attention` (same arguments, checked
-    there): partial (out, max, sum) per (sequence, split, head) into `split_buffers`."""
+    there): partial (out, max, sum) per (sequence, split, head) into `split_buffers`; `tail`: the
+    exact tail's (buffer, slot stride, head stride, per-row slots), as `exact_tail.tail_arguments`
+    gives them."""
     num_seqs, num_heads, _ = query.shape
     num_kv_heads = cache.shape[1]
     group = num_heads // num_kv_heads
@@ -178,5 +179,7 @@ def decode_split(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Te
               block_table, block_table.stride(0), seq_lens, part_out, part_max, part_sum, num_splits,
               float(scale_log2),
               # no retrieval heads: the kernel never reads the two pointers (any tensor fills them)
-              *(headwise if headwise is not None else (seq_lens, seq_lens, 0))],
+              *(headwise if headwise is not None else (seq_lens, seq_lens, 0)),
+              # no exact tail (EXACT_TAIL 0): the kernel never reads these either
+              *(tail if tail is not None else (seq_lens, 0, 0, seq_lens))],
     )

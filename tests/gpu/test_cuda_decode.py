@@ -64,6 +64,34 @@ def test_sharp_attention_with_outliers():
     torch.testing.assert_close(out["cuda"].float(), expected, **TOL)
 
 
+@pytest.mark.parametrize("method,settings,heads,kv_heads,head_size", [CASES[1], CASES[3], CASES[5]])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_decode_reads_the_exact_tail(method, settings, heads, kv_heads, head_size, dtype):
+    """tail_keys exact: partial blocks' keys from the tail (triton_kernels/exact_tail.py), under
+    request-state slots that are not the batch rows, as the reference and the Triton kernel read them."""
+    from helpers import write_batch_exact_tail
+
+    layout, iters = layout_for(method, head_size, tail_keys="exact", **settings)
+    slots = [4, 0, 2, 6, 1]
+    batch = make_batch(CONTEXT_LENS, [1] * len(CONTEXT_LENS), kv_heads, head_size, layout.block_size, device="cuda",
+                       dtype=dtype)
+    cache, tail, k_new, v_new = write_batch_exact_tail(batch, layout, iters, slots)
+    q = torch.randn(len(CONTEXT_LENS), heads, head_size, device="cuda").to(dtype)
+    seq_lens = torch.tensor(batch.seq_lens, dtype=torch.int32, device="cuda")
+    row_slots = torch.tensor(slots, dtype=torch.int32, device="cuda")
+    # "auto" keeps exact tails on Triton until this test has passed (decode_kernel)
+    assert "exact-tail path has not run" in decode_kernel(layout, heads // kv_heads, dtype, torch.device("cuda"))[1]
+    expected = paged_attention(q, k_new, v_new, list(range(len(CONTEXT_LENS) + 1)), batch.seq_lens,
+                               lambda i, s: page_codec.read_sequence(cache, batch.block_table[i], s, layout,
+                                                                     tail[slots[i]]), head_size ** -0.5)
+    for name in ("cuda", "triton"):
+        out = torch.full_like(q, float("nan"))
+        decode_attention(q, cache, batch.block_table, seq_lens, out, layout, scale=head_size ** -0.5, num_splits=3,
+                         split_buffers=split_buffers(len(CONTEXT_LENS) * 3, heads, head_size, "cuda"), kernel=name,
+                         tail=(tail, row_slots))
+        torch.testing.assert_close(out.float(), expected, **TOL)
+
+
 @pytest.mark.parametrize("num_splits", [1, 7])
 def test_cuda_decode_is_exact_across_splits(num_splits):
     """More splits than a sequence has blocks leaves CTAs and warps empty: they must merge as nothing."""

@@ -52,10 +52,12 @@ def test_the_defines_are_the_layout_constants_and_the_source_knows_them_all():
     assert set(defines) == offline_defaults
 
 
-@pytest.mark.parametrize("method,bits,head_size,group", [("gear", 4, 128, 4), ("kivi", 2, 64, 7),
-                                                         ("gear", 2, 64, 3), ("kivi", 4, 128, 1)])
-def test_the_source_builds_with_nvrtc(method, bits, head_size, group):
-    layout, _ = layout_for(method, head_size, bits=bits)
+@pytest.mark.parametrize("method,bits,head_size,group,tail_keys", [
+    ("gear", 4, 128, 4, "staged"), ("kivi", 2, 64, 7, "staged"), ("gear", 2, 64, 3, "staged"),
+    ("kivi", 4, 128, 1, "staged"), ("gear", 4, 128, 4, "exact"), ("kivi", 4, 64, 7, "exact"),
+])
+def test_the_source_builds_with_nvrtc(method, bits, head_size, group, tail_keys):
+    layout, _ = layout_for(method, head_size, bits=bits, tail_keys=tail_keys)
     options = ["--gpu-architecture=sm_90", "-std=c++17",
                *cuda_decode.kernel_defines(layout, group, torch.bfloat16, cuda_decode.NUM_WARPS, cuda_decode.MIN_CTAS)]
     cubin = cuda_decode._nvrtc_cubin(cuda_decode._source(), options)
@@ -84,27 +86,36 @@ def test_a_missing_nvrtc_library_keeps_decode_on_triton_with_the_reason(monkeypa
     assert reason is not None and "NVRTC" in reason and "libnvrtc.so" in reason
 
 
-@pytest.mark.parametrize("headwise", [False, True], ids=["plain", "head-wise"])
-def test_the_launch_passes_the_kernels_parameters_in_order(headwise, monkeypatch):
+@pytest.mark.parametrize("variant", ["plain", "head-wise", "exact tail"])
+def test_the_launch_passes_the_kernels_parameters_in_order(variant, monkeypatch):
     """The kernel is launched with a flat argument list (pointers, ints, doubles): it must match
-    the parameter list of the source, plain and with head-wise packed rows."""
+    the parameter list of the source, plain, with head-wise packed rows and with an exact tail."""
+    from vllm_kvpress.triton_kernels.exact_tail import exact_tail_buffer, tail_arguments
+
     source = cuda_decode._source()
     params = re.search(r"kvpress_decode_split\((.*?)\)\s*\{", source, re.S).group(1).split(",")
     wanted = ["pointer" if "*" in p else "double" if p.split()[0] == "double" else "int" for p in params]
     launched = {}
     monkeypatch.setattr(cuda_decode, "build", lambda *a, **k: lambda grid, block, args: launched.update(args=args))
-    layout, _ = layout_for("kivi", 128, bits=4)
+    layout, _ = layout_for("kivi", 128, bits=4, tail_keys="exact" if variant == "exact tail" else "staged")
     query = torch.randn(2, 8, 128).bfloat16()
     cache = torch.zeros(4, 2, layout.bytes_per_head, dtype=torch.uint8)
     table, seq_lens = torch.zeros(2, 2, dtype=torch.int32), torch.ones(2, dtype=torch.int32)
     buffers = tuple(torch.zeros(64) for _ in range(3))
-    rows = (torch.zeros(2, 3, dtype=torch.int32), torch.tensor([0, -1], dtype=torch.int32), 1) if headwise else None
+    rows = (torch.zeros(2, 3, dtype=torch.int32), torch.tensor([0, -1], dtype=torch.int32), 1)
+    tail = None
+    if variant == "exact tail":
+        tail = tail_arguments((exact_tail_buffer(3, 2, layout, query.dtype, "cpu"),
+                               torch.tensor([2, 0], dtype=torch.int32)), layout, table)
     cuda_decode.decode_split(query, cache, table, seq_lens, layout, scale_log2=0.1, num_splits=1,
-                             split_buffers=buffers, headwise=rows)
+                             split_buffers=buffers, headwise=rows if variant == "head-wise" else None, tail=tail)
     kinds = ["pointer" if isinstance(a, torch.Tensor) else "double" if isinstance(a, float) else "int"
              for a in launched["args"]]
     assert kinds == wanted
-    if headwise:
-        assert launched["args"][-3] is rows[0] and launched["args"][-2] is rows[1] and launched["args"][-1] == 1
+    headwise_args, tail_args = launched["args"][-7:-4], launched["args"][-4:]
+    if variant == "head-wise":
+        assert headwise_args[0] is rows[0] and headwise_args[1] is rows[1] and headwise_args[2] == 1
     else:
-        assert launched["args"][-1] == 0  # no retrieval heads: the kernel reads no head-wise row
+        assert headwise_args[2] == 0  # no retrieval heads: the kernel reads no head-wise row
+    if variant == "exact tail":
+        assert tail_args[0] is tail[0] and tail_args[1:3] == [2 * 64 * 128, 64 * 128] and tail_args[3] is tail[3]
