@@ -209,19 +209,29 @@ struct State {
 
 // ---- one block ------------------------------------------------------------------------------------
 
-// fp16 pairs of one exact key row's share of the thread (channels c * CH_T + pair_lo(p), + HALF),
-// the query pairs' order: a bf16 (Q_BF16) or fp16 row of HEAD_SIZE elements
+// a model-dtype row's share of the thread (CH_T elements as CH_T / 2 words, bf16 if Q_BF16 else fp16), as fp32
+__device__ __forceinline__ void share_floats(const u32* w, float* f) {
+#pragma unroll
+    for (int i = 0; i < CH_T / 2; ++i) {
+        f[2 * i] = Q_BF16 ? __uint_as_float(w[i] << 16) : lo_f16(w[i]);
+        f[2 * i + 1] = Q_BF16 ? __uint_as_float(w[i] & 0xffff0000u) : hi_f16(w[i]);
+    }
+}
+
+// the fp16 fragment pairs of a row share: register p holds channels c * CH_T + pair_lo(p) and + HALF,
+// the order the packed codes come in, so query and exact keys meet the codes' pairing
+__device__ __forceinline__ void fragment_pairs(const float* f, u32* out) {
+#pragma unroll
+    for (int p = 0; p < KP; ++p) out[p] = pack_f16(f[pair_lo(p)], f[pair_lo(p) + HALF]);
+}
+
+// one exact key row (the partial block's, from the tail) as the thread's fragment pairs
 __device__ __forceinline__ void exact_key_pairs(const u16* key_row, int c, u32* out) {
     u32 w[CH_T / 2];
     load_span<CH_T / 2>(reinterpret_cast<const u8*>(key_row + c * CH_T), w);
     float kf[CH_T];
-#pragma unroll
-    for (int i = 0; i < CH_T / 2; ++i) {
-        kf[2 * i] = Q_BF16 ? __uint_as_float(w[i] << 16) : lo_f16(w[i]);
-        kf[2 * i + 1] = Q_BF16 ? __uint_as_float(w[i] & 0xffff0000u) : hi_f16(w[i]);
-    }
-#pragma unroll
-    for (int p = 0; p < KP; ++p) out[p] = pack_f16(kf[pair_lo(p)], kf[pair_lo(p) + HALF]);
+    share_floats(w, kf);
+    fragment_pairs(kf, out);
 }
 
 template <bool COMPLETE>
@@ -534,13 +544,8 @@ kvpress_decode_split(const u16* __restrict__ q, int stride_qt, int stride_qh, co
             for (int i = 0; i < CH_T / 2; ++i) qw[i] = 0u;
         }
         float qf[CH_T];
-#pragma unroll
-        for (int i = 0; i < CH_T / 2; ++i) {
-            qf[2 * i] = Q_BF16 ? __uint_as_float(qw[i] << 16) : lo_f16(qw[i]);
-            qf[2 * i + 1] = Q_BF16 ? __uint_as_float(qw[i] & 0xffff0000u) : hi_f16(qw[i]);
-        }
-#pragma unroll
-        for (int p = 0; p < KP; ++p) qpair[p] = pack_f16(qf[pair_lo(p)], qf[pair_lo(p) + HALF]);
+        share_floats(qw, qf);
+        fragment_pairs(qf, qpair);
         if (NUM_OUTLIERS && warp == 0) {
 #pragma unroll
             for (int i = 0; i < CH_T; ++i) sq[r * HEAD_SIZE + c * CH_T + i] = qf[i];

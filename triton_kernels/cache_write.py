@@ -101,7 +101,7 @@ def _stage_tokens_kernel(
     cols = tl.arange(0, HEAD_SIZE)
     k = tl.load(key_ptr + t.to(tl.int64) * stride_kt + h * stride_kh + cols)
     if EXACT_TAIL:  # the key as computed, in the tail's (the model's) dtype
-        rows = tail_rows(tail_ptr, stride_ts, stride_th, tl.load(tail_slots_ptr + t), h, HEAD_SIZE)
+        rows = tail_rows(tail_ptr, stride_ts, stride_th, tl.load(tail_slots_ptr + t), h)
         tl.store(rows + off * HEAD_SIZE + cols, k.to(tail_ptr.dtype.element_ty))
     else:
         K_GROUPS: tl.constexpr = HEAD_SIZE // K_STAGE_GROUP

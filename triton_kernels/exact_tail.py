@@ -58,7 +58,7 @@ def tail_arguments(tail: tuple[torch.Tensor, torch.Tensor] | None, layout: PageL
 
 
 @triton.jit
-def tail_rows(tail_ptr, stride_ts, stride_th, slot, kv_head, HEAD_SIZE: tl.constexpr):
+def tail_rows(tail_ptr, stride_ts, stride_th, slot, kv_head):
     """Pointer to row 0 of the (slot, KV head) tail; row j (block offset j) is HEAD_SIZE elements on."""
     return tail_ptr + slot.to(tl.int64) * stride_ts + kv_head * stride_th
 
@@ -67,7 +67,7 @@ def tail_rows(tail_ptr, stride_ts, stride_th, slot, kv_head, HEAD_SIZE: tl.const
 def load_tail_k(tail_ptr, stride_ts, stride_th, slot, kv_head, BLOCK_SIZE: tl.constexpr, HEAD_SIZE: tl.constexpr):
     """The exact K of one head's partial block, fp32 [BLOCK_SIZE, HEAD_SIZE] (rows past the
     sequence's tokens hold stale values: callers mask them)."""
-    rows = tail_rows(tail_ptr, stride_ts, stride_th, slot, kv_head, HEAD_SIZE)
+    rows = tail_rows(tail_ptr, stride_ts, stride_th, slot, kv_head)
     offs = tl.arange(0, BLOCK_SIZE)[:, None] * HEAD_SIZE + tl.arange(0, HEAD_SIZE)[None, :]
     return tl.load(rows + offs).to(tl.float32)
 

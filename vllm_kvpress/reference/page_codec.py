@@ -189,9 +189,11 @@ def write_tokens(
     for block, tokens in completing.items():
         for h in range(cache.shape[1]):
             page = cache[block, h]
-            k_full, v_full = decode_block(page, layout, complete=False)
-            if tail is not None:
+            v_full = _decode_tensor(page, False, layout, complete=False)
+            if tail is not None:  # the older keys were never staged in the page
                 k_full = tail[0][int(tail[1][tokens[-1][0]]), h].float().clone()
+            else:
+                k_full = _decode_tensor(page, True, layout, complete=False)
             for t, off in tokens:
                 k_full[off], v_full[off] = key[t, h].float(), value[t, h].float()
             encode_complete(page, k_full, True, layout, power_iters)
