@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from vllm_kvpress.backend.host_copy import to_device
 from vllm_kvpress.layout import PageLayout
 
 
@@ -77,21 +78,18 @@ def plan_flash_prefill(
     else:
         cu_k, fresh_dest = cu_q, np.zeros(0, dtype=np.int64)
 
-    def to_device(a, dtype):
-        return torch.from_numpy(np.ascontiguousarray(a, dtype=dtype)).to(device, non_blocking=True)
-
     return FlashPrefillPlan(
         first_token=int(starts[0]),
         num_tokens=int(cu_q[-1]),
-        cu_seqlens_q=to_device(cu_q, np.int32),
+        cu_seqlens_q=to_device(cu_q, np.int32, device),
         max_seqlen_q=int(query_lens.max(initial=0)),
-        cu_seqlens_k=to_device(cu_k, np.int32),
+        cu_seqlens_k=to_device(cu_k, np.int32, device),
         max_seqlen_k=int(seq.max(initial=0)),
         total_keys=int(cu_k[-1]),
         has_context=has_context,
-        context_lens=to_device(context, np.int32),
+        context_lens=to_device(context, np.int32, device),
         max_context_blocks=int(-(-context.max(initial=0) // block_size)),
-        fresh_dest=to_device(fresh_dest, np.int64),
+        fresh_dest=to_device(fresh_dest, np.int64, device),
         fa_version=fa_version,
     )
 

@@ -27,6 +27,7 @@ from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 
 from vllm_kvpress import cuda_decode
 from vllm_kvpress.backend.flash_prefill import FlashPrefillPlan, flash_attention_version, plan_flash_prefill
+from vllm_kvpress.backend.host_copy import copy_to_device
 from vllm_kvpress.backend.state import method_config_from_vllm_config
 from vllm_kvpress.errors import KVCompressionConfigError
 from vllm_kvpress.eviction.compaction import PromptCompaction, RecentCompaction
@@ -211,8 +212,8 @@ class KVPressMetadataBuilder(AttentionMetadataBuilder[KVPressMetadata]):
         slots = self._request_slots(cm, num_reqs)
         query_lens = np.diff(cm.query_start_loc_cpu.numpy()[: num_reqs + 1])
         per_token = np.repeat(slots, query_lens)
-        self.request_slots[:num_reqs].copy_(torch.from_numpy(slots), non_blocking=True)
-        self.token_slots[: per_token.shape[0]].copy_(torch.from_numpy(per_token), non_blocking=True)
+        copy_to_device(slots, self.request_slots[:num_reqs])
+        copy_to_device(per_token, self.token_slots[: per_token.shape[0]])
 
     def _compacted_view(
         self, cm: CommonAttentionMetadata
@@ -249,10 +250,10 @@ class KVPressMetadataBuilder(AttentionMetadataBuilder[KVPressMetadata]):
             view_seq_cpu = None  # the table's own lengths; read from the host only where needed
         else:
             kept, shift, compactions, recent, view_seq_cpu, headwise_cpu = self._plan_compaction(cm, num_reqs)
-            self.view_kept[:num_reqs].copy_(torch.from_numpy(kept), non_blocking=True)
-            self.view_shift[:num_reqs].copy_(torch.from_numpy(shift), non_blocking=True)
+            copy_to_device(kept, self.view_kept[:num_reqs])
+            copy_to_device(shift, self.view_shift[:num_reqs])
             if headwise is not None:
-                headwise.copy_(torch.from_numpy(headwise_cpu), non_blocking=True)
+                copy_to_device(headwise_cpu, headwise)
         out_table = self.view_block_table[:num_reqs, :width]
         out_seq = self.view_seq_lens[:num_reqs]
         write_compacted_view(
@@ -309,7 +310,7 @@ class KVPressMetadataBuilder(AttentionMetadataBuilder[KVPressMetadata]):
         recent: tuple[RecentCompaction, ...] = ()
         if self.request_slots is not None:
             slots = self._request_slots(cm, num_reqs)
-            self.request_slots[:num_reqs].copy_(torch.from_numpy(slots), non_blocking=True)
+            copy_to_device(slots, self.request_slots[:num_reqs])
             view_seq = seq - shift.astype(np.int64) * bs
             # the candidates: the view's blocks before the new end (kept ones and those since)
             recent = tuple(
