@@ -256,16 +256,12 @@ def _reduce_splits_kernel(
 @functools.cache
 def decode_kernel(layout: PageLayout, group: int, query_dtype: torch.dtype, device: torch.device) -> tuple[str, str]:
     """("cuda" | "triton", why) for decode over these pages: the CUDA kernel wherever it takes them
-    (it reads the same pages with fewer instructions) and its path has run on a GPU, Triton under
-    TRITON_INTERPRET and elsewhere."""
+    (it reads the same pages with fewer instructions), Triton under TRITON_INTERPRET and elsewhere."""
     if INTERPRETER:
         return "triton", "TRITON_INTERPRET=1 runs Triton kernels on the CPU"
     reason = cuda_decode.unavailable_reason(layout, group, query_dtype, device)
     if reason:
         return "triton", f"the CUDA kernel does not take {reason}"
-    if layout.exact_tail_keys:  # kernel="cuda" runs it: the GPU test below does
-        return "triton", ("the CUDA kernel's exact-tail path has not run on a GPU yet "
-                          "(tests/gpu/test_cuda_decode.py::test_cuda_decode_reads_the_exact_tail)")
     return "cuda", "csrc/decode_attention.cu takes these pages"
 
 

@@ -161,9 +161,9 @@ def test_a_layout_and_its_tail_must_agree(device):
         write_kv_pages(k, k, cache, slots, layout, power_iters=iters, tail=(tail[0], tail[1].long()))
 
 
-def test_the_cuda_decode_kernel_takes_an_exact_tail_but_auto_keeps_triton_for_now(monkeypatch):
-    """The CUDA kernel builds for exact tails (test_cuda_decode_build), but until its GPU test has
-    run the automatic choice, which the metadata builder logs and builds for, stays on Triton."""
+def test_auto_decode_runs_the_cuda_kernel_for_exact_tails(monkeypatch):
+    """The automatic choice, which the metadata builder logs and builds for, takes the CUDA kernel
+    for exact tails as for staged ones (its GPU parity test: test_cuda_decode_reads_the_exact_tail)."""
     from vllm_kvpress import cuda_decode
     from vllm_kvpress.triton_kernels import decode_attention as decode_module
 
@@ -174,8 +174,6 @@ def test_the_cuda_decode_kernel_takes_an_exact_tail_but_auto_keeps_triton_for_no
     decode_module.decode_kernel.cache_clear()
     try:
         kernel, why = decode_module.decode_kernel(layout, 4, torch.bfloat16, torch.device("cuda"))
-        staged, _ = layout_for("gear", 128)
-        assert decode_module.decode_kernel(staged, 4, torch.bfloat16, torch.device("cuda"))[0] == "cuda"
     finally:
         decode_module.decode_kernel.cache_clear()
-    assert kernel == "triton" and "exact-tail path has not run on a GPU yet" in why
+    assert kernel == "cuda", why
