@@ -63,6 +63,23 @@ def test_steps_match_the_reference_engine(engine_config, monkeypatch, device):
                                    k_all[seq_len - partial:seq_len].cpu(), atol=0, rtol=0)
 
 
+def test_dummy_runs_without_metadata_write_nothing(engine_config, monkeypatch, device):
+    """vLLM's dummy runs (memory profiling, torch.compile's warm-up) call the cache update with no
+    step metadata: there is no request whose keys to keep, so the pages stay as they were (the
+    compiled engine failed to start when this raised)."""
+    vllm_config = v2_runner_config(engine_config, monkeypatch, SETTINGS, 16)
+    impl = impl_for(vllm_config, monkeypatch, HEADS, KV_HEADS, HEAD_SIZE)
+    monkeypatch.setattr(impl_module, "layer_metadata", lambda name: None)
+    layer = torch.nn.Module()
+    layer.layer_name = "model.layers.0.self_attn.attn"
+    k = torch.randn(40, KV_HEADS, HEAD_SIZE, device=device).bfloat16()
+    cache = torch.randint(0, 255, (4, KV_HEADS, impl.layout.bytes_per_head), dtype=torch.uint8, device=device)
+    before = cache.clone()
+    impl.do_kv_cache_update(layer, k, torch.randn_like(k), cache, torch.arange(40, device=device))
+    assert torch.equal(cache, before)
+    assert impl.exact_tail.shape == (vllm_config.scheduler_config.max_num_seqs + 1, KV_HEADS, 16, HEAD_SIZE)
+
+
 def test_capture_steps_read_the_spare_slot(engine_config, monkeypatch, device):
     """CUDA-graph capture builds metadata without the runner's slots: every row and token reads
     the tail's spare slot, never a live request's."""

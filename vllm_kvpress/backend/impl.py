@@ -108,9 +108,9 @@ class KVPressImpl(AttentionImpl[KVPressMetadata]):
         m = None if layer is None else layer_metadata(layer.layer_name)
         tail = None
         if self.layout.exact_tail_keys:
-            if m is None:
-                raise RuntimeError("tail_keys='exact': the cache update needs the step's metadata (each token's "
-                                   "request-state slot), which vLLM did not provide")
+            if m is None:  # vLLM's dummy runs (memory profiling, compile warm-up) have no request to keep
+                self._tail(key)
+                return
             tail = (self._tail(key), m.token_slots)
         write_kv_pages(key, value, kv_cache, slot_mapping, self.layout, power_iters=self.power_iters,
                        completing=None if m is None else m.completing_tokens, tail=tail)
