@@ -143,9 +143,13 @@ def single_request_step_metadata(builder, block_table, context, seq_len, slot_ma
 def v2_runner_config(engine_config, monkeypatch, settings: dict, block_size: int):
     """The tiny_llama_dir engine config for `settings` as vLLM makes it on a GPU, where it runs its V2
     model runner (on a CPU platform vLLM picks V1: there is no Triton attention backend there)."""
-    vllm_config = engine_config(block_size=block_size, additional_config={"kv_compression": settings})
-    monkeypatch.setattr(type(vllm_config), "use_v2_model_runner", property(lambda self: True))
-    return vllm_config
+    from vllm.config import VllmConfig
+
+    # before the config is made: the plugin resolves tail_keys auto against it at creation; vLLM's
+    # check that this platform can run V2 (it cannot: no Triton attention on a CPU) is left out
+    monkeypatch.setattr(VllmConfig, "use_v2_model_runner", property(lambda self: True))
+    monkeypatch.setattr(VllmConfig, "_validate_v2_model_runner", lambda self: None)
+    return engine_config(block_size=block_size, additional_config={"kv_compression": settings})
 
 
 def impl_for(vllm_config, monkeypatch, heads: int, kv_heads: int, head_size: int):

@@ -121,6 +121,26 @@ def model_problems(vllm_config, method_config: MethodConfig) -> list[str]:
     return problems
 
 
+def resolve_for_engine(vllm_config, method_config: MethodConfig) -> MethodConfig:
+    """Settings that depend on the engine vLLM built (`tail_keys: auto`), made concrete in the
+    config every vLLM process reads."""
+    resolve = getattr(method_config, "resolve_tail_keys", None)
+    if resolve is None:
+        return method_config
+    resolved = resolve(exact_available=vllm_config.use_v2_model_runner)
+    if resolved is not method_config:
+        if not resolved.exact_tail_keys:
+            logger.warning(
+                "tail_keys auto: vLLM runs its V1 model runner here, which does not hand over the request-state "
+                "slots that exact tail keys are kept under; partial blocks' keys are staged per token in their "
+                "pages, which loses accuracy on models with a few very large key channels (Qwen2.5: "
+                "docs/quantized_pages.md). vLLM's V2 model runner (VLLM_USE_V2_MODEL_RUNNER unset or 1) keeps them "
+                "exact; tail_keys staged silences this warning"
+            )
+        vllm_config.additional_config = {**vllm_config.additional_config, ADDITIONAL_CONFIG_KEY: resolved.to_dict()}
+    return resolved
+
+
 def prepare_engine_args(engine_args) -> MethodConfig | None:
     """Validate our settings on `engine_args` and set the vLLM fields they imply, in place."""
     settings = (engine_args.additional_config or {}).get(ADDITIONAL_CONFIG_KEY)
@@ -182,6 +202,7 @@ def patch_engine_args() -> None:
             problems = model_problems(vllm_config, method_config)
             if problems:
                 raise KVCompressionConfigError(problems)
+            method_config = resolve_for_engine(vllm_config, method_config)
             logger.info("kv-compression: %s with %s", method_config.method, method_config.to_dict())
         return vllm_config
 

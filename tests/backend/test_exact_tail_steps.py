@@ -113,8 +113,29 @@ def test_exact_tail_refuses_vllms_v1_runner(engine_config):
 def test_settings_are_checked():
     from vllm_kvpress.errors import KVCompressionConfigError
 
-    with pytest.raises(KVCompressionConfigError, match="tail_keys='bf16' is not allowed; allowed: 'staged', 'exact'"):
+    with pytest.raises(KVCompressionConfigError, match="tail_keys='bf16' is not allowed; allowed: 'auto', 'exact', 'staged'"):
         load_method_config({"method": "kivi", "tail_keys": "bf16"})
-    with pytest.raises(KVCompressionConfigError, match="tail_keys='exact' is not implemented for method 'snapkv'"):
-        load_method_config({"method": "snapkv", "tail_keys": "exact"})
+    for value in ("exact", "auto"):
+        with pytest.raises(KVCompressionConfigError, match=f"tail_keys='{value}' is not implemented for method 'snapkv'"):
+            load_method_config({"method": "snapkv", "tail_keys": value})
     assert load_method_config({"method": "gear", "tail_keys": "exact"}).page_layout(128).exact_tail_keys
+    assert not load_method_config({"method": "gear", "tail_keys": "staged"}).page_layout(128).exact_tail_keys
+
+
+@pytest.mark.parametrize("method", ["kivi", "gear"])
+def test_auto_is_the_default_and_follows_the_model_runner(engine_config, monkeypatch, caplog, method):
+    """tail_keys auto (configs/kivi.yaml, gear.yaml) becomes exact where vLLM runs its V2 model runner
+    and staged, with a warning, where it runs V1; every process reads the resolved value."""
+    assert load_method_config({"method": method}).tail_keys == "auto"
+    with caplog.at_level("WARNING"):
+        v1 = engine_config(block_size=16, additional_config={"kv_compression": {"method": method, "block_size": 16}})
+    assert not v1.use_v2_model_runner  # vLLM's choice on a CPU platform
+    assert v1.additional_config["kv_compression"]["tail_keys"] == "staged"
+    assert "vLLM runs its V1 model runner here" in caplog.text
+    assert not KVPressMetadataBuilder(None, ["layer"], v1, torch.device("cpu")).exact_tail
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        v2 = v2_runner_config(engine_config, monkeypatch, {"method": method, "block_size": 16}, 16)
+    assert v2.additional_config["kv_compression"]["tail_keys"] == "exact"
+    assert "V1 model runner" not in caplog.text
+    assert KVPressMetadataBuilder(None, ["layer"], v2, torch.device("cpu")).exact_tail

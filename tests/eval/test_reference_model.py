@@ -102,9 +102,10 @@ def test_decode_nll_feeds_one_token_per_step_after_the_prompt(smollm2_path, toke
                                             device="cpu", dtype="float32").decode_nll(token_ids, prompt))
 
     once, rounds = evicting(), evicting(decode_interval=64, decode_observation_window=8)
-    kivi = torch.tensor(ReferenceEngine(
-        smollm2_path, load_method_config({"method": "kivi", "bits": 8, "group_size": "head"}), prefill_chunk=CHUNK,
-        max_model_len=8192, device="cpu", dtype="float32").decode_nll(token_ids, prompt))
+    # staged tail keys, as every evicting method stores them
+    kept_pages = load_method_config({"method": "kivi", "bits": 8, "group_size": "head", "tail_keys": "staged"})
+    kivi = torch.tensor(ReferenceEngine(smollm2_path, kept_pages, prefill_chunk=CHUNK, max_model_len=8192,
+                                        device="cpu", dtype="float32").decode_nll(token_ids, prompt))
     # the prompt's own positions (and the first decoded token, predicted by its last chunk) are kivi's
     assert torch.equal(once[:prompt], kivi[:prompt]) and torch.equal(rounds[:prompt], kivi[:prompt])
     assert (once[prompt:] - kivi[prompt:]).abs().max() > 1e-3

@@ -1,11 +1,11 @@
-"""Owns the metadata builder's host-to-device copies: from page-locked memory, so that they never
-make the host wait for the GPU.
+"""Owns the metadata builder's host-to-device copies: queued on the stream from page-locked
+memory, as vLLM's own builders copy (`async_copy_to_gpu`), so that the host never waits for them.
 
-The builder runs while the GPU still executes the step before (vLLM's asynchronous scheduling). A
-`non_blocking` copy from pageable memory is staged by the driver, which may wait for the stream to
-drain; from pinned memory it is one DMA queued behind that step. The pinned block comes from
-PyTorch's caching host allocator, which keeps it until the copy has run (as vLLM's own
-`async_copy_to_gpu` does).
+The builder runs while the GPU still executes the step before (vLLM's asynchronous scheduling).
+CUDA documents a `non_blocking` copy from pageable memory as staged by the driver, which may make
+the host wait; a probe on an H200 saw no wait for copies of up to 1 MiB behind 60 ms of queued GEMMs
+either way (pageable or pinned), and the engine's throughput did not change. The pinned block comes
+from PyTorch's caching host allocator, which keeps it until the copy has run.
 """
 
 import numpy as np

@@ -105,8 +105,8 @@ def _run(args) -> int:
         raise SystemExit(f"--tokens {args.tokens}: allowed: at least two blocks ({2 * args.block_size})")
     per_layer = capture_queries_and_keys(ensure_model(args.model), args.tokens)
     head_size = per_layer[0][1].shape[-1]
-    layout = load_method_config({"method": "kivi", "bits": args.bits, "block_size": args.block_size}).page_layout(
-        head_size)
+    settings = {"method": "kivi", "bits": args.bits, "block_size": args.block_size, "tail_keys": "staged"}
+    layout = load_method_config(settings).page_layout(head_size)  # staged: the per-token stores are measured
     text, _ = report(args.model, args.bits, args.tokens, score_errors(per_layer, layout))
     text = f"{text}\ncommand: {' '.join(['vllm-kvpress', 'key-errors', *sys.argv[2:]])}"
     print(text)

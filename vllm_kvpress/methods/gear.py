@@ -79,5 +79,5 @@ class GearConfig(KiviConfig):
             v_group_size=self.v_group_size(head_size),
             rank=self.rank,
             num_outliers=self.outlier_slots,
-            exact_tail_keys=self.tail_keys == "exact",
+            exact_tail_keys=self.exact_tail_keys,
         )

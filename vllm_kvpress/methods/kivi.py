@@ -8,14 +8,16 @@ Based on KIVI (https://arxiv.org/abs/2402.02750).
 3. Codes are `bits`-bit asymmetric integers: q = round((x - min) / scale), scale = (max - min) / (2^bits - 1).
 
 Deviation from the paper: KIVI keeps the most recent tokens in full precision until a group fills.
-By default (`tail_keys: staged`) the tokens of a block that is not yet full are stored in the page
-with per-token K groups and re-quantized per channel when the block completes
-(docs/quantized_pages.md). Prompt blocks, the ones that matter for long contexts, are quantized per
-channel directly from the exact bf16 values. `tail_keys: exact` keeps KIVI's full-precision
-residual for keys: each request's partial block keeps its K in the model dtype outside the pages
-(under the request's state slot), and the block is quantized per channel from those exact values
-when it completes. Models whose keys have a few channels of very large magnitude (Qwen2.5) need it:
-a per-token scale spans those channels and rounds every other channel of the token to zero.
+Here keys follow it (`tail_keys: exact`, what `auto`, the default, picks on vLLM's V2 model runner):
+each request's partial block keeps its K in the model dtype outside the pages (under the request's
+state slot), and the block is quantized per channel from those exact values when it completes.
+Values are always staged: a partial block's V is quantized per token in its page, which is V's
+final grouping anyway. `tail_keys: staged` stages K per token in the page too and re-quantizes it
+per channel when the block completes (no extra memory, any model runner); models whose keys have a
+few channels of very large magnitude (Qwen2.5) lose their accuracy with it: a per-token scale spans
+those channels and rounds every other channel of the token to zero (docs/quantized_pages.md).
+Prompt blocks, the ones that matter for long contexts, are quantized per channel directly from the
+exact bf16 values either way.
 
 Parameters (defaults in configs/kivi.yaml)
 ----------
@@ -26,11 +28,13 @@ group_size : int or "head"
 block_size : int
     Tokens per vLLM block; also the token group of per-channel K scales.
 tail_keys : str
-    "staged" (per-token K codes in the partial block's page) or "exact" (the partial block's K kept
-    in the model dtype beside the pages: max_num_seqs x num_kv_heads x block_size x head_size
-    elements per layer; needs vLLM's V2 model runner).
+    "exact" (the partial block's K kept in the model dtype beside the pages: max_num_seqs x
+    num_kv_heads x block_size x head_size elements per layer; needs vLLM's V2 model runner),
+    "staged" (per-token K codes in the partial block's page), or "auto": exact where vLLM runs the
+    V2 model runner, else staged with a warning (`resolve_tail_keys`).
 """
 
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -40,7 +44,7 @@ from vllm_kvpress.methods.base import MethodConfig, check_choice
 ALLOWED_BITS = (2, 4, 8)
 ALLOWED_GROUP_SIZES = ("head", 16, 32, 64, 128)
 ALLOWED_BLOCK_SIZES = (16, 32, 64, 128)
-ALLOWED_TAIL_KEYS = ("staged", "exact")
+ALLOWED_TAIL_KEYS = ("auto", "exact", "staged")
 
 
 @dataclass(frozen=True)
@@ -54,7 +58,7 @@ class KiviConfig(MethodConfig):
     block_size: int
     """Tokens per vLLM block and per-channel K group."""
     tail_keys: str
-    """Where a partial block's K lives: "staged" in its page, or "exact" beside the pages."""
+    """Where a partial block's K lives: "exact" beside the pages, "staged" in its page, or "auto"."""
 
     def problems(self) -> list[str]:
         problems: list[str] = []
@@ -62,11 +66,11 @@ class KiviConfig(MethodConfig):
         check_choice("group_size", self.group_size, ALLOWED_GROUP_SIZES, problems)
         check_choice("block_size", self.block_size, ALLOWED_BLOCK_SIZES, problems)
         check_choice("tail_keys", self.tail_keys, ALLOWED_TAIL_KEYS, problems)
-        if self.evicts_tokens and self.tail_keys == "exact":
+        if self.evicts_tokens and self.tail_keys != "staged":
             # compaction moves a request's blocks; the exact tail has not been taught to follow them
             problems.append(
-                f"tail_keys='exact' is not implemented for method '{self.method}' (it evicts tokens) yet; "
-                "allowed: 'staged'"
+                f"tail_keys='{self.tail_keys}' is not implemented for method '{self.method}' (it evicts tokens) "
+                "yet; allowed: 'staged'"
             )
         return problems
 
@@ -91,5 +95,19 @@ class KiviConfig(MethodConfig):
             k_bits=self.bits,
             v_bits=self.bits,
             v_group_size=self.v_group_size(head_size),
-            exact_tail_keys=self.tail_keys == "exact",
+            exact_tail_keys=self.exact_tail_keys,
         )
+
+    @property
+    def exact_tail_keys(self) -> bool:
+        """Whether the pages' layout keeps partial blocks' keys exact. "auto" is made concrete where
+        the engine is known (`resolve_tail_keys`: at vLLM engine creation, and in the reference
+        engine); a layout made before that, as the kernel benchmarks make theirs, stages them."""
+        return self.tail_keys == "exact"
+
+    def resolve_tail_keys(self, exact_available: bool) -> "KiviConfig":
+        """This config with "auto" made concrete: exact where the model runner can keep exact tails
+        (vLLM's V2 runner hands each row's request-state slot), else staged."""
+        if self.tail_keys != "auto":
+            return self
+        return dataclasses.replace(self, tail_keys="exact" if exact_available else "staged")
