@@ -77,7 +77,7 @@ def store_codes(page, codes, row, CODES_OFF: tl.constexpr, ROWS: tl.constexpr,
     tl.store(page + CODES_OFF + offs, pack_codes(codes, ROWS, COLS, BITS))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tokens"])  # varies every step: one compile for all
 def _stage_tokens_kernel(
     key_ptr, value_ptr, stride_kt, stride_kh, stride_vt, stride_vh,
     cache_ptr, stride_cb, stride_ch, slot_mapping_ptr, tail_ptr, stride_ts, stride_th, tail_slots_ptr, num_tokens,

@@ -48,6 +48,8 @@ from vllm_kvpress.triton_kernels.exact_tail import load_tail_k, tail_arguments
 LOG2E = 1.4426950408889634
 DECODE_NUM_WARPS = 4
 DECODE_NUM_STAGES = 3
+MAX_SPLITS = 32
+"""Most splits per sequence; a power of two, the reduce kernel's fixed width."""
 
 
 @triton.jit
@@ -141,7 +143,7 @@ def _decode_split_kernel(
     part_out_ptr, part_max_ptr, part_sum_ptr,
     scale_log2, headwise_ptr, retrieval_ptr, tail_ptr, stride_ts, stride_th, tail_slots_ptr,
     HEADWISE: tl.constexpr, RETRIEVAL_HEADS: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, DOT_DTYPE: tl.constexpr,
     K_BIAS: tl.constexpr, V_BIAS: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, HEAD_SIZE: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr,
     V_GROUP: tl.constexpr, K_STAGE_GROUP: tl.constexpr, RANK: tl.constexpr, NUM_OUTLIERS: tl.constexpr,
@@ -152,6 +154,7 @@ def _decode_split_kernel(
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
+    num_splits = tl.num_programs(2)  # not a constexpr: a batch size's split count must not recompile
     seq_len = tl.load(seq_lens_ptr + seq)
     num_kv_heads = tl.num_programs(1)
     if HEADWISE:  # a head-wise packed row (razor): this KV head's own blocks and token count
@@ -160,7 +163,7 @@ def _decode_split_kernel(
     else:
         kept, chunks, middle, retrieval = 0, 0, 0, -1
     num_blocks = tl.cdiv(seq_len, BLOCK_SIZE)
-    blocks_per_split = tl.cdiv(num_blocks, NUM_SPLITS)
+    blocks_per_split = tl.cdiv(num_blocks, num_splits)
     first = split * blocks_per_split
     last = tl.minimum(first + blocks_per_split, num_blocks)
 
@@ -222,7 +225,7 @@ def _decode_split_kernel(
         acc_t += block_output_t(p_t, page, False, DOT_DTYPE, V_BIAS, BLOCK_SIZE, HEAD_SIZE, V_BITS, V_GROUP,
                                 V_CODES_OFF, V_META_OFF, V_LOWRANK_OFF, V_SPARSE_OFF, RANK, NUM_OUTLIERS)
 
-    part = (seq * NUM_SPLITS + split).to(tl.int64)
+    part = (seq * num_splits + split).to(tl.int64)
     num_heads = tl.num_programs(1) * GROUP
     base = part * num_heads + head
     tl.store(part_out_ptr + base[None, :] * HEAD_SIZE + cols[:, None], acc_t, mask=row_valid[None, :])
@@ -230,19 +233,21 @@ def _decode_split_kernel(
     tl.store(part_sum_ptr + base, running_sum, mask=row_valid)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _reduce_splits_kernel(
-    part_out_ptr, part_max_ptr, part_sum_ptr, out_ptr, stride_ot, stride_oh,
-    NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, HEAD_SIZE: tl.constexpr,
+    part_out_ptr, part_max_ptr, part_sum_ptr, out_ptr, stride_ot, stride_oh, num_splits,
+    SPLITS_PAD: tl.constexpr, HEAD_SIZE: tl.constexpr,
 ):
-    """Grid (num_seqs, num_heads): out = sum_s w_s acc_s / sum_s w_s l_s, w_s = 2^(m_s - max m)."""
+    """Grid (num_seqs, num_heads): out = sum_s w_s acc_s / sum_s w_s l_s, w_s = 2^(m_s - max m).
+    `num_splits` is a plain argument (SPLITS_PAD = MAX_SPLITS bounds it): a constexpr, or an int
+    Triton specializes on its value, compiled one kernel per decode batch size in a running engine."""
     seq = tl.program_id(0)
     head = tl.program_id(1)
     num_heads = tl.num_programs(1)
     splits = tl.arange(0, SPLITS_PAD)
     cols = tl.arange(0, HEAD_SIZE)
-    valid = splits < NUM_SPLITS
-    idx = (seq * NUM_SPLITS + splits).to(tl.int64) * num_heads + head
+    valid = splits < num_splits
+    idx = (seq * num_splits + splits).to(tl.int64) * num_heads + head
     m = tl.load(part_max_ptr + idx, mask=valid, other=float("-inf"))
     total_max = tl.max(m, 0)
     total_max = tl.where(total_max == float("-inf"), 0.0, total_max)  # all splits empty (seq_len 0)
@@ -324,6 +329,8 @@ def decode_attention(
     if num_heads % num_kv_heads:
         raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
     part_out, part_max, part_sum = split_buffers
+    if not 1 <= num_splits <= MAX_SPLITS:
+        raise ValueError(f"num_splits={num_splits}: allowed: 1 to {MAX_SPLITS}")
     if part_max.numel() < num_seqs * num_splits * num_heads:
         raise ValueError("split_buffers are too small for num_seqs * num_splits")
     if num_seqs == 0:
@@ -350,7 +357,7 @@ def decode_attention(
             part_out, part_max, part_sum,
             scale * LOG2E, row_params, retrieval, *tail_args,
             HEADWISE=headwise is not None, RETRIEVAL_HEADS=retrieval_heads,
-            NUM_SPLITS=num_splits, GROUP=group, GROUP_PAD=triton.next_power_of_2(group),
+            GROUP=group, GROUP_PAD=triton.next_power_of_2(group),
             DOT_DTYPE=dot_dtype(query.dtype), K_BIAS=code_bias(query.dtype, layout.k_bits),
             V_BIAS=code_bias(query.dtype, layout.v_bits),
             **layout.kernel_constants, num_warps=num_warps or DECODE_NUM_WARPS, num_stages=num_stages,
@@ -358,8 +365,8 @@ def decode_attention(
     else:
         raise ValueError(f"decode kernel {kernel!r}: choose 'auto', 'cuda' or 'triton'")
     _reduce_splits_kernel[(num_seqs, num_heads)](
-        part_out, part_max, part_sum, out, out.stride(0), out.stride(1),
-        NUM_SPLITS=num_splits, SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_SIZE=head_size,
+        part_out, part_max, part_sum, out, out.stride(0), out.stride(1), num_splits,
+        SPLITS_PAD=MAX_SPLITS, HEAD_SIZE=head_size,
         num_warps=1,
     )
     return out

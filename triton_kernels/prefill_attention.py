@@ -48,7 +48,7 @@ def online_softmax_step(scores, running_max, running_sum, acc, v):
     return new_max, running_sum, acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["first_seq"])  # the batch's decode count: one compile for all
 def _prefill_kernel(
     q_ptr, stride_qt, stride_qh, k_ptr, stride_kt, stride_kh, v_ptr, stride_vt, stride_vh,
     out_ptr, stride_ot, stride_oh,

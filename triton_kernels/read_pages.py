@@ -18,7 +18,7 @@ from vllm_kvpress.triton_kernels.page_format import load_block_v
 from vllm_kvpress.layout import PageLayout
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["first_row"])  # the batch's decode count: one compile for all
 def _read_pages_kernel(
     cache_ptr, stride_cb, stride_ch, block_table_ptr, stride_bt, first_row,
     num_tokens_ptr, seq_lens_ptr, dest_start_ptr,

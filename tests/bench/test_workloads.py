@@ -128,3 +128,19 @@ def test_workload_table_guards_its_context():
 def test_workload_dict_round_trip():
     for workload in WORKLOADS.values():
         assert Workload.from_dict(json.loads(json.dumps(workload.to_dict()))) == workload
+
+
+@pytest.mark.parametrize("name", ["long-prompt", "decode-heavy", "long-16k"])
+def test_the_warm_up_fills_the_context_so_prefill_chunks_read_a_cached_one(name):
+    from vllm_kvpress.bench.configs import EngineOptions
+    from vllm_kvpress.bench.workloads import WORKLOADS, warmup_for
+
+    chunk = EngineOptions().max_num_batched_tokens
+
+    workload = WORKLOADS[name]
+    warm = warmup_for(workload.model, workload.max_model_len)
+    assert warm.max_context_len == workload.max_model_len and warm.model == workload.model
+    # longer than a prefill chunk wherever the workload's own prompts are
+    if workload.prompt_len > chunk:
+        assert warm.prompt_len > chunk
+    assert warm.prompt_len >= workload.prompt_len

@@ -32,13 +32,12 @@ from vllm_kvpress.backend.state import method_config_from_vllm_config
 from vllm_kvpress.errors import KVCompressionConfigError
 from vllm_kvpress.eviction.compaction import PromptCompaction, RecentCompaction
 from vllm_kvpress.triton_kernels.cache_write import completing_tokens, max_completions
-from vllm_kvpress.triton_kernels.decode_attention import decode_kernel, split_buffers
+from vllm_kvpress.triton_kernels.decode_attention import MAX_SPLITS, decode_kernel, split_buffers
 
 logger = init_logger("vllm.kvpress")
 
 SPLIT_TARGET_WAVES = 4
 """Decode aims for this many programs per SM, cutting sequences into splits when the batch is small."""
-MAX_SPLITS = 32
 
 
 @dataclass

@@ -198,5 +198,8 @@ WARMUP = Workload(
 
 
 def warmup_for(model: str, max_model_len: int) -> Workload:
-    """The unmeasured warm-up batch for an engine of `model` and `max_model_len`."""
-    return replace(WARMUP, model=model, max_model_len=max_model_len)
+    """The unmeasured warm-up batch for an engine of `model` and `max_model_len`: prompts of the
+    whole context, so that wherever a prompt is longer than a prefill chunk its later chunks read a
+    cached context (a path the workloads take and a short prompt never does; a cold engine compiled
+    its kernel inside workload A's first steps, docs/results/step_profile_h200)."""
+    return replace(WARMUP, model=model, max_model_len=max_model_len, prompt_len=max_model_len - WARMUP.output_len)
