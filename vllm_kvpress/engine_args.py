@@ -124,10 +124,7 @@ def model_problems(vllm_config, method_config: MethodConfig) -> list[str]:
 def resolve_for_engine(vllm_config, method_config: MethodConfig) -> MethodConfig:
     """Settings that depend on the engine vLLM built (`tail_keys: auto`), made concrete in the
     config every vLLM process reads."""
-    resolve = getattr(method_config, "resolve_tail_keys", None)
-    if resolve is None:
-        return method_config
-    resolved = resolve(exact_available=vllm_config.use_v2_model_runner)
+    resolved = method_config.resolve_tail_keys(exact_available=vllm_config.use_v2_model_runner)
     if resolved is not method_config:
         if not resolved.exact_tail_keys:
             logger.warning(

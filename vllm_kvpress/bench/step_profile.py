@@ -80,15 +80,20 @@ class StepTimeline:
         per_request = scheduler_output.num_scheduled_tokens
         self.steps.append((now, sum(per_request.values()), len(per_request), self.profiling))
 
-    def summary(self, end: float) -> dict:
+    def _counted(self, end: float):
+        """(index, seconds, tokens, requests) of every step the figures count: something
+        scheduled, not profiled; a step lasts until the next schedule call (the last until `end`)."""
         ends = [step[0] for step in self.steps[1:]] + [end]
+        for i, ((start, tokens, requests, profiled), stop) in enumerate(zip(self.steps, ends)):
+            if tokens and not profiled:
+                yield i, stop - start, tokens, requests
+
+    def summary(self, end: float) -> dict:
         out = {kind: {"steps": 0, "wall_s": 0.0, "tokens": 0, "requests": 0} for kind in ("prefill", "decode")}
-        for (start, tokens, requests, profiled), stop in zip(self.steps, ends):
-            if tokens == 0 or profiled:
-                continue
+        for _, seconds, tokens, requests in self._counted(end):
             row = out["prefill" if tokens > requests else "decode"]
             row["steps"] += 1
-            row["wall_s"] += stop - start
+            row["wall_s"] += seconds
             row["tokens"] += tokens
             row["requests"] += requests
         for row in out.values():
@@ -98,12 +103,10 @@ class StepTimeline:
         return out
 
     def slowest(self, end: float, n: int = SLOWEST_STEPS) -> list[dict]:
-        """The `n` longest steps that the sums count (not profiled, something scheduled), longest
-        first; "step" is the step's index in the timeline."""
-        ends = [step[0] for step in self.steps[1:]] + [end]
-        rows = [{"step": i, "ms": 1e3 * (stop - start), "tokens": tokens, "requests": requests}
-                for i, ((start, tokens, requests, profiled), stop) in enumerate(zip(self.steps, ends))
-                if tokens and not profiled]
+        """The `n` longest steps that the sums count, longest first; "step" is the step's index in
+        the timeline."""
+        rows = [{"step": i, "ms": 1e3 * seconds, "tokens": tokens, "requests": requests}
+                for i, seconds, tokens, requests in self._counted(end)]
         return sorted(rows, key=lambda r: -r["ms"])[:n]
 
     def current(self) -> int:

@@ -47,5 +47,10 @@ class MethodConfig:
         """Whether the method frees blocks of dropped tokens (needs prefix caching off)."""
         return False
 
+    def resolve_tail_keys(self, exact_available: bool) -> "MethodConfig":
+        """This config with its engine-dependent settings made concrete (`tail_keys: auto` of the
+        quantized pages, methods/kivi.py); `exact_available`: the engine can keep exact tails."""
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, **dataclasses.asdict(self)}

@@ -403,7 +403,7 @@ class ReferenceEngine:
         self.head_size = getattr(text_config, "head_dim", None) or (
             text_config.hidden_size // text_config.num_attention_heads
         )
-        if method_config is not None and hasattr(method_config, "resolve_tail_keys"):
+        if method_config is not None:
             method_config = method_config.resolve_tail_keys(exact_available=True)  # no runner to hand slots over
         self.method_config = method_config
         self.layout = method_config.page_layout(self.head_size) if method_config is not None else None
