@@ -40,13 +40,9 @@ def tiny_llama_dir(tmp_path) -> str:
 
 @pytest.fixture
 def cpu_platform(monkeypatch):
-    """vLLM's CUDA wheel cannot infer a device on a CPU-only machine ("Failed to infer device
-    type"); pretending to be its CPU platform lets engine configs and the CLI parser be built."""
-    import vllm.platforms
-    from vllm.platforms.cpu import CpuPlatform
+    from helpers import use_cpu_platform
 
-    monkeypatch.setattr(vllm.platforms, "_current_platform", CpuPlatform(), raising=False)
-    monkeypatch.setattr(vllm.platforms, "current_platform", CpuPlatform())
+    use_cpu_platform(monkeypatch)
 
 
 @pytest.fixture
@@ -62,3 +58,12 @@ def engine_config(cpu_platform, tiny_llama_dir):
         return EngineArgs(**args).create_engine_config()
 
     return build
+
+
+@pytest.fixture
+def v2_engine_config(engine_config, monkeypatch):
+    """`engine_config` as vLLM builds it on a GPU, with its V2 model runner (helpers.use_v2_runner)."""
+    from helpers import use_v2_runner
+
+    use_v2_runner(monkeypatch)
+    return engine_config

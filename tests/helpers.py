@@ -140,15 +140,30 @@ def single_request_step_metadata(builder, block_table, context, seq_len, slot_ma
     return builder.build(0, common)
 
 
-def v2_runner_config(engine_config, monkeypatch, settings: dict, block_size: int):
-    """The tiny_llama_dir engine config for `settings` as vLLM makes it on a GPU, where it runs its V2
-    model runner (on a CPU platform vLLM picks V1: there is no Triton attention backend there)."""
+def use_cpu_platform(monkeypatch) -> None:
+    """vLLM's CUDA wheel cannot infer a device on a CPU-only machine ("Failed to infer device
+    type"); pretending to be its CPU platform lets engine configs and the CLI parser be built."""
+    import vllm.platforms
+    from vllm.platforms.cpu import CpuPlatform
+
+    monkeypatch.setattr(vllm.platforms, "_current_platform", CpuPlatform(), raising=False)
+    monkeypatch.setattr(vllm.platforms, "current_platform", CpuPlatform())
+
+
+def use_v2_runner(monkeypatch) -> None:
+    """Engine configs made from here on are as vLLM makes them on a GPU, where it runs its V2 model
+    runner (on a CPU platform vLLM picks V1: there is no Triton attention backend there). Set before
+    the config is made: the plugin checks the runner and resolves tail_keys auto against it at
+    creation; vLLM's check that this platform can run V2 is left out."""
     from vllm.config import VllmConfig
 
-    # before the config is made: the plugin resolves tail_keys auto against it at creation; vLLM's
-    # check that this platform can run V2 (it cannot: no Triton attention on a CPU) is left out
     monkeypatch.setattr(VllmConfig, "use_v2_model_runner", property(lambda self: True))
     monkeypatch.setattr(VllmConfig, "_validate_v2_model_runner", lambda self: None)
+
+
+def v2_runner_config(engine_config, monkeypatch, settings: dict, block_size: int):
+    """The engine config for `settings` as vLLM makes it on a GPU (`use_v2_runner`)."""
+    use_v2_runner(monkeypatch)
     return engine_config(block_size=block_size, additional_config={"kv_compression": settings})
 
 

@@ -121,6 +121,27 @@ def model_problems(vllm_config, method_config: MethodConfig) -> list[str]:
     return problems
 
 
+def runner_problems(vllm_config, method_config: MethodConfig) -> list[str]:
+    """What the settings need of the model runner vLLM picked for this engine (its V2 runner for
+    dense decoder models unless VLLM_USE_V2_MODEL_RUNNER=0): checked when the engine config is made,
+    before any model loads, and by the metadata builder of every worker."""
+    if vllm_config.use_v2_model_runner:
+        return []
+    problems = []
+    if method_config.evicts_tokens:
+        problems.append(
+            f"method '{method_config.method}' evicts tokens and needs vLLM's V2 model runner, which vLLM uses "
+            "for dense (non-MoE) decoder models; allowed: such a model without VLLM_USE_V2_MODEL_RUNNER=0"
+        )
+    if getattr(method_config, "tail_keys", None) == "exact":
+        problems.append(
+            "tail_keys='exact' keeps each request's partial block under its request-state slot, which only "
+            "vLLM's V2 model runner hands over; allowed: a model vLLM runs on it (dense decoder models) "
+            "without VLLM_USE_V2_MODEL_RUNNER=0, or tail_keys='staged' or 'auto'"
+        )
+    return problems
+
+
 def resolve_for_engine(vllm_config, method_config: MethodConfig) -> MethodConfig:
     """Settings that depend on the engine vLLM built (`tail_keys: auto`), made concrete in the
     config every vLLM process reads."""
@@ -196,7 +217,7 @@ def patch_engine_args() -> None:
         method_config = prepare_engine_args(self)
         vllm_config = original_create(self, *args, **kwargs)
         if method_config is not None:
-            problems = model_problems(vllm_config, method_config)
+            problems = model_problems(vllm_config, method_config) + runner_problems(vllm_config, method_config)
             if problems:
                 raise KVCompressionConfigError(problems)
             method_config = resolve_for_engine(vllm_config, method_config)

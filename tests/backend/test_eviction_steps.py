@@ -4,11 +4,12 @@ new tokens through the compacted view, exactly as the reference engine does."""
 
 import pytest
 import torch
-from helpers import impl_for, make_batch, single_request_step_metadata, v2_runner_config
+from helpers import impl_for, make_batch, single_request_step_metadata, use_v2_runner, v2_runner_config
 
 from vllm_kvpress.backend import impl as impl_module
 from vllm_kvpress.backend.metadata import KVPressMetadataBuilder
 from vllm_kvpress.config import load_method_config
+from vllm_kvpress.errors import KVCompressionConfigError
 from vllm_kvpress.eval.engines.reference import SequencePages
 from vllm_kvpress.reference import page_codec
 from vllm_kvpress.reference.attention import causal_attention
@@ -36,11 +37,9 @@ def _reference_step(reference, q, k_new, v_new):
 
 
 @pytest.mark.parametrize("budget", [48, 0.3])  # 0.3 x 150 = 45 tokens -> 3 blocks as well
-def test_prompt_is_compacted_once_and_decode_reads_the_view(budget, engine_config, monkeypatch, device):
+def test_prompt_is_compacted_once_and_decode_reads_the_view(budget, v2_engine_config, monkeypatch, device):
     settings = {**SETTINGS, "budget": budget}
-    vllm_config = engine_config(block_size=16, additional_config={"kv_compression": settings})
-    # vLLM picks its V1 runner on a CPU platform (no Triton backend there); on the GPU it is V2
-    monkeypatch.setattr(type(vllm_config), "use_v2_model_runner", property(lambda self: True))
+    vllm_config = v2_engine_config(block_size=16, additional_config={"kv_compression": settings})
     config = load_method_config(settings)
     monkeypatch.setattr(impl_module, "current_method_config", lambda: config)
     impl = impl_module.KVPressImpl(HEADS, HEAD_SIZE, HEAD_SIZE ** -0.5, KV_HEADS, None, None, "auto")
@@ -72,19 +71,23 @@ def test_prompt_is_compacted_once_and_decode_reads_the_view(budget, engine_confi
     assert reference.num_tokens == 3 * bs + 6 + 2
 
 
-def test_eviction_refuses_vllms_v1_runner(engine_config):
-    # on a CPU platform vLLM picks its V1 runner, which never hands the builder prompt lengths
+def test_eviction_refuses_vllms_v1_runner(engine_config, monkeypatch):
+    """vLLM picks its V1 runner on a CPU platform, as it does for MoE models or with
+    VLLM_USE_V2_MODEL_RUNNER=0; it never hands the builder prompt lengths. Refused when the engine
+    config is made, before a model loads, and by the builder of a config made elsewhere."""
+    with pytest.raises(KVCompressionConfigError, match="evicts tokens and needs vLLM's V2 model runner"):
+        engine_config(block_size=16, additional_config={"kv_compression": SETTINGS})
+    use_v2_runner(monkeypatch)
     vllm_config = engine_config(block_size=16, additional_config={"kv_compression": SETTINGS})
-    assert not vllm_config.use_v2_model_runner
-    with pytest.raises(Exception, match="evicts tokens and needs vLLM's V2 model runner"):
+    monkeypatch.setattr(type(vllm_config), "use_v2_model_runner", property(lambda self: False))
+    with pytest.raises(KVCompressionConfigError, match="evicts tokens and needs vLLM's V2 model runner"):
         KVPressMetadataBuilder(None, ["layer"], vllm_config, torch.device("cpu"))
 
 
-def test_flashattention_prefill_plans_over_the_compacted_view(engine_config, monkeypatch, device):
+def test_flashattention_prefill_plans_over_the_compacted_view(v2_engine_config, monkeypatch, device):
     """The varlen plan a GPU with FlashAttention gets counts the tokens the kernels see: the whole
     table while the prompt is prefilled, the compacted view for a chunk after the compaction."""
-    vllm_config = engine_config(block_size=16, additional_config={"kv_compression": SETTINGS})
-    monkeypatch.setattr(type(vllm_config), "use_v2_model_runner", property(lambda self: True))
+    vllm_config = v2_engine_config(block_size=16, additional_config={"kv_compression": SETTINGS})
     builder = KVPressMetadataBuilder(None, ["layer"], vllm_config, torch.device(device))
     builder.fa_version = 3  # what a Hopper GPU gets
     block_table = torch.randperm(16, dtype=torch.int32, device=device)[None]
@@ -171,15 +174,14 @@ def _decode_batch_metadata(builder, rows, num_padding, slots, device):
     return builder.build(0, common)
 
 
-def test_a_decode_batch_compacts_only_the_rows_at_an_eviction_point(engine_config, monkeypatch, device):
+def test_a_decode_batch_compacts_only_the_rows_at_an_eviction_point(v2_engine_config, monkeypatch, device):
     """Rows of one decode step: one reaching its first round (176 tokens), one its second (208),
     one between rounds, one whose prompt fits the budget; padding rows read the ring's spare slot."""
     from vllm_kvpress.eviction import prompt_lens
 
     monkeypatch.setattr(prompt_lens, "_step_slots", None)
-    vllm_config = engine_config(block_size=16, additional_config={"kv_compression": {**DECODE_SETTINGS,
-                                                                                       "decode_interval": 32}})
-    monkeypatch.setattr(type(vllm_config), "use_v2_model_runner", property(lambda self: True))
+    vllm_config = v2_engine_config(block_size=16, additional_config={"kv_compression": {**DECODE_SETTINGS,
+                                                                                          "decode_interval": 32}})
     builder = KVPressMetadataBuilder(None, ["layer"], vllm_config, torch.device(device))
     rows = [(175, 150), (207, 150), (180, 150), (40, 40)]  # (context, prompt); rounds at (9 + 2 m) * 16
     metadata = _decode_batch_metadata(builder, rows, 2, [7, 3, 5, 0], device)
@@ -199,12 +201,12 @@ def test_a_decode_batch_compacts_only_the_rows_at_an_eviction_point(engine_confi
         _decode_batch_metadata(builder, rows, 0, None, device)
 
 
-def test_the_recent_query_ring_is_made_at_the_first_call_for_every_request_slot(engine_config, monkeypatch,
+def test_the_recent_query_ring_is_made_at_the_first_call_for_every_request_slot(v2_engine_config, monkeypatch,
                                                                                   device):
     """Made in the memory-profiling run (no metadata), so vLLM counts it before sizing the KV cache."""
     from vllm.config import set_current_vllm_config
 
-    vllm_config = engine_config(block_size=16, additional_config={"kv_compression": DECODE_SETTINGS})
+    vllm_config = v2_engine_config(block_size=16, additional_config={"kv_compression": DECODE_SETTINGS})
     config = load_method_config(DECODE_SETTINGS)
     monkeypatch.setattr(impl_module, "current_method_config", lambda: config)
     with set_current_vllm_config(vllm_config):

@@ -10,6 +10,7 @@ from helpers import impl_for, make_batch, single_request_step_metadata, v2_runne
 from vllm_kvpress.backend import impl as impl_module
 from vllm_kvpress.backend.metadata import KVPressMetadataBuilder
 from vllm_kvpress.config import load_method_config
+from vllm_kvpress.errors import KVCompressionConfigError
 from vllm_kvpress.eval.engines.reference import SequencePages
 from vllm_kvpress.reference.attention import causal_attention
 
@@ -102,17 +103,20 @@ def test_capture_steps_read_the_spare_slot(engine_config, monkeypatch, device):
     assert set(metadata.token_slots.tolist()) == {spare}
 
 
-def test_exact_tail_refuses_vllms_v1_runner(engine_config):
-    vllm_config = engine_config(block_size=16, additional_config={"kv_compression": SETTINGS})
-    assert not vllm_config.use_v2_model_runner  # vLLM's choice on a CPU platform
-    with pytest.raises(Exception, match="tail_keys='exact' keeps each request's partial block under its "
-                                        "request-state slot, which only vLLM's V2 model runner hands over"):
+def test_exact_tail_refuses_vllms_v1_runner(engine_config, monkeypatch):
+    """Refused when the engine config is made (vLLM's choice on a CPU platform is V1), before a model
+    loads, and by the builder of a config made elsewhere."""
+    message = ("tail_keys='exact' keeps each request's partial block under its request-state slot, which only "
+               "vLLM's V2 model runner hands over")
+    with pytest.raises(KVCompressionConfigError, match=message):
+        engine_config(block_size=16, additional_config={"kv_compression": SETTINGS})
+    vllm_config = v2_runner_config(engine_config, monkeypatch, SETTINGS, 16)
+    monkeypatch.setattr(type(vllm_config), "use_v2_model_runner", property(lambda self: False))
+    with pytest.raises(KVCompressionConfigError, match=message):
         KVPressMetadataBuilder(None, ["layer"], vllm_config, torch.device("cpu"))
 
 
 def test_settings_are_checked():
-    from vllm_kvpress.errors import KVCompressionConfigError
-
     with pytest.raises(KVCompressionConfigError, match="tail_keys='bf16' is not allowed; allowed: 'auto', 'exact', 'staged'"):
         load_method_config({"method": "kivi", "tail_keys": "bf16"})
     for value in ("exact", "auto"):

@@ -31,10 +31,9 @@ def _metadata(builder, block_table, context, seq_len, slot_mapping, device):
     return single_request_step_metadata(builder, block_table, context, seq_len, slot_mapping, PROMPT, device)
 
 
-def test_razor_packs_the_prompt_once_and_each_head_decodes_over_its_own_tokens(engine_config, monkeypatch,
+def test_razor_packs_the_prompt_once_and_each_head_decodes_over_its_own_tokens(v2_engine_config, monkeypatch,
                                                                                 device):
-    vllm_config = engine_config(block_size=16, additional_config={"kv_compression": SETTINGS})
-    monkeypatch.setattr(type(vllm_config), "use_v2_model_runner", property(lambda self: True))
+    vllm_config = v2_engine_config(block_size=16, additional_config={"kv_compression": SETTINGS})
     config = load_method_config(SETTINGS)
     monkeypatch.setattr(impl_module, "current_method_config", lambda: config)
     monkeypatch.setattr(impl_module, "retrieval_heads_for_model",
@@ -118,11 +117,10 @@ def test_razor_refuses_tensor_parallelism_and_too_many_heads(cpu_platform, tiny_
                for p in too_many.problems_for_model(head_size=64, num_kv_heads=2, max_model_len=4096))
 
 
-def test_a_chunk_over_packed_pages_skips_flashattention(engine_config, monkeypatch, device):
+def test_a_chunk_over_packed_pages_skips_flashattention(v2_engine_config, monkeypatch, device):
     """FlashAttention's varlen layout has one context length per sequence; a packed row's heads have
     their own, so a prompt chunk over packed pages goes to the Triton prefill kernel."""
-    vllm_config = engine_config(block_size=16, additional_config={"kv_compression": SETTINGS})
-    monkeypatch.setattr(type(vllm_config), "use_v2_model_runner", property(lambda self: True))
+    vllm_config = v2_engine_config(block_size=16, additional_config={"kv_compression": SETTINGS})
     builder = KVPressMetadataBuilder(None, ["layer"], vllm_config, torch.device(device))
     builder.fa_version = 3  # what a Hopper GPU gets
     block_table = torch.randperm(16, dtype=torch.int32, device=device)[None]

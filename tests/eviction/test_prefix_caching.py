@@ -20,10 +20,10 @@ def evicting_method(monkeypatch):
 
 
 @pytest.mark.parametrize("requested,level", [(True, logging.WARNING), (None, logging.INFO)])
-def test_prefix_caching_is_switched_off_and_the_reason_named(engine_config, evicting_method, caplog, requested,
+def test_prefix_caching_is_switched_off_and_the_reason_named(v2_engine_config, evicting_method, caplog, requested,
                                                              level):
     with caplog.at_level(logging.INFO, logger="vllm.kvpress"):
-        cfg = engine_config(additional_config={"kv_compression": {"method": "snapkv"}},
+        cfg = v2_engine_config(additional_config={"kv_compression": {"method": "snapkv"}},
                             enable_prefix_caching=requested)
     assert cfg.cache_config.enable_prefix_caching is False
     records = [r for r in caplog.records if "prefix caching is switched off" in r.getMessage()]
@@ -33,9 +33,9 @@ def test_prefix_caching_is_switched_off_and_the_reason_named(engine_config, evic
     assert ("--enable-prefix-caching is ignored" in message) == bool(requested)
 
 
-def test_prefix_caching_off_stays_off_silently(engine_config, evicting_method, caplog):
+def test_prefix_caching_off_stays_off_silently(v2_engine_config, evicting_method, caplog):
     with caplog.at_level(logging.INFO, logger="vllm.kvpress"):
-        cfg = engine_config(additional_config={"kv_compression": {"method": "snapkv"}}, enable_prefix_caching=False)
+        cfg = v2_engine_config(additional_config={"kv_compression": {"method": "snapkv"}}, enable_prefix_caching=False)
     assert cfg.cache_config.enable_prefix_caching is False
     assert "prefix caching" not in caplog.text
 

@@ -29,6 +29,7 @@ from vllm_kvpress import cuda_decode
 from vllm_kvpress.backend.flash_prefill import FlashPrefillPlan, flash_attention_version, plan_flash_prefill
 from vllm_kvpress.backend.host_copy import copy_to_device
 from vllm_kvpress.backend.state import method_config_from_vllm_config
+from vllm_kvpress.engine_args import runner_problems
 from vllm_kvpress.errors import KVCompressionConfigError
 from vllm_kvpress.eviction.compaction import PromptCompaction, RecentCompaction
 from vllm_kvpress.triton_kernels.cache_write import completing_tokens, max_completions
@@ -120,6 +121,9 @@ class KVPressMetadataBuilder(AttentionMetadataBuilder[KVPressMetadata]):
         capacity = max_seqs + -(-SPLIT_TARGET_WAVES * self.num_sms // self.num_kv_heads)
         self.split_buffers = split_buffers(capacity, self.num_heads, model_config.get_head_size(), device)
         method_config = method_config_from_vllm_config(vllm_config)
+        problems = runner_problems(vllm_config, method_config)
+        if problems:  # a config vLLM's engine creation did not check (ours checks it there too)
+            raise KVCompressionConfigError(problems)
         layout = method_config.page_layout(model_config.get_head_size())
         self.block_size = layout.block_size
         max_tokens = vllm_config.scheduler_config.max_num_batched_tokens
@@ -159,12 +163,6 @@ class KVPressMetadataBuilder(AttentionMetadataBuilder[KVPressMetadata]):
         from vllm_kvpress.eviction.compaction_steps import patch_v2_runner_compaction_steps
         from vllm_kvpress.eviction.prompt_lens import patch_v2_runner_prompt_lens
 
-        if not vllm_config.use_v2_model_runner:
-            raise KVCompressionConfigError(
-                f"method '{self.eviction.method}' evicts tokens and needs vLLM's V2 model runner, which "
-                "vLLM uses for dense (non-MoE) decoder models; allowed: such a model without "
-                "VLLM_USE_V2_MODEL_RUNNER=0"
-            )
         patch_v2_runner_prompt_lens()
         patch_v2_runner_compaction_steps()
         max_seqs = vllm_config.scheduler_config.max_num_seqs
@@ -187,12 +185,6 @@ class KVPressMetadataBuilder(AttentionMetadataBuilder[KVPressMetadata]):
     def _init_exact_tail(self, vllm_config, device) -> None:
         from vllm_kvpress.eviction.prompt_lens import patch_v2_runner_prompt_lens
 
-        if not vllm_config.use_v2_model_runner:
-            raise KVCompressionConfigError(
-                "tail_keys='exact' keeps each request's partial block under its request-state slot, which only "
-                "vLLM's V2 model runner hands over; allowed: a model vLLM runs on it (dense decoder models) "
-                "without VLLM_USE_V2_MODEL_RUNNER=0, or tail_keys='staged'"
-            )
         patch_v2_runner_prompt_lens()  # it hands over each row's request-state slot too
         max_seqs = vllm_config.scheduler_config.max_num_seqs
         max_tokens = vllm_config.scheduler_config.max_num_batched_tokens
