@@ -49,7 +49,10 @@ LOG2E = 1.4426950408889634
 DECODE_NUM_WARPS = 4
 DECODE_NUM_STAGES = 3
 MAX_SPLITS = 32
-"""Most splits per sequence; a power of two, the reduce kernel's fixed width."""
+"""Most splits per sequence (the split buffers are sized for it)."""
+REDUCE_SPLITS_PER_STEP = 8
+"""Splits the reduction merges per loop step: 8 partial rows of registers whatever the split count
+(a batch with one split reads one step)."""
 
 
 @triton.jit
@@ -236,25 +239,37 @@ def _decode_split_kernel(
 @triton.jit(do_not_specialize=["num_splits"])
 def _reduce_splits_kernel(
     part_out_ptr, part_max_ptr, part_sum_ptr, out_ptr, stride_ot, stride_oh, num_splits,
-    SPLITS_PAD: tl.constexpr, HEAD_SIZE: tl.constexpr,
+    SPLITS_PER_STEP: tl.constexpr, HEAD_SIZE: tl.constexpr,
 ):
     """Grid (num_seqs, num_heads): out = sum_s w_s acc_s / sum_s w_s l_s, w_s = 2^(m_s - max m).
-    `num_splits` is a plain argument (SPLITS_PAD = MAX_SPLITS bounds it): a constexpr, or an int
-    Triton specializes on its value, compiled one kernel per decode batch size in a running engine."""
+    `num_splits` is a plain argument that bounds two loops (the maximum, then the weighted sums):
+    a constexpr, or an int Triton specializes on its value, compiled one kernel per decode batch
+    size in a running engine, and a tile as wide as the largest split count held 32 partial rows
+    of registers for batches that have one."""
     seq = tl.program_id(0)
     head = tl.program_id(1)
     num_heads = tl.num_programs(1)
-    splits = tl.arange(0, SPLITS_PAD)
+    steps = tl.arange(0, SPLITS_PER_STEP)
     cols = tl.arange(0, HEAD_SIZE)
-    valid = splits < num_splits
-    idx = (seq * num_splits + splits).to(tl.int64) * num_heads + head
-    m = tl.load(part_max_ptr + idx, mask=valid, other=float("-inf"))
-    total_max = tl.max(m, 0)
+    first = seq.to(tl.int64) * num_splits
+    total_max = tl.full([], float("-inf"), tl.float32)
+    for start in range(0, num_splits, SPLITS_PER_STEP):
+        splits = start + steps
+        m = tl.load(part_max_ptr + (first + splits) * num_heads + head, mask=splits < num_splits,
+                    other=float("-inf"))
+        total_max = tl.maximum(total_max, tl.max(m, 0))
     total_max = tl.where(total_max == float("-inf"), 0.0, total_max)  # all splits empty (seq_len 0)
-    weight = tl.exp2(m - total_max)
-    denom = tl.sum(tl.load(part_sum_ptr + idx, mask=valid, other=0.0) * weight, 0)
-    acc = tl.load(part_out_ptr + idx[:, None] * HEAD_SIZE + cols[None, :], mask=valid[:, None], other=0.0)
-    out = tl.sum(acc * weight[:, None], 0) / tl.where(denom > 0, denom, 1.0)
+    denom = tl.full([], 0.0, tl.float32)
+    acc = tl.zeros([HEAD_SIZE], tl.float32)
+    for start in range(0, num_splits, SPLITS_PER_STEP):
+        splits = start + steps
+        valid = splits < num_splits
+        idx = (first + splits) * num_heads + head
+        weight = tl.exp2(tl.load(part_max_ptr + idx, mask=valid, other=float("-inf")) - total_max)
+        denom += tl.sum(tl.load(part_sum_ptr + idx, mask=valid, other=0.0) * weight, 0)
+        part = tl.load(part_out_ptr + idx[:, None] * HEAD_SIZE + cols[None, :], mask=valid[:, None], other=0.0)
+        acc += tl.sum(part * weight[:, None], 0)
+    out = acc / tl.where(denom > 0, denom, 1.0)
     tl.store(out_ptr + seq.to(tl.int64) * stride_ot + head * stride_oh + cols, out.to(out_ptr.dtype.element_ty))
 
 
@@ -366,7 +381,7 @@ def decode_attention(
         raise ValueError(f"decode kernel {kernel!r}: choose 'auto', 'cuda' or 'triton'")
     _reduce_splits_kernel[(num_seqs, num_heads)](
         part_out, part_max, part_sum, out, out.stride(0), out.stride(1), num_splits,
-        SPLITS_PAD=MAX_SPLITS, HEAD_SIZE=head_size,
+        SPLITS_PER_STEP=REDUCE_SPLITS_PER_STEP, HEAD_SIZE=head_size,
         num_warps=1,
     )
     return out

@@ -53,6 +53,28 @@ def test_decode_matches_reference(method, settings, heads, kv_heads, head_size, 
     torch.testing.assert_close(out.float().cpu(), expected[:2], **TOL)
 
 
+@pytest.mark.parametrize("num_splits", [9, 32])
+def test_many_splits_merge_over_several_reduction_steps(num_splits, device):
+    """More splits than the reduction merges per step (REDUCE_SPLITS_PER_STEP): a 700-token
+    sequence in 16-token blocks fills them all, a 40-token one leaves most empty."""
+    from vllm_kvpress.triton_kernels.decode_attention import REDUCE_SPLITS_PER_STEP
+
+    assert num_splits > REDUCE_SPLITS_PER_STEP
+    layout, iters = layout_for("kivi", 64, block_size=16)
+    batch = make_batch([699, 39], [1, 1], 1, 64, 16, device=device)
+    cache, k_new, v_new = write_batch(batch, layout, iters)
+    q = torch.randn(2, 4, 64, device=device).bfloat16()
+    expected = paged_attention(
+        q.cpu(), k_new.cpu(), v_new.cpu(), batch.query_start_loc().tolist(), batch.seq_lens,
+        lambda i, s: page_codec.read_sequence(cache.cpu(), batch.block_table[i].cpu(), s, layout), 64 ** -0.5,
+    )
+    out = torch.full_like(q, float("nan"))
+    seq_lens = torch.tensor(batch.seq_lens, dtype=torch.int32, device=device)
+    decode_attention(q, cache, batch.block_table, seq_lens, out, layout, scale=64 ** -0.5, num_splits=num_splits,
+                     split_buffers=split_buffers(2 * num_splits, 4, 64, device))
+    torch.testing.assert_close(out.float().cpu(), expected, **TOL)
+
+
 @pytest.mark.parametrize("method,settings,heads,kv_heads,head_size", CASES)
 def test_prefill_matches_reference(method, settings, heads, kv_heads, head_size, device):
     layout, batch, cache, q, k_new, v_new, expected = _setup(method, settings, heads, kv_heads, head_size, device)
