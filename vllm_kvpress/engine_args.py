@@ -133,7 +133,7 @@ def runner_problems(vllm_config, method_config: MethodConfig) -> list[str]:
             f"method '{method_config.method}' evicts tokens and needs vLLM's V2 model runner, which vLLM uses "
             "for dense (non-MoE) decoder models; allowed: such a model without VLLM_USE_V2_MODEL_RUNNER=0"
         )
-    if getattr(method_config, "tail_keys", None) == "exact":
+    if method_config.exact_tail_keys:
         problems.append(
             "tail_keys='exact' keeps each request's partial block under its request-state slot, which only "
             "vLLM's V2 model runner hands over; allowed: a model vLLM runs on it (dense decoder models) "

@@ -117,6 +117,8 @@ def _run(args) -> int:
 
 
 def add_parser(subparsers) -> None:
+    from vllm_kvpress.methods.kivi import ALLOWED_BITS, ALLOWED_BLOCK_SIZES
+
     p = subparsers.add_parser(
         "key-errors",
         help="whether a model's keys need tail_keys: exact (score error of staged against per-channel keys)",
@@ -125,8 +127,8 @@ def add_parser(subparsers) -> None:
         "staged error means the model needs tail_keys: exact."
     )
     p.add_argument("model", help="an embedded model (smollm2, qwen0.5b) or a Hugging Face checkpoint directory")
-    p.add_argument("--bits", type=int, choices=(2, 4, 8), default=4, help="code width (default 4)")
-    p.add_argument("--block-size", type=int, choices=(16, 32, 64, 128), default=64, help="tokens per block (64)")
+    p.add_argument("--bits", type=int, choices=ALLOWED_BITS, default=4, help="code width (default 4)")
+    p.add_argument("--block-size", type=int, choices=ALLOWED_BLOCK_SIZES, default=64, help="tokens per block (64)")
     p.add_argument("--tokens", type=int, default=1024, help="prompt tokens of the forward pass (default 1024)")
     p.add_argument("--out", default=None, help="also write the table to this file")
     p.set_defaults(run=_run)

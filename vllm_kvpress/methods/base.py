@@ -47,6 +47,12 @@ class MethodConfig:
         """Whether the method frees blocks of dropped tokens (needs prefix caching off)."""
         return False
 
+    @property
+    def exact_tail_keys(self) -> bool:
+        """Whether partial blocks' keys are kept exact beside the pages (`tail_keys: exact` of the
+        quantized pages, methods/kivi.py): they need vLLM's V2 model runner."""
+        return False
+
     def resolve_tail_keys(self, exact_available: bool) -> "MethodConfig":
         """This config with its engine-dependent settings made concrete (`tail_keys: auto` of the
         quantized pages, methods/kivi.py); `exact_available`: the engine can keep exact tails."""
