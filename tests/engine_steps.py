@@ -47,7 +47,7 @@ def scheduled_steps(prompts: list[int], output_tokens: int, token_budget: int):
                 chunk = min(left, prompt - cached[r])
                 rows.append((r, cached[r], chunk))
                 left -= chunk
-        for r, context, new in rows:
+        for r, _, new in rows:
             cached[r] += new
             generated[r] += cached[r] >= prompts[r]  # a finished prompt samples its first token
         yield rows

@@ -10,7 +10,7 @@ from vllm_kvpress.layout import PageLayout
 
 def layout_for(method: str, head_size: int, **overrides) -> tuple[PageLayout, int]:
     config = load_method_config({"method": method, **overrides})
-    return config.page_layout(head_size), getattr(config, "power_iters", 1)
+    return config.page_layout(head_size), config.pages.power_iters
 
 
 @dataclass
@@ -175,6 +175,55 @@ def impl_for(vllm_config, monkeypatch, heads: int, kv_heads: int, head_size: int
     from vllm_kvpress.config import load_method_config
 
     config = load_method_config(vllm_config.additional_config["kv_compression"])
-    monkeypatch.setattr(impl_module, "current_method_config", lambda: config)
+    monkeypatch.setattr(impl_module, "current_method", lambda: config)
     with set_current_vllm_config(vllm_config):
         return impl_module.KVPressImpl(heads, head_size, head_size ** -0.5, kv_heads, None, None, "auto")
+
+
+def reference_step(reference, q, k_new, v_new, scale: float):
+    """The reference engine's attention for a step of the worker (prefill chunks attend to their
+    fresh K/V), and the stored tokens its `append` returned."""
+    from vllm_kvpress.reference.attention import causal_attention
+
+    stored_k, stored_v = reference.append(k_new.cpu(), v_new.cpu())
+    attended_k, attended_v = stored_k, stored_v
+    if q.shape[0] > 1:
+        past = reference.num_tokens - q.shape[0]
+        attended_k = torch.cat([stored_k[:past], k_new.cpu().float()])
+        attended_v = torch.cat([stored_v[:past], v_new.cpu().float()])
+    return causal_attention(q.cpu(), attended_k, attended_v, scale), stored_k, stored_v
+
+
+def run_steps_against_reference(impl, builder, method, steps, prompt_len: int, num_heads: int, device,
+                                request_slot: int | None = None, check=None):
+    """One request's steps [(context, seq_len)] through the metadata builder and the impl (the
+    cache update, then attention, then any compaction), each step's output compared with the
+    reference engine's attention over its own pages, which compact as the worker's do
+    (`SequencePages.compact_if_due`). `check(context, seq_len, metadata)` runs on every step's
+    metadata (its buffers are the builder's persistent ones: read them there). Returns the
+    reference's `SequencePages`."""
+    from vllm_kvpress.eval.engines.reference import SequencePages
+
+    layout, bs = impl.layout, impl.layout.block_size
+    kv_heads, head_size, scale = impl.num_kv_heads, impl.head_size, impl.scale
+    batch = make_batch([0], [steps[-1][1]], kv_heads, head_size, bs, device=device)
+    k_all, v_all = batch.full_k[0], batch.full_v[0]
+    cache = torch.zeros(batch.block_table.max() + 1, kv_heads, layout.bytes_per_head, dtype=torch.uint8, device=device)
+    reference = SequencePages(layout, method.pages.power_iters, kv_heads, steps[-1][1], torch.device("cpu"),
+                              eviction=method.eviction, prompt_len=prompt_len)
+    for context, seq_len in steps:
+        slots = batch.slots(0, context, seq_len, bs).to(device)
+        metadata = single_request_step_metadata(builder, batch.block_table, context, seq_len, slots, prompt_len,
+                                                device, request_slot=request_slot)
+        if check is not None:
+            check(context, seq_len, metadata)
+        k_new, v_new = k_all[context:seq_len], v_all[context:seq_len]
+        impl.do_kv_cache_update(None, k_new, v_new, cache, slots)
+        q = torch.randn(seq_len - context, num_heads, head_size, device=device).bfloat16()
+        out = torch.full_like(q, float("nan"))
+        impl.forward(None, q, k_new, v_new, cache, metadata, out)
+        expected, stored_k, stored_v = reference_step(reference, q, k_new, v_new, scale)
+        torch.testing.assert_close(out.float().cpu(), expected, atol=3e-2, rtol=2e-2,
+                                   msg=f"step ({context}, {seq_len})")
+        reference.compact_if_due(q.cpu(), stored_k, stored_v, scale)
+    return reference

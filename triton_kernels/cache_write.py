@@ -20,11 +20,8 @@ import functools
 import torch
 import triton
 import triton.language as tl
-
-from vllm_kvpress.layout import PageLayout
 from vllm_kvpress.triton_kernels.checks import check_tensor
 from vllm_kvpress.triton_kernels.exact_tail import load_tail_k, tail_arguments, tail_rows
-from vllm_kvpress.reference.gear import GOLDEN, POWER_ITER_EPS, ZSCORE_EPS
 from vllm_kvpress.triton_kernels.page_format import (
     fp16_ptr,
     int16_ptr,
@@ -32,6 +29,9 @@ from vllm_kvpress.triton_kernels.page_format import (
     load_block_v,
     pack_codes,
 )
+
+from vllm_kvpress.encoding import GOLDEN, POWER_ITER_EPS, ZSCORE_EPS
+from vllm_kvpress.layout import PageLayout
 
 _GOLDEN = tl.constexpr(GOLDEN)
 _ZSCORE_EPS = tl.constexpr(ZSCORE_EPS)
@@ -261,7 +261,8 @@ def _encode_blocks_kernel(
     cache_ptr, stride_cb, stride_ch, slot_mapping_ptr, tokens_ptr, tail_ptr, stride_ts, stride_th, tail_slots_ptr,
     BLOCK_SIZE: tl.constexpr, HEAD_SIZE: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr,
     V_GROUP: tl.constexpr, K_STAGE_GROUP: tl.constexpr, RANK: tl.constexpr, NUM_OUTLIERS: tl.constexpr,
-    EXACT_TAIL: tl.constexpr, POWER_ITERS: tl.constexpr, K_CODES_OFF: tl.constexpr, V_CODES_OFF: tl.constexpr, K_META_OFF: tl.constexpr,
+    EXACT_TAIL: tl.constexpr, POWER_ITERS: tl.constexpr, K_CODES_OFF: tl.constexpr, V_CODES_OFF: tl.constexpr,
+    K_META_OFF: tl.constexpr,
     V_META_OFF: tl.constexpr, K_LOWRANK_OFF: tl.constexpr, V_LOWRANK_OFF: tl.constexpr,
     K_SPARSE_OFF: tl.constexpr, V_SPARSE_OFF: tl.constexpr,
 ):

@@ -1,9 +1,9 @@
 """Owns decode attention over compressed pages: split-KV, dequantization folded into the matmuls.
 
-`_decode_split_kernel`, grid (num_seqs, num_kv_heads, num_splits): one program takes all query
-heads of one KV head (the GQA group, padded to a power of two; Triton pads `tl.dot` to its MMA shape) and a contiguous run
-of that sequence's blocks, reads each packed block once and keeps an online softmax. Decode is
-bound by the bytes it reads, so the per-element work is kept to unpacking codes:
+`_decode_split_kernel`, grid (num_seqs, num_kv_heads, num_splits): one program takes all query heads
+of one KV head (the GQA group, padded to a power of two; Triton pads `tl.dot` to its MMA shape) and
+a contiguous run of that sequence's blocks, reads each packed block once and keeps an online
+softmax. Decode is bound by the bytes it reads, so the per-element work is kept to unpacking codes:
 
 - K of a complete block is `code * s_c + z_c` per channel, so q.k = (q * s).code + q.z: the scale
   goes into the (few-row) query once per block instead of into the (block_size-row) key tile;
@@ -15,35 +15,29 @@ bound by the bytes it reads, so the per-element work is kept to unpacking codes:
   the A operand, packed along the dimension the product reduces over (layout.py), so Triton feeds
   them to the tensor cores straight from registers; only the few query rows go through shared memory.
 
-`_reduce_splits_kernel`, grid (num_seqs, num_heads), merges the splits, whichever kernel wrote them:
-`decode_attention` runs the CUDA split kernel (vllm_kvpress/cuda_decode.py) wherever it takes the
-pages, since it reaches the tensor cores without Triton's layout conversions. The grid depends only on
-the batch size, never on sequence lengths, so the launch is CUDA-graph safe.
+`_reduce_splits_kernel`, grid (num_seqs, num_heads), merges the splits, whichever kernel wrote them
+(`vllm_kvpress.decode` runs the CUDA split kernel, vllm_kvpress/cuda_decode.py, wherever it takes the
+pages, since it reaches the tensor cores without Triton's layout conversions). The grid depends only
+on the batch size, never on sequence lengths, so the launch is CUDA-graph safe.
 """
-
-import functools
 
 import torch
 import triton
 import triton.language as tl
-from vllm_kvpress.triton_kernels.checks import check_tensor
+from vllm_kvpress.triton_kernels.exact_tail import load_tail_k
 from vllm_kvpress.triton_kernels.page_format import (
-    headwise_arguments,
-    headwise_block,
-    headwise_row,
-    INTERPRETER,
     code_bias,
     dequantize_staged_k,
     dot_dtype,
     fp16_ptr,
+    headwise_block,
+    headwise_row,
     load_codes,
     load_codes_operand,
     load_outliers,
 )
 
-from vllm_kvpress import cuda_decode
 from vllm_kvpress.layout import PageLayout
-from vllm_kvpress.triton_kernels.exact_tail import load_tail_k, tail_arguments
 
 LOG2E = 1.4426950408889634
 DECODE_NUM_WARPS = 4
@@ -273,18 +267,6 @@ def _reduce_splits_kernel(
     tl.store(out_ptr + seq.to(tl.int64) * stride_ot + head * stride_oh + cols, out.to(out_ptr.dtype.element_ty))
 
 
-@functools.cache
-def decode_kernel(layout: PageLayout, group: int, query_dtype: torch.dtype, device: torch.device) -> tuple[str, str]:
-    """("cuda" | "triton", why) for decode over these pages: the CUDA kernel wherever it takes them
-    (it reads the same pages with fewer instructions), Triton under TRITON_INTERPRET and elsewhere."""
-    if INTERPRETER:
-        return "triton", "TRITON_INTERPRET=1 runs Triton kernels on the CPU"
-    reason = cuda_decode.unavailable_reason(layout, group, query_dtype, device)
-    if reason:
-        return "triton", f"the CUDA kernel does not take {reason}"
-    return "cuda", "csrc/decode_attention.cu takes these pages"
-
-
 def split_buffers(max_seqs_times_splits: int, num_heads: int, head_size: int, device) -> tuple[torch.Tensor, ...]:
     """Partial-result buffers (out, max, sum) for up to `max_seqs_times_splits` (seq, split) pairs."""
     rows = max_seqs_times_splits * num_heads
@@ -295,90 +277,50 @@ def split_buffers(max_seqs_times_splits: int, num_heads: int, head_size: int, de
     )
 
 
-def decode_attention(
+def decode_splits(
     query: torch.Tensor,
     cache: torch.Tensor,
     block_table: torch.Tensor,
     seq_lens: torch.Tensor,
-    out: torch.Tensor,
     layout: PageLayout,
     *,
     scale: float,
     num_splits: int,
     split_buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    headwise_args: tuple,
+    tail_args: tuple,
+    headwise: bool,
     num_warps: int | None = None,
     num_stages: int = DECODE_NUM_STAGES,
-    kernel: str = "auto",
-    min_ctas: int = cuda_decode.MIN_CTAS,
-    headwise: tuple[torch.Tensor, torch.Tensor, int] | None = None,
-    tail: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """Attention of one decode token per sequence over its compressed pages.
-
-    Args:
-        query: [num_seqs, num_heads, head_size] fp16/bf16, row i = the decode token of sequence i.
-        cache: uint8 [num_blocks, num_kv_heads, layout.bytes_per_head].
-        block_table: int32 [>= num_seqs, max_blocks]; seq_lens: int32 [>= num_seqs] (this token included).
-        out: [num_seqs, num_heads, head_size] written in place (query dtype).
-        num_splits: blocks of a sequence are cut into this many runs (fixed per batch size).
-        split_buffers: from `split_buffers(>= num_seqs * num_splits, num_heads, head_size)`.
-        num_warps: warps per program (Triton) or CTA (CUDA), None for the kernel's own default;
-            num_stages (Triton), min_ctas (CUDA's `__launch_bounds__`): launch tuning, the defaults
-            are the microbenchmark's picks (and the CUDA build the metadata builder makes up front).
-        kernel: "cuda" (csrc/decode_attention.cu), "triton" (this module), or "auto": CUDA wherever
-            it takes the pages (`decode_kernel`), Triton elsewhere. Both write the same splits.
-        headwise: for head-wise packed requests (RazorAttention, eviction/headwise.py): int32
-            [>= num_seqs, 3] (kept K, chunks n, middle M) per row, int32 [num_kv_heads] each KV
-            head's rank among the layer's retrieval heads (-1: not one), and their count R. Rows
-            with n = M = 0 read as usual. "auto" reads them with the Triton kernel.
-        tail: with `layout.exact_tail_keys`: (the layer's exact tail, int32 [>= num_seqs] each
-            row's request-state slot), where partial blocks keep their keys (exact_tail.py).
-    """
-    num_seqs, num_heads, head_size = query.shape
+) -> None:
+    """The split pass in Triton: each (sequence, KV head, split) program's partial results into
+    `split_buffers`. Arguments as `vllm_kvpress.decode.decode_attention`, which checks them;
+    `headwise_args` / `tail_args` from `headwise_arguments` / `tail_arguments`."""
+    num_seqs, num_heads, _ = query.shape
     num_kv_heads = cache.shape[1]
-    check_tensor("query", query, dtype=(torch.float16, torch.bfloat16), shape=(None, None, layout.head_size))
-    check_tensor("cache", cache, dtype=torch.uint8, shape=(None, None, layout.bytes_per_head))
-    check_tensor("block_table", block_table, dtype=torch.int32, ndim=2)
-    check_tensor("seq_lens", seq_lens, dtype=torch.int32, ndim=1)
-    check_tensor("out", out, dtype=query.dtype, shape=(num_seqs, num_heads, head_size))
-    if num_heads % num_kv_heads:
-        raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
-    part_out, part_max, part_sum = split_buffers
-    if not 1 <= num_splits <= MAX_SPLITS:
-        raise ValueError(f"num_splits={num_splits}: allowed: 1 to {MAX_SPLITS}")
-    if part_max.numel() < num_seqs * num_splits * num_heads:
-        raise ValueError("split_buffers are too small for num_seqs * num_splits")
-    if num_seqs == 0:
-        return out
     group = num_heads // num_kv_heads
-    row_params, retrieval, retrieval_heads = headwise_arguments(headwise, num_kv_heads, block_table)
-    tail_args = tail_arguments(tail, layout, block_table)
-    if headwise is not None and kernel == "auto":
-        # the CUDA kernel's head-wise path passed tests/gpu/test_cuda_decode.py but has not run in an engine yet
-        kernel = "triton"
-    if kernel == "auto":
-        kernel = decode_kernel(layout, group, query.dtype, query.device)[0]
-    if kernel == "cuda":
-        cuda_decode.decode_split(query, cache, block_table, seq_lens, layout, scale_log2=scale * LOG2E,
-                                 num_splits=num_splits, split_buffers=split_buffers,
-                                 num_warps=num_warps or cuda_decode.NUM_WARPS, min_ctas=min_ctas,
-                                 headwise=None if headwise is None else (row_params, retrieval, retrieval_heads),
-                                 tail=None if tail is None else tail_args)
-    elif kernel == "triton":
-        _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
-            query, query.stride(0), query.stride(1),
-            cache, cache.stride(0), cache.stride(1),
-            block_table, block_table.stride(0), seq_lens,
-            part_out, part_max, part_sum,
-            scale * LOG2E, row_params, retrieval, *tail_args,
-            HEADWISE=headwise is not None, RETRIEVAL_HEADS=retrieval_heads,
-            GROUP=group, GROUP_PAD=triton.next_power_of_2(group),
-            DOT_DTYPE=dot_dtype(query.dtype), K_BIAS=code_bias(query.dtype, layout.k_bits),
-            V_BIAS=code_bias(query.dtype, layout.v_bits),
-            **layout.kernel_constants, num_warps=num_warps or DECODE_NUM_WARPS, num_stages=num_stages,
-        )
-    else:
-        raise ValueError(f"decode kernel {kernel!r}: choose 'auto', 'cuda' or 'triton'")
+    part_out, part_max, part_sum = split_buffers
+    row_params, retrieval, retrieval_heads = headwise_args
+    _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
+        query, query.stride(0), query.stride(1),
+        cache, cache.stride(0), cache.stride(1),
+        block_table, block_table.stride(0), seq_lens,
+        part_out, part_max, part_sum,
+        scale * LOG2E, row_params, retrieval, *tail_args,
+        HEADWISE=headwise, RETRIEVAL_HEADS=retrieval_heads,
+        GROUP=group, GROUP_PAD=triton.next_power_of_2(group),
+        DOT_DTYPE=dot_dtype(query.dtype), K_BIAS=code_bias(query.dtype, layout.k_bits),
+        V_BIAS=code_bias(query.dtype, layout.v_bits),
+        **layout.kernel_constants, num_warps=num_warps or DECODE_NUM_WARPS, num_stages=num_stages,
+    )
+
+
+def reduce_splits(split_buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor], out: torch.Tensor,
+                  num_splits: int) -> torch.Tensor:
+    """Merge the splits of every (sequence, query head), whichever kernel wrote them, into `out`
+    [num_seqs, num_heads, head_size]."""
+    num_seqs, num_heads, head_size = out.shape
+    part_out, part_max, part_sum = split_buffers
     _reduce_splits_kernel[(num_seqs, num_heads)](
         part_out, part_max, part_sum, out, out.stride(0), out.stride(1), num_splits,
         SPLITS_PER_STEP=REDUCE_SPLITS_PER_STEP, HEAD_SIZE=head_size,

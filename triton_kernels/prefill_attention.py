@@ -4,19 +4,17 @@
     |----------------------------- seq_len --------------------------------------|
                                          |-------------- query_len ------------|
 
-`_prefill_kernel`, grid (num_prefill_seqs, cdiv(max_query_len, BLOCK_M / group), num_kv_heads):
-one program holds BLOCK_M rows, every query head of one KV head for BLOCK_M / group query tokens
-(the GQA group padded to a power of two). It first walks the context blocks (dequantized in
-registers, once for the whole group, through the same helpers as decode), then the chunk's own
-keys from the fresh K/V tensors under the causal mask, with one online softmax. The chunk's tokens were already written to the pages;
-reading them fresh keeps prefill attention exact, as KIVI and GEAR do.
+`_prefill_kernel`, grid (num_prefill_seqs, cdiv(max_query_len, BLOCK_M / group), num_kv_heads): one
+program holds BLOCK_M rows, every query head of one KV head for BLOCK_M / group query tokens (the
+GQA group padded to a power of two). It first walks the context blocks (dequantized in registers,
+once for the whole group, through the same helpers as decode), then the chunk's own keys from the
+fresh K/V tensors under the causal mask, with one online softmax. The chunk's tokens were already
+written to the pages; reading them fresh keeps prefill attention exact, as KIVI and GEAR do.
 """
 
 import torch
 import triton
 import triton.language as tl
-
-from vllm_kvpress.layout import PageLayout
 from vllm_kvpress.triton_kernels.checks import check_tensor
 from vllm_kvpress.triton_kernels.decode_attention import LOG2E
 from vllm_kvpress.triton_kernels.exact_tail import load_stored_k, tail_arguments
@@ -27,6 +25,8 @@ from vllm_kvpress.triton_kernels.page_format import (
     headwise_row,
     load_block_v,
 )
+
+from vllm_kvpress.layout import PageLayout
 
 BLOCK_M = 64
 BLOCK_N = 64

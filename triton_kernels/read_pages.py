@@ -25,7 +25,8 @@ def _read_pages_kernel(
     k_out_ptr, v_out_ptr, stride_ot, stride_oh, tail_ptr, stride_ts, stride_th, tail_slots_ptr,
     BLOCK_SIZE: tl.constexpr, HEAD_SIZE: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr,
     V_GROUP: tl.constexpr, K_STAGE_GROUP: tl.constexpr, RANK: tl.constexpr, NUM_OUTLIERS: tl.constexpr,
-    EXACT_TAIL: tl.constexpr, K_CODES_OFF: tl.constexpr, V_CODES_OFF: tl.constexpr, K_META_OFF: tl.constexpr, V_META_OFF: tl.constexpr,
+    EXACT_TAIL: tl.constexpr, K_CODES_OFF: tl.constexpr, V_CODES_OFF: tl.constexpr, K_META_OFF: tl.constexpr,
+    V_META_OFF: tl.constexpr,
     K_LOWRANK_OFF: tl.constexpr, V_LOWRANK_OFF: tl.constexpr, K_SPARSE_OFF: tl.constexpr,
     V_SPARSE_OFF: tl.constexpr,
 ):

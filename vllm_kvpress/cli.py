@@ -11,13 +11,13 @@ import importlib
 import sys
 
 SUBCOMMAND_MODULES = {
-    "methods": "vllm_kvpress.methods.cli",
+    "methods": "vllm_kvpress.method_list",
     "model": "vllm_kvpress.models",
     "eval": "vllm_kvpress.eval.cli",
     "agree": "vllm_kvpress.eval.agreement",
     "bench": "vllm_kvpress.bench.cli",
     "report": "vllm_kvpress.bench.report",
-    "retrieval-heads": "vllm_kvpress.methods.retrieval_heads",
+    "retrieval-heads": "vllm_kvpress.eval.retrieval_heads",
     "key-errors": "vllm_kvpress.eval.key_errors",
 }
 

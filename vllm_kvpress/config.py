@@ -1,26 +1,21 @@
 """Owns turning what a user typed (`--kv-compression NAME`, `--kv-compression-config JSON|FILE`,
-or `additional_config["kv_compression"]`) into one validated, typed method config."""
+or `additional_config["kv_compression"]`) into one validated, typed method: the method's class from
+the registry, its settings over the class's defaults."""
 
-import dataclasses
+import functools
 import json
 import os
 from collections.abc import Mapping
-from importlib import resources
 from typing import Any
 
 import yaml
 
-from vllm_kvpress.errors import KVCompressionConfigError, MethodNotImplementedError
-from vllm_kvpress.methods import CONFIG_CLASSES, METHODS, MethodConfig, Status, available_method_names
+from vllm_kvpress.errors import KVCompressionConfigError
+from vllm_kvpress.methods.base import CompressionMethod
+from vllm_kvpress.methods.registry import method_class
 
 ADDITIONAL_CONFIG_KEY = "kv_compression"
 """Key of our settings inside vLLM's `additional_config`, which vLLM pickles to every process."""
-
-
-def method_defaults(method: str) -> dict[str, Any]:
-    """The defaults of an available method, read from its `configs/<method>.yaml`."""
-    text = resources.files("vllm_kvpress.configs").joinpath(f"{method}.yaml").read_text()
-    return yaml.safe_load(text) or {}
 
 
 def parse_config_argument(value: str) -> dict[str, Any]:
@@ -45,8 +40,8 @@ def parse_config_argument(value: str) -> dict[str, Any]:
     return parsed
 
 
-def load_method_config(settings: Mapping[str, Any]) -> MethodConfig:
-    """Validate `{"method": NAME, **overrides}` against the method's YAML defaults and typed config.
+def load_method_config(settings: Mapping[str, Any]) -> CompressionMethod:
+    """Validate `{"method": NAME, **overrides}` against the method's class and its defaults.
 
     Raises:
         KVCompressionConfigError: unknown method, unknown key, or a value out of range (all listed).
@@ -56,29 +51,24 @@ def load_method_config(settings: Mapping[str, Any]) -> MethodConfig:
         raise KVCompressionConfigError(
             f"additional_config['{ADDITIONAL_CONFIG_KEY}'] must be a mapping, got {type(settings).__name__}"
         )
-    method = settings.get("method")
-    if method not in METHODS:
+    cls = method_class(settings.get("method"))
+    return cls.from_settings({k: v for k, v in settings.items() if k != "method"}, method_class)
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_method(frozen_settings: str) -> CompressionMethod:
+    return load_method_config(json.loads(frozen_settings))
+
+
+def method_from_vllm_config(vllm_config) -> CompressionMethod:
+    """The validated method carried by `vllm_config` (cached: every attention layer asks), or a
+    clear error if there is none."""
+    settings = (vllm_config.additional_config or {}).get(ADDITIONAL_CONFIG_KEY)
+    if settings is None:
         raise KVCompressionConfigError(
-            f"method={method!r} is unknown; allowed: {', '.join(sorted(METHODS))}"
+            "the CUSTOM attention backend is vllm-kvpress, but no compression method is configured; "
+            "pass --kv-compression NAME, or additional_config={'kv_compression': {'method': NAME}}"
         )
-    info = METHODS[method]
-    if info.status is Status.PLANNED:
-        raise MethodNotImplementedError(
-            f"--kv-compression {method}: {info.paper} is planned but not implemented yet "
-            f"in vllm-kvpress; available now: {', '.join(available_method_names())}"
-        )
-    config_cls = CONFIG_CLASSES[method]
-    overrides = {k: v for k, v in settings.items() if k != "method"}
-    field_names = [f.name for f in dataclasses.fields(config_cls)]
-    unknown = sorted(set(overrides) - set(field_names))
-    if unknown:
-        raise KVCompressionConfigError(
-            f"unknown setting(s) {', '.join(unknown)} for method '{method}'; "
-            f"allowed: {', '.join(field_names)}"
-        )
-    values = {**method_defaults(method), **overrides}
-    config = config_cls(**{name: values[name] for name in field_names})
-    problems = [f"{method}: {p}" for p in config.problems()]
-    if problems:
-        raise KVCompressionConfigError(problems)
-    return config
+    if not isinstance(settings, Mapping):
+        return load_method_config(settings)  # raises, naming the type
+    return _cached_method(json.dumps(settings, sort_keys=True))

@@ -6,8 +6,8 @@ moves the packed tiles between its own layouts before they reach the tensor core
 loads each thread's mma fragments straight from the page. It is built at run time by NVRTC (the
 `nvidia-cuda-nvrtc` library PyTorch ships), so it needs no CUDA toolkit and no compiled extension,
 once per (page layout, GQA group, query dtype, launch shape), and cached for the process. It writes
-the Triton kernel's split format; `triton_kernels.decode_attention` merges the splits and picks the
-kernel (`unsupported_reason` says why a layout stays on Triton).
+the Triton kernel's split format; `vllm_kvpress.decode` picks the kernel and merges the splits
+(`unsupported_reason` says why a layout stays on Triton).
 """
 
 import functools
@@ -162,7 +162,7 @@ def decode_split(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Te
                  num_warps: int = NUM_WARPS, min_ctas: int = MIN_CTAS,
                  headwise: tuple[torch.Tensor, torch.Tensor, int] | None = None,
                  tail: tuple[torch.Tensor, int, int, torch.Tensor] | None = None) -> None:
-    """The split pass of `triton_kernels.decode_attention.decode_attention` (same arguments, checked
+    """The split pass of `vllm_kvpress.decode.decode_attention` (same arguments, checked
     there): partial (out, max, sum) per (sequence, split, head) into `split_buffers`; `tail`: the
     exact tail's (buffer, slot stride, head stride, per-row slots), as `exact_tail.tail_arguments`
     gives them."""

@@ -1,11 +1,10 @@
-"""Owns the `--kv-compression` flags: three wraps of vLLM 0.26.0 `EngineArgs`.
-
-vLLM builds its CLI from `EngineArgs` fields and offers plugins no hook for new flags, so:
+"""Owns the `--kv-compression` flags and the vLLM settings they imply, through three wraps of vLLM
+0.26.0 `EngineArgs` (vllm_kvpress/vllm_patches.py):
 - `add_cli_args` adds the flags in their own argument group (`vllm serve --help=KVCompression`);
-- `from_cli_args` folds them into `additional_config["kv_compression"]`, which vLLM pickles to the
-  engine core, every worker and every Ray actor;
-- `create_engine_config` validates the settings and the vLLM flags they must agree with, before
-  any GPU memory is touched. It also serves the flag-free forms
+- `fold_cli_settings` folds them into `additional_config["kv_compression"]`, which vLLM pickles to
+  the engine core, every worker and every Ray actor;
+- `prepare_engine_args` and `finish_engine_config` validate the settings and the vLLM flags they
+  must agree with, before any GPU memory is touched. They also serve the flag-free forms
   (`--additional-config '{"kv_compression": {...}}'` and `LLM(..., additional_config=...)`).
 """
 
@@ -14,9 +13,11 @@ from typing import Any
 
 from vllm.logger import init_logger
 
+from vllm_kvpress.backend.runner import runner_problems
 from vllm_kvpress.config import ADDITIONAL_CONFIG_KEY, load_method_config, parse_config_argument
 from vllm_kvpress.errors import KVCompressionConfigError
-from vllm_kvpress.methods import METHODS, MethodConfig
+from vllm_kvpress.methods.base import CompressionMethod
+from vllm_kvpress.methods.registry import method_table
 
 logger = init_logger("vllm.kvpress")
 
@@ -27,28 +28,28 @@ UNCOMPRESSED_CACHE_DTYPES = ("auto", "bfloat16", "float16")
 
 
 def _method_help() -> str:
-    listed = ", ".join(f"{m.name} ({m.status.value})" for m in METHODS.values())
+    listed = ", ".join(f"{m.name} ({m.status.value})" for m in method_table())
     return f"KV-cache compression method (vllm-kvpress). Methods: {listed}."
 
 
 def add_cli_args(parser):
     group = parser.add_argument_group(CLI_GROUP, "KV-cache compression by the vllm-kvpress plugin.")
     group.add_argument(
-        "--kv-compression", type=str, default=None, choices=list(METHODS), metavar="NAME",
+        "--kv-compression", type=str, default=None, choices=[m.name for m in method_table()], metavar="NAME",
         help=_method_help(),
     )
     group.add_argument(
         "--kv-compression-config", type=str, default=None, metavar="JSON|FILE",
         help="Settings of the method as a JSON object (e.g. '{\"bits\": 2}') or a path to a "
-        ".yaml/.json file; unset fields take the defaults of configs/<method>.yaml.",
+        ".yaml/.json file; unset fields keep the method's defaults (vllm-kvpress methods lists them).",
     )
     return parser
 
 
 def settings_from_cli(args: argparse.Namespace) -> dict[str, Any] | None:
     """`{"method": ..., **overrides}` from the two flags, or None when neither is given."""
-    method = getattr(args, "kv_compression", None)
-    raw = getattr(args, "kv_compression_config", None)
+    method = vars(args).get("kv_compression")
+    raw = vars(args).get("kv_compression_config")
     if method is None and raw is None:
         return None
     overrides = parse_config_argument(raw) if raw is not None else {}
@@ -65,7 +66,7 @@ def settings_from_cli(args: argparse.Namespace) -> dict[str, Any] | None:
     return {"method": method or file_method, **overrides}
 
 
-def engine_args_problems(engine_args, method_config: MethodConfig) -> list[str]:
+def engine_args_problems(engine_args, method_config: CompressionMethod) -> list[str]:
     """Every vLLM setting that cannot be combined with compressed pages, named with its fix."""
     problems = []
     if engine_args.kv_cache_dtype not in UNCOMPRESSED_CACHE_DTYPES:
@@ -74,7 +75,7 @@ def engine_args_problems(engine_args, method_config: MethodConfig) -> list[str]:
             f"{method_config.method}, which stores its own packed codes; allowed: "
             f"{', '.join(UNCOMPRESSED_CACHE_DTYPES)}"
         )
-    backend = engine_args.attention_backend or getattr(engine_args.attention_config, "backend", None)
+    backend = engine_args.attention_backend or engine_args.attention_config.backend
     backend_name = getattr(backend, "name", backend)
     if backend_name not in (None, CUSTOM_BACKEND):
         problems.append(
@@ -102,7 +103,7 @@ def engine_args_problems(engine_args, method_config: MethodConfig) -> list[str]:
     return problems
 
 
-def model_problems(vllm_config, method_config: MethodConfig) -> list[str]:
+def model_problems(vllm_config, method_config: CompressionMethod) -> list[str]:
     model_config = vllm_config.model_config
     problems = method_config.problems_for_model(
         head_size=model_config.get_head_size(),
@@ -121,33 +122,12 @@ def model_problems(vllm_config, method_config: MethodConfig) -> list[str]:
     return problems
 
 
-def runner_problems(vllm_config, method_config: MethodConfig) -> list[str]:
-    """What the settings need of the model runner vLLM picked for this engine (its V2 runner for
-    dense decoder models unless VLLM_USE_V2_MODEL_RUNNER=0): checked when the engine config is made,
-    before any model loads, and by the metadata builder of every worker."""
-    if vllm_config.use_v2_model_runner:
-        return []
-    problems = []
-    if method_config.evicts_tokens:
-        problems.append(
-            f"method '{method_config.method}' evicts tokens and needs vLLM's V2 model runner, which vLLM uses "
-            "for dense (non-MoE) decoder models; allowed: such a model without VLLM_USE_V2_MODEL_RUNNER=0"
-        )
-    if method_config.exact_tail_keys:
-        problems.append(
-            "tail_keys='exact' keeps each request's partial block under its request-state slot, which only "
-            "vLLM's V2 model runner hands over; allowed: a model vLLM runs on it (dense decoder models) "
-            "without VLLM_USE_V2_MODEL_RUNNER=0, or tail_keys='staged' or 'auto'"
-        )
-    return problems
-
-
-def resolve_for_engine(vllm_config, method_config: MethodConfig) -> MethodConfig:
+def resolve_for_engine(vllm_config, method_config: CompressionMethod) -> CompressionMethod:
     """Settings that depend on the engine vLLM built (`tail_keys: auto`), made concrete in the
     config every vLLM process reads."""
-    resolved = method_config.resolve_tail_keys(exact_available=vllm_config.use_v2_model_runner)
+    resolved = method_config.for_engine(exact_tails_available=vllm_config.use_v2_model_runner)
     if resolved is not method_config:
-        if not resolved.exact_tail_keys:
+        if not resolved.pages.exact_tail_keys:
             logger.warning(
                 "tail_keys auto: vLLM runs its V1 model runner here, which does not hand over the request-state "
                 "slots that exact tail keys are kept under; partial blocks' keys are staged per token in their "
@@ -159,7 +139,7 @@ def resolve_for_engine(vllm_config, method_config: MethodConfig) -> MethodConfig
     return resolved
 
 
-def prepare_engine_args(engine_args) -> MethodConfig | None:
+def prepare_engine_args(engine_args) -> CompressionMethod | None:
     """Validate our settings on `engine_args` and set the vLLM fields they imply, in place."""
     settings = (engine_args.additional_config or {}).get(ADDITIONAL_CONFIG_KEY)
     if settings is None:
@@ -169,7 +149,7 @@ def prepare_engine_args(engine_args) -> MethodConfig | None:
     if problems:
         raise KVCompressionConfigError(problems)
     engine_args.additional_config = {**engine_args.additional_config, ADDITIONAL_CONFIG_KEY: method_config.to_dict()}
-    if engine_args.attention_backend is None and getattr(engine_args.attention_config, "backend", None) is None:
+    if engine_args.attention_backend is None and engine_args.attention_config.backend is None:
         engine_args.attention_backend = CUSTOM_BACKEND
     engine_args.block_size = method_config.block_size
     if method_config.evicts_tokens and engine_args.enable_prefix_caching is not False:
@@ -186,45 +166,27 @@ def prepare_engine_args(engine_args) -> MethodConfig | None:
     return method_config
 
 
-def patch_engine_args() -> None:
-    """Wrap `vllm.engine.arg_utils.EngineArgs.add_cli_args`, `.from_cli_args` and
-    `.create_engine_config` (vLLM 0.26.0). Idempotent."""
-    from vllm.engine.arg_utils import EngineArgs
+def fold_cli_settings(engine_args, args: argparse.Namespace):
+    """`engine_args` (what vLLM's `from_cli_args` made of `args`) with the flags folded into
+    `additional_config["kv_compression"]`, which vLLM pickles to every process."""
+    settings = settings_from_cli(args)
+    if settings is not None:
+        existing = engine_args.additional_config or {}
+        if ADDITIONAL_CONFIG_KEY in existing:
+            raise KVCompressionConfigError(
+                f"--kv-compression and --additional-config '{{\"{ADDITIONAL_CONFIG_KEY}\": ...}}' "
+                "both set the method; use one of them"
+            )
+        engine_args.additional_config = {**existing, ADDITIONAL_CONFIG_KEY: settings}
+    return engine_args
 
-    if getattr(EngineArgs, "_kvpress_patched", False):
-        return
-    original_add = EngineArgs.add_cli_args
-    original_from = EngineArgs.from_cli_args.__func__
-    original_create = EngineArgs.create_engine_config
 
-    def wrapped_add_cli_args(parser):
-        return add_cli_args(original_add(parser))
-
-    def wrapped_from_cli_args(cls, args):
-        engine_args = original_from(cls, args)
-        settings = settings_from_cli(args)
-        if settings is not None:
-            existing = engine_args.additional_config or {}
-            if ADDITIONAL_CONFIG_KEY in existing:
-                raise KVCompressionConfigError(
-                    f"--kv-compression and --additional-config '{{\"{ADDITIONAL_CONFIG_KEY}\": ...}}' "
-                    "both set the method; use one of them"
-                )
-            engine_args.additional_config = {**existing, ADDITIONAL_CONFIG_KEY: settings}
-        return engine_args
-
-    def wrapped_create_engine_config(self, *args, **kwargs):
-        method_config = prepare_engine_args(self)
-        vllm_config = original_create(self, *args, **kwargs)
-        if method_config is not None:
-            problems = model_problems(vllm_config, method_config) + runner_problems(vllm_config, method_config)
-            if problems:
-                raise KVCompressionConfigError(problems)
-            method_config = resolve_for_engine(vllm_config, method_config)
-            logger.info("kv-compression: %s with %s", method_config.method, method_config.to_dict())
-        return vllm_config
-
-    EngineArgs.add_cli_args = staticmethod(wrapped_add_cli_args)
-    EngineArgs.from_cli_args = classmethod(wrapped_from_cli_args)
-    EngineArgs.create_engine_config = wrapped_create_engine_config
-    EngineArgs._kvpress_patched = True
+def finish_engine_config(vllm_config, method: CompressionMethod) -> CompressionMethod:
+    """Check the engine vLLM built against the method (model and model runner, before any model
+    loads) and make the engine-dependent settings concrete in the config every process reads."""
+    problems = model_problems(vllm_config, method) + runner_problems(vllm_config, method)
+    if problems:
+        raise KVCompressionConfigError(problems)
+    method = resolve_for_engine(vllm_config, method)
+    logger.info("kv-compression: %s with %s", method.method, method.to_dict())
+    return method

@@ -18,3 +18,7 @@ class KVCompressionConfigError(ValueError):
 
 class MethodNotImplementedError(NotImplementedError):
     """The selected method is registered (a known paper) but not implemented yet."""
+
+
+class VLLMVersionError(RuntimeError):
+    """The installed vLLM is not the release whose private APIs the plugin patches."""

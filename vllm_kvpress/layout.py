@@ -16,20 +16,23 @@ head's share as consecutive regions, each padded to `ALIGN_BYTES`:
     k_sparse  int16 index[num_outliers] (token * head_size + channel), fp16 value[num_outliers]
     v_sparse  same for V
 
-Codes are packed little-end first along the packed dimension: K channel `c` of a token sits in
-byte `c * bits // 8` of the token's row at bit `(c * bits) % 8`; V token `t` of a channel in byte
-`t * bits // 8` of the channel's row. Each tensor is packed along the dimension its attention
-matmul reduces over (K: channels, V: tokens), which lets the decode kernel feed the packed tiles
-to the tensor cores without a shared-memory transpose. A block is *complete* once all `block_size` tokens are written; until then its
-K codes are per-token ("staging"), because per-channel K statistics need the whole block. With
-`exact_tail_keys` a partial block's K is not in the page at all: it is kept exact in the model dtype
-outside the pages (`triton_kernels/exact_tail.py`, KIVI's full-precision residual) and its K codes
-and meta are unwritten until the block completes (docs/quantized_pages.md says why).
+Codes are packed little-end first along the packed dimension: K channel `c` of a token sits in byte
+`c * bits // 8` of the token's row at bit `(c * bits) % 8`; V token `t` of a channel in byte
+`t * bits // 8` of the channel's row. Each tensor is packed along the dimension its attention matmul
+reduces over (K: channels, V: tokens), which lets the decode kernel feed the packed tiles to the
+tensor cores without a shared-memory transpose. A block is *complete* once all `block_size` tokens
+are written; until then its K codes are per-token ("staging"), because per-channel K statistics need
+the whole block. With `exact_tail_keys` a partial block's K is not in the page at all: it is kept
+exact in the model dtype outside the pages (`triton_kernels/exact_tail.py`, KIVI's full-precision
+residual) and its K codes and meta are unwritten until the block completes (docs/quantized_pages.md
+says why).
 """
 
 from dataclasses import dataclass
 from functools import cached_property
 
+SUPPORTED_HEAD_SIZES = (64, 128)
+"""Head sizes the kernels are built and tested for (power-of-two tiles)."""
 ALIGN_BYTES = 16
 """Every region starts on a 16-byte boundary so kernels can issue 16-byte vector loads."""
 FP16_BYTES = 2

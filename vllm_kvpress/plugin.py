@@ -5,25 +5,19 @@ actor). It is idempotent, imports nothing heavy at module level, and raises on f
 logs errors that happen while *importing* an entry point, so everything that can fail is in here.
 """
 
-BACKEND_PATH = "vllm_kvpress.backend.backend.KVPressBackend"
-
 _registered = False
 
 
 def register() -> None:
+    """Refuse an unsupported vLLM release, apply the patches of vLLM's internals (vllm_patches.py)
+    and let the backend read the active method through the config layer (backend/state.py)."""
     global _registered
     if _registered:
         return
-    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+    from vllm_kvpress import vllm_patches
+    from vllm_kvpress.backend import state
+    from vllm_kvpress.config import method_from_vllm_config
 
-    from vllm_kvpress.backend.spec import patch_attention_kv_cache_spec
-    from vllm_kvpress.engine_args import patch_engine_args
-    from vllm_kvpress.eviction.manager import register_eviction_spec
-
-    # CUSTOM is never auto-selected, so claiming it changes nothing unless --kv-compression
-    # (or --attention-backend CUSTOM) asks for it. The backend module is imported lazily.
-    register_backend(AttentionBackendEnum.CUSTOM, BACKEND_PATH)
-    patch_attention_kv_cache_spec()
-    patch_engine_args()
-    register_eviction_spec()
+    vllm_patches.install()
+    state.install_method_reader(method_from_vllm_config)
     _registered = True

@@ -4,15 +4,12 @@ new tokens through the compacted view, exactly as the reference engine does."""
 
 import pytest
 import torch
-from helpers import impl_for, make_batch, single_request_step_metadata, use_v2_runner, v2_runner_config
+from helpers import impl_for, run_steps_against_reference, single_request_step_metadata, use_v2_runner, v2_runner_config
 
 from vllm_kvpress.backend import impl as impl_module
 from vllm_kvpress.backend.metadata import KVPressMetadataBuilder
 from vllm_kvpress.config import load_method_config
 from vllm_kvpress.errors import KVCompressionConfigError
-from vllm_kvpress.eval.engines.reference import SequencePages
-from vllm_kvpress.reference import page_codec
-from vllm_kvpress.reference.attention import causal_attention
 
 HEADS, KV_HEADS, HEAD_SIZE = 8, 2, 64  # the tiny_llama_dir model
 SETTINGS = {"method": "snapkv", "budget": 48, "block_size": 16, "window": 8, "sink": 4, "observation_window": 8}
@@ -24,50 +21,25 @@ def _metadata(builder, block_table, context, seq_len, slot_mapping, device):
     return single_request_step_metadata(builder, block_table, context, seq_len, slot_mapping, PROMPT, device)
 
 
-def _reference_step(reference, q, k_new, v_new):
-    """The reference engine's attention for a step of the worker (prefill chunks attend to their
-    fresh K/V), and the stored tokens its `append` returned."""
-    stored_k, stored_v = reference.append(k_new.cpu(), v_new.cpu())
-    attended_k, attended_v = stored_k, stored_v
-    if q.shape[0] > 1:
-        past = reference.num_tokens - q.shape[0]
-        attended_k = torch.cat([stored_k[:past], k_new.cpu().float()])
-        attended_v = torch.cat([stored_v[:past], v_new.cpu().float()])
-    return causal_attention(q.cpu(), attended_k, attended_v, HEAD_SIZE ** -0.5), stored_k, stored_v
-
-
 @pytest.mark.parametrize("budget", [48, 0.3])  # 0.3 x 150 = 45 tokens -> 3 blocks as well
 def test_prompt_is_compacted_once_and_decode_reads_the_view(budget, v2_engine_config, monkeypatch, device):
     settings = {**SETTINGS, "budget": budget}
     vllm_config = v2_engine_config(block_size=16, additional_config={"kv_compression": settings})
     config = load_method_config(settings)
-    monkeypatch.setattr(impl_module, "current_method_config", lambda: config)
+    monkeypatch.setattr(impl_module, "current_method", lambda: config)
     impl = impl_module.KVPressImpl(HEADS, HEAD_SIZE, HEAD_SIZE ** -0.5, KV_HEADS, None, None, "auto")
     builder = KVPressMetadataBuilder(None, ["layer"], vllm_config, torch.device(device))
-    layout, bs = impl.layout, 16
-    batch = make_batch([0], [STEPS[-1][1]], KV_HEADS, HEAD_SIZE, bs, device=device)
-    k_all, v_all = batch.full_k[0], batch.full_v[0]
-    cache = torch.zeros(batch.block_table.max() + 1, KV_HEADS, layout.bytes_per_head, dtype=torch.uint8,
-                        device=device)
-    reference = SequencePages(layout, 1, KV_HEADS, STEPS[-1][1], torch.device("cpu"), eviction=config,
-                              prompt_len=PROMPT)
-    for context, seq_len in STEPS:
-        slots = batch.slots(0, context, seq_len, bs).to(device)
-        metadata = _metadata(builder, batch.block_table, context, seq_len, slots, device)
+    bs = 16
+    block_ids = []
+
+    def check(context, seq_len, metadata):
         assert len(metadata.compactions) == (1 if seq_len == PROMPT else 0)
         shifted = 9 - 3 if context >= PROMPT else 0
         assert int(metadata.seq_lens[0]) == seq_len - shifted * bs
-        assert metadata.block_table[0, 3].item() == batch.block_table[0, 3 + shifted].item()
-        k_new, v_new = k_all[context:seq_len], v_all[context:seq_len]
-        impl.do_kv_cache_update(None, k_new, v_new, cache, slots)
-        q = torch.randn(seq_len - context, HEADS, HEAD_SIZE, device=device).bfloat16()
-        out = torch.full_like(q, float("nan"))
-        impl.forward(None, q, k_new, v_new, cache, metadata, out)
-        torch.testing.assert_close(out.float().cpu(), _reference_step(reference, q, k_new, v_new)[0],
-                                   atol=3e-2, rtol=2e-2)
-        if reference.evicts_now():
-            reference.evict_prompt(q.cpu().float(), *page_codec.read_sequence(
-                reference.cache, torch.arange(reference.cache.shape[0]), PROMPT, layout), HEAD_SIZE ** -0.5)
+        block_ids.append((int(metadata.block_table[0, 3]), int(metadata.physical_block_table[0, 3 + shifted])))
+
+    reference = run_steps_against_reference(impl, builder, config, STEPS, PROMPT, HEADS, device, check=check)
+    assert all(view == physical for view, physical in block_ids)
     assert reference.num_tokens == 3 * bs + 6 + 2
 
 
@@ -117,19 +89,11 @@ def test_decode_time_eviction_compacts_each_round_as_the_reference_engine(engine
     impl = impl_for(vllm_config, monkeypatch, HEADS, KV_HEADS, HEAD_SIZE)
     config = load_method_config(DECODE_SETTINGS)
     builder = KVPressMetadataBuilder(None, ["layer"], vllm_config, torch.device(device))
-    layout, bs = impl.layout, 16
-    batch = make_batch([0], [DECODE_END], KV_HEADS, HEAD_SIZE, bs, device=device)
-    k_all, v_all = batch.full_k[0], batch.full_v[0]
-    cache = torch.zeros(batch.block_table.max() + 1, KV_HEADS, layout.bytes_per_head, dtype=torch.uint8,
-                        device=device)
-    reference = SequencePages(layout, 1, KV_HEADS, DECODE_END, torch.device("cpu"), eviction=config,
-                              prompt_len=PROMPT)
+    bs = 16
     steps = [(0, 128), (128, PROMPT)] + [(n, n + 1) for n in range(PROMPT, DECODE_END)]
     rounds = []
-    for context, seq_len in steps:
-        slots = batch.slots(0, context, seq_len, bs).to(device)
-        metadata = single_request_step_metadata(builder, batch.block_table, context, seq_len, slots, PROMPT, device,
-                                                request_slot=2)
+
+    def check(context, seq_len, metadata):
         if metadata.recent_compactions:
             rounds.append(seq_len)
             (compaction,) = metadata.recent_compactions
@@ -138,14 +102,9 @@ def test_decode_time_eviction_compacts_each_round_as_the_reference_engine(engine
         shifted = freed_end(PROMPT, context, 48, bs, None, 1) - 3
         assert int(metadata.seq_lens[0]) == seq_len - shifted * bs
         assert int(metadata.request_slots[0]) == 2
-        k_new, v_new = k_all[context:seq_len], v_all[context:seq_len]
-        impl.do_kv_cache_update(None, k_new, v_new, cache, slots)
-        q = torch.randn(seq_len - context, HEADS, HEAD_SIZE, device=device).bfloat16()
-        out = torch.full_like(q, float("nan"))
-        impl.forward(None, q, k_new, v_new, cache, metadata, out)
-        expected, stored_k, stored_v = _reference_step(reference, q, k_new, v_new)
-        torch.testing.assert_close(out.float().cpu(), expected, atol=3e-2, rtol=2e-2)
-        reference.compact_if_due(q.cpu(), stored_k, stored_v, HEAD_SIZE ** -0.5)
+
+    reference = run_steps_against_reference(impl, builder, config, steps, PROMPT, HEADS, device, request_slot=2,
+                                            check=check)
     assert rounds == [160, 176]
     # the request holds its 3 kept blocks and the 2 tokens since the last round
     assert reference.num_tokens == 3 * bs + 2 and reference.num_evicted == DECODE_END - (3 * bs + 2)
@@ -208,7 +167,7 @@ def test_the_recent_query_ring_is_made_at_the_first_call_for_every_request_slot(
 
     vllm_config = v2_engine_config(block_size=16, additional_config={"kv_compression": DECODE_SETTINGS})
     config = load_method_config(DECODE_SETTINGS)
-    monkeypatch.setattr(impl_module, "current_method_config", lambda: config)
+    monkeypatch.setattr(impl_module, "current_method", lambda: config)
     with set_current_vllm_config(vllm_config):
         impl = impl_module.KVPressImpl(HEADS, HEAD_SIZE, HEAD_SIZE ** -0.5, KV_HEADS, None, None, "auto")
     assert impl.recent_ring is None
@@ -218,7 +177,7 @@ def test_the_recent_query_ring_is_made_at_the_first_call_for_every_request_slot(
     assert impl.recent_ring.shape == (slots, 4, HEADS, HEAD_SIZE) and impl.recent_ring.dtype == torch.bfloat16
     # without decode-time eviction there is no ring
     plain = load_method_config(SETTINGS)
-    monkeypatch.setattr(impl_module, "current_method_config", lambda: plain)
+    monkeypatch.setattr(impl_module, "current_method", lambda: plain)
     impl = impl_module.KVPressImpl(HEADS, HEAD_SIZE, HEAD_SIZE ** -0.5, KV_HEADS, None, None, "auto")
     impl.forward(None, q, q[:, :KV_HEADS], q[:, :KV_HEADS], None, None, torch.empty_like(q))
     assert impl.recent_ring is None

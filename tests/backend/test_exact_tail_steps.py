@@ -117,10 +117,12 @@ def test_exact_tail_refuses_vllms_v1_runner(engine_config, monkeypatch):
 
 
 def test_settings_are_checked():
-    with pytest.raises(KVCompressionConfigError, match="tail_keys='bf16' is not allowed; allowed: 'auto', 'exact', 'staged'"):
+    with pytest.raises(KVCompressionConfigError,
+                       match="tail_keys='bf16' is not allowed; allowed: 'auto', 'exact', 'staged'"):
         load_method_config({"method": "kivi", "tail_keys": "bf16"})
     for value in ("exact", "auto"):
-        with pytest.raises(KVCompressionConfigError, match=f"tail_keys='{value}' is not implemented for method 'snapkv'"):
+        with pytest.raises(KVCompressionConfigError,
+                           match=f"tail_keys='{value}' is not implemented for method 'snapkv'"):
             load_method_config({"method": "snapkv", "tail_keys": value})
     assert load_method_config({"method": "gear", "tail_keys": "exact"}).page_layout(128).exact_tail_keys
     assert not load_method_config({"method": "gear", "tail_keys": "staged"}).page_layout(128).exact_tail_keys

@@ -4,17 +4,17 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import make_batch
 from vllm.forward_context import ForwardContext, override_forward_context
 from vllm.v1.attention.backend import CommonAttentionMetadata
+from vllm_kvpress.triton_kernels import cache_write as cache_write_module
+from vllm_kvpress.triton_kernels.cache_write import completing_tokens
 
 from vllm_kvpress.backend import impl as impl_module
 from vllm_kvpress.backend.metadata import KVPressMetadataBuilder, num_decode_splits
 from vllm_kvpress.config import load_method_config
 from vllm_kvpress.reference import page_codec
 from vllm_kvpress.reference.attention import paged_attention
-from vllm_kvpress.triton_kernels import cache_write as cache_write_module
-from vllm_kvpress.triton_kernels.cache_write import completing_tokens
-from helpers import make_batch
 
 
 def _must_not_be_called(*args, **kwargs):
@@ -27,7 +27,8 @@ def _common_metadata(batch, device) -> CommonAttentionMetadata:
         query_start_loc=qsl.to(device), query_start_loc_cpu=qsl,
         seq_lens=torch.tensor(batch.seq_lens, dtype=torch.int32, device=device),
         num_reqs=len(batch.seq_lens), num_actual_tokens=int(qsl[-1]), max_query_len=max(batch.query_lens),
-        max_seq_len=max(batch.seq_lens), block_table_tensor=batch.block_table, slot_mapping=batch.new_slots(64).to(device),
+        max_seq_len=max(batch.seq_lens), block_table_tensor=batch.block_table,
+        slot_mapping=batch.new_slots(64).to(device),
     )
 
 
@@ -35,7 +36,7 @@ def _common_metadata(batch, device) -> CommonAttentionMetadata:
 def test_impl_serves_a_mixed_batch_like_the_reference(method, engine_config, monkeypatch, device):
     vllm_config = engine_config(additional_config={"kv_compression": {"method": method}})
     config = load_method_config(vllm_config.additional_config["kv_compression"])
-    monkeypatch.setattr(impl_module, "current_method_config", lambda: config)
+    monkeypatch.setattr(impl_module, "current_method", lambda: config)
     heads, kv_heads, head_size = 8, 2, 64  # the tiny_llama_dir model
     impl = impl_module.KVPressImpl(heads, head_size, head_size ** -0.5, kv_heads, None, None, "auto")
     builder = KVPressMetadataBuilder(None, ["layer"], vllm_config, torch.device(device))
@@ -72,7 +73,7 @@ def test_impl_serves_a_mixed_batch_like_the_reference(method, engine_config, mon
 
 
 def test_profiling_run_returns_zeros(monkeypatch):
-    monkeypatch.setattr(impl_module, "current_method_config", lambda: load_method_config({"method": "kivi"}))
+    monkeypatch.setattr(impl_module, "current_method", lambda: load_method_config({"method": "kivi"}))
     impl = impl_module.KVPressImpl(8, 64, 0.125, 2, None, None, "auto")
     out = torch.randn(3, 8, 64)
     impl.forward(None, out, out, out, torch.empty(0), None, out)
@@ -85,7 +86,7 @@ def test_profiling_run_returns_zeros(monkeypatch):
     ("logits soft cap", {"logits_soft_cap": 30.0}),
 ])
 def test_unsupported_model_features_are_named(feature, kwargs, monkeypatch):
-    monkeypatch.setattr(impl_module, "current_method_config", lambda: load_method_config({"method": "kivi"}))
+    monkeypatch.setattr(impl_module, "current_method", lambda: load_method_config({"method": "kivi"}))
     args = dict(alibi_slopes=None, sliding_window=None, kv_cache_dtype="auto") | kwargs
     with pytest.raises(NotImplementedError, match=f"does not support {feature}"):
         impl_module.KVPressImpl(8, 64, 0.125, 2, **args)

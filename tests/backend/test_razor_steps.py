@@ -6,16 +6,16 @@ same attention at every step."""
 
 from types import SimpleNamespace
 
-import pytest
 import torch
 from helpers import make_batch, single_request_step_metadata
+from vllm.config import set_current_vllm_config
 
 from vllm_kvpress.backend import impl as impl_module
+from vllm_kvpress.backend.block_manager import EvictionBlockManager
 from vllm_kvpress.backend.metadata import KVPressMetadataBuilder
 from vllm_kvpress.config import load_method_config
 from vllm_kvpress.eval.engines.reference import PAGES_KWARG, SequencePages, compressed_attention_forward
-from vllm_kvpress.eviction.manager import EvictionBlockManager
-from vllm_kvpress.methods.retrieval_heads import RetrievalHeads
+from vllm_kvpress.methods.razor import Razor
 from vllm_kvpress.reference import page_codec
 
 HEADS, KV_HEADS, HEAD_SIZE = 8, 2, 64  # the tiny_llama_dir model (2 layers)
@@ -35,10 +35,10 @@ def test_razor_packs_the_prompt_once_and_each_head_decodes_over_its_own_tokens(v
                                                                                 device):
     vllm_config = v2_engine_config(block_size=16, additional_config={"kv_compression": SETTINGS})
     config = load_method_config(SETTINGS)
-    monkeypatch.setattr(impl_module, "current_method_config", lambda: config)
-    monkeypatch.setattr(impl_module, "retrieval_heads_for_model",
-                        lambda method_config, packing: RetrievalHeads(1, [[0], [1]]))
-    impl = impl_module.KVPressImpl(HEADS, HEAD_SIZE, HEAD_SIZE ** -0.5, KV_HEADS, None, None, "auto")
+    monkeypatch.setattr(impl_module, "current_method", lambda: config)
+    monkeypatch.setattr(Razor, "packed_heads", lambda self, model_config, num_kv_heads: [[0], [1]])
+    with set_current_vllm_config(vllm_config):  # as vLLM builds the model's layers
+        impl = impl_module.KVPressImpl(HEADS, HEAD_SIZE, HEAD_SIZE ** -0.5, KV_HEADS, None, None, "auto")
     builder = KVPressMetadataBuilder(None, ["layer"], vllm_config, torch.device(device))
     layout, bs = impl.layout, 16
     assert config.kept_prompt_blocks(PROMPT, KV_HEADS) == KEPT + MIDDLE
@@ -89,7 +89,7 @@ def test_razor_packs_the_prompt_once_and_each_head_decodes_over_its_own_tokens(v
 
 
 def test_the_block_manager_frees_what_packing_does_not_need():
-    from vllm_kvpress.eviction.manager import KVPressEvictionSpec
+    from vllm_kvpress.backend.spec import KVPressEvictionSpec
 
     spec = KVPressEvictionSpec(block_size=16, num_kv_heads=KV_HEADS, head_size=HEAD_SIZE, head_size_v=HEAD_SIZE,
                                dtype=torch.uint8, bytes_per_head=100, compression_tag="razor",

@@ -84,5 +84,6 @@ def test_gear_outlier_slots_follow_the_bit_width_unless_set():
         16, 0, 0]
     assert load_method_config({"method": "gear", "bits": 4, "outliers": 32}).page_layout(128).num_outliers == 32
     assert load_method_config({"method": "gear", "bits": 2, "outliers": 0}).page_layout(128).num_outliers == 0
-    with pytest.raises(KVCompressionConfigError, match=r"outliers='some' is not allowed; allowed: 0, 16, 32, 64, 'auto'"):
+    with pytest.raises(KVCompressionConfigError,
+                       match=r"outliers='some' is not allowed; allowed: 0, 16, 32, 64, 'auto'"):
         load_method_config({"method": "gear", "outliers": "some"})

@@ -267,6 +267,7 @@ def test_workers_import_the_installed_package_not_the_working_directory(tmp_path
     shadow = tmp_path / "vllm_kvpress"
     shadow.mkdir()
     (shadow / "__init__.py").write_text("raise ImportError('the working directory shadowed the package')")
-    done = subprocess.run(list(runner.BenchRequest([], []).worker_argv), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(list(runner.BenchRequest([], []).worker_argv), cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
     assert "shadowed" not in done.stderr
     assert done.returncode == 2 and "usage: python -m vllm_kvpress.bench.offline" in done.stderr

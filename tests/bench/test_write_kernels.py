@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from vllm_kvpress.triton_kernels.cache_write import completing_tokens, max_completions
 
 from vllm_kvpress.bench import write_kernels
-from vllm_kvpress.triton_kernels.cache_write import completing_tokens, max_completions
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ class PluginProbe:
 
 
 def test_plugin_registers_inside_a_ray_actor():
-    from vllm_kvpress.plugin import BACKEND_PATH
+    from vllm_kvpress.vllm_patches import BACKEND_PATH
 
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
     try:

@@ -25,7 +25,7 @@ def test_ranks_agree_on_the_spec_and_vllm_accepts_it(engine_config, total_kv_hea
     cfg = engine_config(additional_config={"kv_compression": {"method": "gear", "bits": 2}})
     local = _local_kv_heads(total_kv_heads, tp_size)
     per_rank = []
-    for rank in range(tp_size):  # each rank builds its spec from the pickled config alone
+    for _rank in range(tp_size):  # each rank builds its spec from the pickled config alone
         base = FullAttentionSpec(block_size=64, num_kv_heads=local, head_size=64, dtype=torch.bfloat16)
         per_rank.append({name: compressed_spec_for_layer(base, cfg) for name in LAYERS})
     assert all(specs == per_rank[0] for specs in per_rank)

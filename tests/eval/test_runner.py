@@ -52,7 +52,8 @@ def test_an_eviction_methods_ratio_counts_the_kept_tokens():
     )
     assert compression_ratio(run, config, 64, "auto", [200]) == pytest.approx(page_ratio)
     kivi = load_method_config({"method": "kivi"})
-    assert compression_ratio(run, kivi, 64, "auto", [1000]) == pytest.approx(1 / kivi.page_layout(64).compression_vs_bf16)
+    expected = 1 / kivi.page_layout(64).compression_vs_bf16
+    assert compression_ratio(run, kivi, 64, "auto", [1000]) == pytest.approx(expected)
 
 
 def test_decode_perplexity_is_summarised_against_none(tmp_path, monkeypatch):
@@ -74,7 +75,8 @@ def test_decoded_kv_counts_what_each_decode_step_reads():
     from vllm_kvpress.config import load_method_config
 
     kept_once = load_method_config({"method": "snapkv", "budget": 64, "block_size": 16, "window": 16})
-    rounds = load_method_config({"method": "snapkv", "budget": 64, "block_size": 16, "window": 16, "decode_interval": 32,
+    rounds = load_method_config({"method": "snapkv", "budget": 64, "block_size": 16, "window": 16,
+                                 "decode_interval": 32,
                                  "decode_observation_window": 8})
     # prompt 160 (10 blocks, 4 kept), 64 decoded tokens: steps read seq - 96 tokens once compacted
     seq = list(range(161, 224))

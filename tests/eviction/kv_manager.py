@@ -4,7 +4,8 @@ import torch
 from vllm.v1.core.kv_cache_manager import KVCacheManager
 from vllm.v1.kv_cache_interface import KVCacheConfig, KVCacheGroupSpec
 
-from vllm_kvpress.eviction.manager import KVPressEvictionSpec, register_eviction_spec
+from vllm_kvpress.backend.spec import KVPressEvictionSpec
+from vllm_kvpress.vllm_patches import register_eviction_block_manager
 
 
 def eviction_spec(budget, block_size: int, bytes_per_head: int = 100, interval_blocks: int = 0) -> KVPressEvictionSpec:
@@ -15,7 +16,7 @@ def eviction_spec(budget, block_size: int, bytes_per_head: int = 100, interval_b
 
 def eviction_kv_manager(budget, block_size: int, num_blocks: int, max_model_len: int,
                         enable_caching: bool = False, interval_blocks: int = 0) -> KVCacheManager:
-    register_eviction_spec()
+    register_eviction_block_manager()
     spec = eviction_spec(budget, block_size, interval_blocks=interval_blocks)
     config = KVCacheConfig(num_blocks=num_blocks, kv_cache_tensors=[],
                            kv_cache_groups=[KVCacheGroupSpec(["layer.0", "layer.1"], spec)])

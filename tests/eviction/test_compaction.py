@@ -23,7 +23,9 @@ def test_worker_compaction_equals_reference_engine(method, device):
     k, v = batch.full_k[0], batch.full_v[0]
     cache = torch.zeros(batch.block_table.max() + 1, kv_heads, layout.bytes_per_head, dtype=torch.uint8,
                         device=device)
-    write = lambda key, value, slots: write_kv_pages(key, value, cache, slots, layout, power_iters=1)
+    def write(key, value, slots):
+        write_kv_pages(key, value, cache, slots, layout, power_iters=1)
+
     batch.write_context(write, bs)
     batch.write_new(write, bs)
     # the batch holds another request's 5 tokens first, so the row's queries start at 5

@@ -1,5 +1,6 @@
-"""eviction/compaction_steps.py: a step that completes a compacting prompt never replays a FULL CUDA
-graph (which would skip the compaction while the block manager frees the blocks)."""
+"""eviction/compaction_steps.py and its vLLM wrappers (vllm_patches.py): a step that completes a
+compacting prompt never replays a FULL CUDA graph (which would skip the compaction while the block
+manager frees the blocks)."""
 
 import inspect
 from types import SimpleNamespace
@@ -8,12 +9,8 @@ import numpy as np
 import pytest
 
 from vllm_kvpress.config import load_method_config
-from vllm_kvpress.eviction.compaction_steps import (
-    compaction_due,
-    patch_v2_runner_compaction_steps,
-    wrap_dispatch,
-    wrap_execute_model,
-)
+from vllm_kvpress.eviction.compaction_steps import compaction_due
+from vllm_kvpress.vllm_patches import patch_v2_runner_compaction_steps, wrap_dispatch, wrap_execute_model
 
 CONFIG = load_method_config({"method": "snapkv", "budget": 2048})  # block size 64
 
@@ -65,7 +62,7 @@ def _run_step(rows, scheduled, config=CONFIG):
     def execute_model(self, scheduler_output):
         dispatch(None, len(scheduled), len(scheduled), 1, 1, 0, need_eager=False)
 
-    runner = SimpleNamespace(req_states=_states(rows), _kvpress_method_config=config)
+    runner = SimpleNamespace(req_states=_states(rows), _kvpress_method=config, _kvpress_packing=None)
     wrap_execute_model(execute_model)(runner, SimpleNamespace(num_scheduled_tokens=scheduled))
     return seen[0]
 

@@ -4,19 +4,19 @@ inside the kept view, and the freed blocks are what packing saves."""
 import numpy as np
 import pytest
 import torch
+from helpers import layout_for, make_batch
 from hypothesis import given
 from hypothesis import strategies as st
+from vllm_kvpress.triton_kernels.cache_write import write_kv_pages
 
-from vllm_kvpress.eviction.headwise import (
-    compact_prompt_headwise,
+from vllm_kvpress.eviction.headwise import compact_prompt_headwise
+from vllm_kvpress.headwise_layout import (
     head_token_count,
     kept_blocks_with_packing,
     logical_block_location,
     middle_blocks,
 )
 from vllm_kvpress.reference import page_codec
-from vllm_kvpress.triton_kernels.cache_write import write_kv_pages
-from helpers import layout_for, make_batch
 
 
 @given(prompt_blocks=st.integers(0, 300), kept=st.integers(0, 40), kv_heads=st.integers(1, 16),
@@ -97,8 +97,11 @@ def test_a_packed_prompt_reads_back_per_head_as_razor_keeps_it(kv_heads, retriev
             want_k, want_v = stored_k[:, h], stored_v[:, h]
         else:
             window = kept * bs - sink - 1
-            pick = lambda x: torch.cat([x[:sink, h], x[sink:full - window, h].mean(0, keepdim=True),
-                                        x[full - window:full, h]])
+
+            def pick(x, h=h, window=window):
+                return torch.cat([x[:sink, h], x[sink:full - window, h].mean(0, keepdim=True),
+                                  x[full - window:full, h]])
+
             want_k = torch.cat([pick(stored_k), stored_k[full:, h]])
             want_v = torch.cat([pick(stored_v), stored_v[full:, h]])
         torch.testing.assert_close(k, want_k, **tol)

@@ -15,8 +15,10 @@ from vllm.v1.core.kv_cache_manager import KVCacheManager
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 from vllm.v1.request import Request
 
-from vllm_kvpress.eviction.manager import EvictionBlockManager, KVPressEvictionSpec, register_eviction_spec
+from vllm_kvpress.backend.block_manager import EvictionBlockManager
+from vllm_kvpress.backend.spec import KVPressEvictionSpec
 from vllm_kvpress.eviction.policy import compacts, freed_end, kept_blocks
+from vllm_kvpress.vllm_patches import register_eviction_block_manager
 
 from .kv_manager import eviction_kv_manager, eviction_spec, request_blocks
 
@@ -255,8 +257,8 @@ def test_registration_is_idempotent_and_keeps_the_built_ins():
     from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
     from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
-    register_eviction_spec()
-    register_eviction_spec()
+    register_eviction_block_manager()
+    register_eviction_block_manager()
     assert KVCacheSpecRegistry.get_manager_class(_spec(64)) is EvictionBlockManager
     plain = FullAttentionSpec(block_size=BS, num_kv_heads=2, head_size=64, dtype=torch.bfloat16)
     assert KVCacheSpecRegistry.get_manager_class(plain) is FullAttentionManager
@@ -268,7 +270,7 @@ def test_registration_into_an_empty_registry_registers_the_built_ins_first(monke
     from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
     monkeypatch.setattr(kv_cache_spec_registry, "_REGISTRY_KVCACHESPEC_LIST", {})
-    register_eviction_spec()
+    register_eviction_block_manager()
     plain = FullAttentionSpec(block_size=BS, num_kv_heads=2, head_size=64, dtype=torch.bfloat16)
     KVCacheSpecRegistry.check_kv_cache_spec_registry({"plain": plain, "ours": _spec(64)})
 
@@ -292,7 +294,7 @@ LAYERS = [f"model.layers.{i}.self_attn.attn" for i in range(4)]
 
 def test_vllm_builds_our_manager_for_a_model_of_our_layers(engine_config):
     vllm_config = engine_config(block_size=BS)
-    register_eviction_spec()
+    register_eviction_block_manager()
     _, scheduler_config = _model_config(vllm_config, {name: _spec(0.25) for name in LAYERS})
     assert len(scheduler_config.kv_cache_groups) == 1
     assert scheduler_config.kv_cache_groups[0].kv_cache_spec == _spec(0.25)
@@ -307,7 +309,7 @@ def test_layers_with_different_page_sizes_form_one_group_with_our_manager(engine
     from vllm.v1.kv_cache_interface import UniformTypeKVCacheSpecs
 
     vllm_config = engine_config(block_size=BS)
-    register_eviction_spec()
+    register_eviction_block_manager()
     specs = {name: _spec(0.25, bytes_per_head=100 if i else 300) for i, name in enumerate(LAYERS)}
     worker_config, scheduler_config = _model_config(vllm_config, specs)
     assert isinstance(worker_config.kv_cache_groups[0].kv_cache_spec, UniformTypeKVCacheSpecs)
@@ -321,27 +323,24 @@ def test_our_layers_never_join_a_plain_full_attention_group_under_our_type():
     our spec as its own base, plain layers do not silently join a group that gets our manager."""
     from vllm.v1.kv_cache_interface import UniformTypeKVCacheSpecs
 
-    register_eviction_spec()
+    register_eviction_block_manager()
     plain = FullAttentionSpec(block_size=BS, num_kv_heads=2, head_size=64, dtype=torch.bfloat16)
     assert not UniformTypeKVCacheSpecs.is_uniform_type({"ours": _spec(64), "plain": plain})
     assert UniformTypeKVCacheSpecs.is_uniform_type({"a": _spec(64), "b": _spec(64, bytes_per_head=300)})
 
 
 def test_evicting_config_gets_the_eviction_spec(engine_config, monkeypatch):
-    """Through `compressed_spec_for_layer`, with a test-only EvictionConfig (the method configs are
-    another module's); a quantizing method keeps the plain compressed spec."""
+    """Through `compressed_spec_for_layer`; a quantizing method keeps the plain compressed spec."""
     from vllm_kvpress.backend import spec as spec_module
     from vllm_kvpress.backend import state
-    from vllm_kvpress.methods.eviction import EvictionConfig
+    from vllm_kvpress.config import load_method_config
 
     base = FullAttentionSpec(block_size=64, num_kv_heads=2, head_size=64, dtype=torch.bfloat16)
     kivi = engine_config(additional_config={"kv_compression": {"method": "kivi"}})
     assert type(spec_module.compressed_spec_for_layer(base, kivi)) is spec_module.KVPressAttentionSpec
 
-    evicting = EvictionConfig(bits=8, group_size="head", block_size=64, tail_keys="staged", budget=256, window=32, sink=4,
-                              observation_window=32, decode_interval=128, decode_observation_window=16)
-    assert not evicting.problems()
-    monkeypatch.setattr(state, "method_config_from_vllm_config", lambda vllm_config: evicting)
+    evicting = load_method_config({"method": "snapkv", "budget": 256, "window": 32, "decode_interval": 128})
+    monkeypatch.setattr(state, "method_from_vllm_config", lambda vllm_config: evicting)
     spec = spec_module.compressed_spec_for_layer(base, vllm_config=None)
     assert type(spec) is KVPressEvictionSpec and (spec.budget, spec.interval_blocks) == (256, 2)
     assert spec.page_size_bytes == 2 * evicting.page_layout(64).bytes_per_head

@@ -7,15 +7,14 @@ import logging
 import pytest
 
 from vllm_kvpress import engine_args
-from vllm_kvpress.methods.eviction import EvictionConfig
+from vllm_kvpress.config import load_method_config
 
-EVICTING = EvictionConfig(bits=8, group_size="head", block_size=64, tail_keys="staged", budget=256, window=32, sink=4,
-                          observation_window=32, decode_interval=0, decode_observation_window=16)
+EVICTING = load_method_config({"method": "snapkv", "budget": 256, "window": 32})
 
 
 @pytest.fixture
 def evicting_method(monkeypatch):
-    """Any settings load as a test-only EvictionConfig (the method modules are another module's)."""
+    """Any settings load as an evicting method."""
     monkeypatch.setattr(engine_args, "load_method_config", lambda settings: EVICTING)
 
 

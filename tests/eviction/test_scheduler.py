@@ -11,8 +11,8 @@ from vllm.v1.outputs import ModelRunnerOutput
 from vllm.v1.request import Request
 from vllm.v1.structured_output import StructuredOutputManager
 
-from vllm_kvpress.eviction.manager import register_eviction_spec
 from vllm_kvpress.eviction.policy import kept_prompt_blocks
+from vllm_kvpress.vllm_patches import register_eviction_block_manager
 
 from .kv_manager import eviction_spec, request_blocks
 
@@ -25,7 +25,7 @@ def test_blocks_return_after_the_compacting_step_was_processed(engine_config, sc
     """Synchronous: the next schedule frees them; async (one step in flight): the one after."""
     vllm_config = engine_config(block_size=BS, enable_prefix_caching=False, max_num_batched_tokens=128)
     vllm_config.cache_config.num_gpu_blocks = NUM_BLOCKS
-    register_eviction_spec()
+    register_eviction_block_manager()
     kv_config = KVCacheConfig(num_blocks=NUM_BLOCKS, kv_cache_tensors=[],
                               kv_cache_groups=[KVCacheGroupSpec(["layer.0"], eviction_spec(BUDGET, BS))])
     scheduler = scheduler_cls(vllm_config, kv_config, StructuredOutputManager(vllm_config), block_size=BS)

@@ -1,11 +1,11 @@
-"""`select_kept_tokens` and the eviction method configs.
+"""`select_kept_tokens` and the eviction methods.
 
 - every method returns, per KV head, num_keep distinct sorted candidates including sink and window,
   for int and fractional budgets and GQA groups 1, 3 and 7;
 - snapkv equals a brute-force reference (full attention, pooling, top-k) on small inputs;
 - a key aligned with the window queries (a needle) survives a small budget in every method;
 - kvcrush represents every signature group when its representative budget allows;
-- the configs load their YAML defaults, and every validation message is what users read.
+- the methods' defaults, and every validation message is what users read.
 """
 
 import dataclasses
@@ -17,6 +17,8 @@ from vllm_kvpress.config import load_method_config
 from vllm_kvpress.errors import KVCompressionConfigError
 from vllm_kvpress.eviction import scoring
 from vllm_kvpress.eviction.policy import kept_prompt_blocks
+from vllm_kvpress.methods.kvcrush import pick_representatives, signature_distances
+from vllm_kvpress.methods.scissorhands import score_scissorhands
 
 METHODS = ("snapkv", "scissorhands", "kvcrush")
 HEAD_SIZE = 64
@@ -147,7 +149,8 @@ def test_a_needle_aligned_with_the_window_queries_is_kept(generator, method, gro
 def test_scissorhands_ranks_by_pivotal_count_before_attention():
     attention_sum = torch.tensor([[0.5, 3.0, 0.2]])
     pivotal = torch.tensor([[4.0, 1.0, 4.0]])
-    scores = scoring.score_scissorhands(attention_sum, pivotal, num_kv_heads=1, num_queries=4)
+    stats = scoring.WindowStats(attention_sum, pivotal, torch.randn(3, 1, HEAD_SIZE), num_kv_heads=1, num_queries=4)
+    scores = score_scissorhands(stats)
     assert scores[0].argsort(descending=True).tolist() == [0, 2, 1]
 
 
@@ -155,11 +158,11 @@ def test_scissorhands_ranks_by_pivotal_count_before_attention():
 def test_kvcrush_representatives_cover_every_group(generator, num_heads):
     attention_sum = torch.rand(num_heads, 300, generator=generator)
     pool = torch.randperm(300, generator=generator)[:120]
-    groups = scoring.signature_distances(attention_sum, pool, "mean")
+    groups = signature_distances(attention_sum, pool, "mean")
     num_groups = groups.unique().numel()
     assert num_groups >= 3, "too few groups for the test to mean anything"
     importance = torch.rand(120, generator=generator)
-    chosen = scoring.pick_representatives(groups, importance, num_groups)
+    chosen = pick_representatives(groups, importance, num_groups)
     assert set(groups[chosen].tolist()) == set(groups.tolist())
     for g in groups.unique():  # each group's representative is its most important token
         members = (groups == g).nonzero()[:, 0]
@@ -169,7 +172,7 @@ def test_kvcrush_representatives_cover_every_group(generator, num_heads):
 def test_kvcrush_extra_representatives_follow_group_size():
     groups = torch.tensor([0] * 8 + [1] * 2)
     importance = torch.arange(10, 0, -1).float()
-    chosen = scoring.pick_representatives(groups, importance, 5)
+    chosen = pick_representatives(groups, importance, 5)
     assert sorted(groups[chosen].tolist()) == [0, 0, 0, 0, 1]
 
 
@@ -185,7 +188,7 @@ def test_kvcrush_keeps_every_signature_group_of_the_evicted_tokens(generator):
     important = set(importance.masked_fill(~free, -1).topk(num_free - num_free // 2).indices.tolist())
     assert important <= set(kept[0].tolist())
     pool = torch.tensor([j for j in range(num_candidates) if j not in forced and j not in important])
-    groups = scoring.signature_distances(attention_sum, pool, config.anchor)
+    groups = signature_distances(attention_sum, pool, config.anchor)
     kept_groups = {int(groups[i]) for i, j in enumerate(pool.tolist()) if j in set(kept[0].tolist())}
     assert groups.unique().numel() <= num_free // 2
     assert kept_groups == set(groups.tolist())
@@ -194,7 +197,7 @@ def test_kvcrush_keeps_every_signature_group_of_the_evicted_tokens(generator):
 @pytest.mark.parametrize("anchor", ["zeros", "ones", "alternating"])
 def test_kvcrush_anchors_measure_from_their_signature(anchor):
     attention_sum = torch.tensor([[1.0, 0.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]])  # bits: [1,1],[0,1],[1,0],[0,0]
-    distances = scoring.signature_distances(attention_sum, torch.arange(4), anchor)
+    distances = signature_distances(attention_sum, torch.arange(4), anchor)
     expected = {"zeros": [2, 1, 1, 0], "ones": [0, 1, 1, 2], "alternating": [1, 0, 2, 1]}[anchor]
     assert distances.tolist() == expected
 
@@ -211,9 +214,9 @@ def test_bad_shapes_are_named(generator):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_defaults_load_from_yaml(method):
+def test_defaults(method):
     config = load_method_config({"method": method})
-    assert config.evicts_tokens and config.budget == 2048 and config.bits == 8 and config.block_size == 64
+    assert config.evicts_tokens and config.budget == 2048 and config.pages.bits == 8 and config.block_size == 64
     assert config.window == 64 and config.sink == 4
     assert config.problems_for_model(head_size=64, num_kv_heads=2, max_model_len=8192) == []
 
@@ -257,7 +260,8 @@ def test_every_validation_message(method, settings, message):
 def test_unknown_setting_lists_the_fields():
     with pytest.raises(KVCompressionConfigError) as info:
         load_method_config({"method": "scissorhands", "kernel_size": 7})
-    assert ("unknown setting(s) kernel_size for method 'scissorhands'; allowed: bits, group_size, block_size, tail_keys, "
+    assert ("unknown setting(s) kernel_size for method 'scissorhands'; allowed: bits, group_size, block_size, "
+            "tail_keys, "
             "budget, window, sink, observation_window, decode_interval, decode_observation_window") in str(info.value)
 
 

@@ -6,8 +6,9 @@ Run on the GPU machine: pytest -m gpu tests/gpu."""
 import pytest
 import torch
 from helpers import layout_for, make_batch, write_batch
-from vllm_kvpress.triton_kernels.decode_attention import decode_attention, decode_kernel, split_buffers
+from vllm_kvpress.triton_kernels.decode_attention import split_buffers
 
+from vllm_kvpress.decode import decode_attention, decode_kernel
 from vllm_kvpress.reference import page_codec
 from vllm_kvpress.reference.attention import paged_attention
 
@@ -102,8 +103,9 @@ def test_cuda_decode_is_exact_across_splits(num_splits):
 def test_cuda_decode_reads_head_wise_packed_pages(num_splits):
     """RazorAttention's packed pages (eviction/headwise.py) through the CUDA kernel, next to a plain
     row: each KV head attends to its own tokens, like the reference reader and the Triton kernel."""
-    from vllm_kvpress.eviction.headwise import compact_prompt_headwise, middle_blocks
     from vllm_kvpress.triton_kernels.cache_write import write_kv_pages
+
+    from vllm_kvpress.eviction.headwise import compact_prompt_headwise, middle_blocks
 
     layout, iters = layout_for("kivi", 128, bits=4)
     bs, heads, kv_heads, retrieval = layout.block_size, 32, 8, [2, 5]

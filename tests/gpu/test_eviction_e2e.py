@@ -50,6 +50,8 @@ print("RESULT " + json.dumps({"trace": trace, "num_gpu_blocks": llm.llm_engine.v
 EVICTING = [
     ({"method": "snapkv", "budget": BUDGET, "bits": 4}, PROMPT_LEN // BLOCK - BUDGET // BLOCK),
     ({"method": "razor", "window": 1024, "sink": 4, "bits": 4, "head_choice": "first"}, PROMPT_LEN // BLOCK - 17 - 59),
+    # a composition no kernel was written for: KVCrush's choice kept in GEAR 4-bit pages
+    ({"method": "kvcrush", "pages": "gear", "bits": 4, "budget": BUDGET}, PROMPT_LEN // BLOCK - BUDGET // BLOCK),
 ]
 
 
@@ -63,7 +65,7 @@ def _free_block_trace(settings: dict, max_tokens: int) -> dict:
     return json.loads([line for line in out.stdout.splitlines() if line.startswith("RESULT ")][-1][7:])
 
 
-@pytest.mark.parametrize("settings,freed", EVICTING, ids=["snapkv", "razor"])
+@pytest.mark.parametrize("settings,freed", EVICTING, ids=["snapkv", "razor", "kvcrush-on-gear4"])
 def test_evicted_prompt_blocks_return_to_the_free_pool(settings, freed):
     result = _free_block_trace(settings, 32)
     trace = result["trace"]

@@ -6,7 +6,7 @@ import pytest
 import torch
 from helpers import layout_for, make_batch
 from vllm_kvpress.triton_kernels.cache_write import write_kv_pages
-from vllm_kvpress.triton_kernels.decode_attention import decode_attention, split_buffers
+from vllm_kvpress.triton_kernels.decode_attention import split_buffers
 from vllm_kvpress.triton_kernels.prefill_attention import prefill_attention
 
 from vllm_kvpress.backend.flash_prefill import (
@@ -14,6 +14,7 @@ from vllm_kvpress.backend.flash_prefill import (
     flash_prefill_attention,
     plan_flash_prefill,
 )
+from vllm_kvpress.decode import decode_attention
 from vllm_kvpress.reference import page_codec
 from vllm_kvpress.reference.attention import paged_attention
 
@@ -97,7 +98,8 @@ def test_decode_replays_correctly_in_a_cuda_graph():
     batch = make_batch([2000, 1000], [1, 1], 8, 128, layout.block_size, device="cuda")
     cache = torch.zeros(int(batch.block_table.max()) + 1, 8, layout.bytes_per_head, dtype=torch.uint8, device="cuda")
     for i, s in enumerate(batch.seq_lens):
-        write_kv_pages(batch.full_k[i], batch.full_v[i], cache, batch.slots(i, 0, s, 64).cuda(), layout, power_iters=iters)
+        write_kv_pages(batch.full_k[i], batch.full_v[i], cache, batch.slots(i, 0, s, 64).cuda(), layout,
+                       power_iters=iters)
     q = torch.randn(2, 32, 128, device="cuda", dtype=torch.bfloat16)
     out = torch.empty_like(q)
     seq_lens = torch.tensor([1, 1], dtype=torch.int32, device="cuda")
@@ -111,5 +113,6 @@ def test_decode_replays_correctly_in_a_cuda_graph():
     seq_lens.copy_(torch.tensor(batch.seq_lens, device="cuda"))
     graph.replay()
     expected = paged_attention(q, torch.empty(0), torch.empty(0), [0, 1, 2], batch.seq_lens,
-                               lambda i, s: page_codec.read_sequence(cache, batch.block_table[i], s, layout), 128 ** -0.5)
+                               lambda i, s: page_codec.read_sequence(cache, batch.block_table[i], s, layout),
+                               128 ** -0.5)
     torch.testing.assert_close(out.float(), expected, **TOL)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -36,7 +37,7 @@ def _offline(kwargs: dict) -> tuple[dict, str]:
                          capture_output=True, text=True, timeout=900)
     log = out.stdout + out.stderr
     assert out.returncode == 0, log[-5000:]
-    line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")][-1]
+    line = [row for row in out.stdout.splitlines() if row.startswith("RESULT ")][-1]
     return json.loads(line[len("RESULT "):]), log
 
 
@@ -72,40 +73,72 @@ def _post(url, payload):
         return r.read().decode()
 
 
-def test_vllm_serve_answers_openai_requests_with_gear(tmp_path):
-    assert MODEL
-    log_path = tmp_path / "serve.log"
-    port = 8123
-    with open(log_path, "w") as log:
-        server = subprocess.Popen(
-            ["vllm", "serve", MODEL, "--port", str(port), "--max-model-len", "4096", "--gpu-memory-utilization", "0.5",
-             "--kv-compression", "gear", "--kv-compression-config", '{"bits": 4}'],
-            stdout=log, stderr=subprocess.STDOUT)
-    try:
-        base = f"http://127.0.0.1:{port}"
+class Server:
+    """`vllm serve MODEL *flags` on a free port, its output in a log file; stopped on exit."""
+
+    def __init__(self, tmp_path, flags: list[str], port: int = 8123):
+        self.log_path, self.base = tmp_path / "serve.log", f"http://127.0.0.1:{port}"
+        self.argv = ["vllm", "serve", MODEL, "--port", str(port), "--max-model-len", "4096",
+                     "--gpu-memory-utilization", "0.5", *flags]
+
+    def __enter__(self):
+        assert MODEL, "set KVPRESS_MODEL to a Hugging Face checkpoint directory"
+        with open(self.log_path, "w") as log:
+            self.process = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT)
         for _ in range(300):
             try:
-                urllib.request.urlopen(base + "/health", timeout=2)
-                break
+                urllib.request.urlopen(self.base + "/health", timeout=2)
+                return self
             except OSError:
-                assert server.poll() is None, log_path.read_text()[-5000:]
+                assert self.process.poll() is None, self.log()[-5000:]
                 time.sleep(1)
-        completion = json.loads(_post(base + "/v1/completions", {"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 16,
-                                                                "temperature": 0}))
+        raise AssertionError("vllm serve did not come up in 300 s: " + self.log()[-3000:])
+
+    def __exit__(self, *exc):
+        self.process.terminate()
+        self.process.wait(timeout=60)
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def chat(self, content: str, **extra) -> str:
+        return _post(self.base + "/v1/chat/completions", {
+            "model": MODEL, "temperature": 0, "max_tokens": 32, "messages": [{"role": "user", "content": content}],
+            **extra})
+
+
+def test_vllm_serve_answers_openai_requests_with_gear(tmp_path):
+    with Server(tmp_path, ["--kv-compression", "gear", "--kv-compression-config", '{"bits": 4}']) as server:
+        completion = json.loads(_post(server.base + "/v1/completions", {
+            "model": MODEL, "prompt": PROMPTS[0], "max_tokens": 16, "temperature": 0}))
         assert "Paris" in completion["choices"][0]["text"]
-        chat = json.loads(_post(base + "/v1/chat/completions", {
-            "model": MODEL, "temperature": 0, "max_tokens": 32,
-            "messages": [{"role": "user", "content": "What is the capital of France?"}]}))
+        chat = json.loads(server.chat("What is the capital of France?"))
         assert "Paris" in chat["choices"][0]["message"]["content"]
-        stream = _post(base + "/v1/chat/completions", {
-            "model": MODEL, "temperature": 0, "max_tokens": 32, "stream": True,
-            "messages": [{"role": "user", "content": "What is the capital of France?"}]})
+        stream = server.chat("What is the capital of France?", stream=True)
         pieces = [json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
                   for line in stream.splitlines() if line.startswith("data: {")]
         assert "Paris" in "".join(pieces)
-        text = log_path.read_text()
+        text = server.log()
         assert "vllm-kvpress: gear pages" in text, text[-3000:]
-        print([l for l in text.splitlines() if "kvpress" in l or "CUSTOM" in l][:6])
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
+        print([row for row in text.splitlines() if "kvpress" in row or "CUSTOM" in row][:6])
+
+
+def test_vllm_serve_runs_a_composition_kvcrush_on_gear_pages(tmp_path):
+    """configs/kvcrush-gear4.yaml (KVCrush's selection, GEAR 4-bit pages, a quarter of every prompt
+    kept): one OpenAI request whose prompt is long enough to be compacted."""
+    preset = Path(__file__).parents[2] / "configs" / "kvcrush-gear4.yaml"
+    filler = " ".join(f"Line {i}: the weather report says it is mild and calm today." for i in range(120))
+    question = "The secret code is 4817. " + filler + " What is the secret code? Answer with the number."
+    with Server(tmp_path, ["--kv-compression", "kvcrush", "--kv-compression-config", str(preset)]) as server:
+        reply = json.loads(server.chat(question))
+        answer = reply["choices"][0]["message"]["content"]
+        prompt_tokens = reply["usage"]["prompt_tokens"]
+        text = server.log()
+    print(f"{prompt_tokens} prompt tokens; answer {answer!r}")
+    print([row for row in text.splitlines() if "kvpress" in row][:6])
+    assert prompt_tokens > 4 * 64 and answer.strip(), text[-3000:]
+    assert "vllm-kvpress: kvcrush pages with" in text and "'pages': 'gear'" in text, text[-3000:]
+    budget = -(-prompt_tokens // 4)  # a quarter of the prompt, rounded up
+    kept = -(-budget // 64)  # in whole blocks
+    compacted = f"vllm-kvpress: compacted a {prompt_tokens}-token prompt into {kept} blocks of 64 tokens (gear pages)"
+    assert compacted in text, text[-3000:]

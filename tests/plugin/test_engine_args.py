@@ -54,7 +54,8 @@ def test_engine_config_selects_backend_block_size_and_resolves_defaults(engine_c
     assert cfg.attention_config.backend.name == "CUSTOM"
     assert cfg.cache_config.block_size == 64
     assert cfg.additional_config["kv_compression"] == {
-        "method": "gear", "bits": 2, "group_size": "head", "block_size": 64, "tail_keys": "staged", "rank": 1, "outliers": "auto", "power_iters": 3,
+        "method": "gear", "bits": 2, "group_size": "head", "block_size": 64, "tail_keys": "staged", "rank": 1,
+        "outliers": "auto", "power_iters": 3,
     }
 
 
@@ -73,9 +74,9 @@ def test_settings_survive_pickling_into_a_spawned_worker(engine_config, tmp_path
         "import pickle, sys, json\n"
         "from vllm.plugins import load_general_plugins\n"
         "load_general_plugins()\n"
-        "from vllm_kvpress.backend.state import method_config_from_vllm_config\n"
+        "from vllm_kvpress.backend.state import method_from_vllm_config\n"
         f"cfg = pickle.load(open({str(path)!r}, 'rb'))\n"
-        "m = method_config_from_vllm_config(cfg)\n"
+        "m = method_from_vllm_config(cfg)\n"
         "print(json.dumps({'method': m.method, 'bytes_per_head': m.page_layout(64).bytes_per_head}))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
@@ -112,7 +113,8 @@ def test_without_the_flag_vllm_behaves_as_if_the_plugin_were_absent(tiny_llama_d
      "method='foo' is unknown; allowed: ems, gear, kivi, kv-head-compress, kvcrush, lococo, loopserve"),
     ({"method": "ems"}, {}, MethodNotImplementedError,
      ("--kv-compression ems: EMS: adaptive evict-then-merge strategy for head-wise KV-cache compression is "
-      "planned but not implemented yet in vllm-kvpress; available now: kivi, gear, kvcrush, scissorhands, snapkv, razor")),
+      "planned but not implemented yet in vllm-kvpress; available now: kivi, gear, kvcrush, scissorhands, snapkv, "
+      "razor")),
     ({"method": "kivi", "bits": 3}, {}, KVCompressionConfigError, "kivi: bits=3 is not allowed; allowed: 2, 4, 8"),
     ({"method": "gear", "rank": 9}, {}, KVCompressionConfigError,
      "gear: rank=9 is not allowed; allowed: an integer from 0 to 4"),
@@ -157,7 +159,8 @@ def test_unsupported_head_size_is_named(engine_config, tmp_path):
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 768, "intermediate_size": 1024,
         "num_hidden_layers": 1, "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 96,
         "vocab_size": 1000, "max_position_embeddings": 2048, "torch_dtype": "bfloat16"}))
-    with pytest.raises(KVCompressionConfigError, match="head size 96 is not supported by method 'kivi'; supported head sizes: 64, 128"):
+    with pytest.raises(KVCompressionConfigError,
+                       match="head size 96 is not supported by method 'kivi'; supported head sizes: 64, 128"):
         engine_config(model=str(model), additional_config={"kv_compression": {"method": "kivi"}})
 
 

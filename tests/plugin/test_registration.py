@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from vllm_kvpress.plugin import BACKEND_PATH
+from vllm_kvpress.vllm_patches import BACKEND_PATH
 
 PROBE = """
 import json

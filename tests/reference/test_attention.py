@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from helpers import layout_for, make_batch
 
 from vllm_kvpress.reference import page_codec
 from vllm_kvpress.reference.attention import causal_attention, paged_attention
-from helpers import layout_for, make_batch
 
 
 def _sdpa(q, k, v, scale):
@@ -18,7 +18,8 @@ def _sdpa(q, k, v, scale):
 
 @pytest.mark.parametrize("heads,kv_heads,head_size", [(9, 3, 64), (14, 2, 64), (8, 8, 128), (32, 8, 128)])
 def test_causal_attention_matches_sdpa(heads, kv_heads, head_size):
-    q, k, v = torch.randn(37, heads, head_size), torch.randn(100, kv_heads, head_size), torch.randn(100, kv_heads, head_size)
+    q = torch.randn(37, heads, head_size)
+    k, v = torch.randn(100, kv_heads, head_size), torch.randn(100, kv_heads, head_size)
     torch.testing.assert_close(causal_attention(q, k, v, 0.125), _sdpa(q, k, v, 0.125), atol=1e-5, rtol=1e-4)
 
 
@@ -41,7 +42,7 @@ def test_paged_attention_with_uncompressed_pages_equals_dense():
     k_new, v_new = batch.new_kv()
     out = paged_attention(q, k_new, v_new, batch.query_start_loc().tolist(), batch.seq_lens, read, 0.125)
     qsl = batch.query_start_loc().tolist()
-    for i, (s, c) in enumerate(zip(batch.seq_lens, batch.context_lens)):
+    for i in range(len(batch.seq_lens)):
         dense = _sdpa(q[qsl[i]:qsl[i + 1]], batch.full_k[i], batch.full_v[i], 0.125)
         torch.testing.assert_close(out[qsl[i]:qsl[i + 1]], dense, atol=1e-5, rtol=1e-4)
 
@@ -51,8 +52,9 @@ def test_page_codec_round_trip_error_is_bounded(method, bits):
     layout, iters = layout_for(method, 128, bits=bits)
     batch = make_batch([0], [150], 2, 128, layout.block_size)
     cache = torch.zeros(batch.block_table.max() + 1, 2, layout.bytes_per_head, dtype=torch.uint8)
-    page_codec.write_tokens(cache, batch.full_k[0][:100], batch.full_v[0][:100], batch.slots(0, 0, 100, 64), layout, iters)
-    page_codec.write_tokens(cache, batch.full_k[0][100:], batch.full_v[0][100:], batch.slots(0, 100, 150, 64), layout, iters)
+    for start, end in ((0, 100), (100, 150)):
+        page_codec.write_tokens(cache, batch.full_k[0][start:end], batch.full_v[0][start:end],
+                                batch.slots(0, start, end, 64), layout, iters)
     k, v = page_codec.read_sequence(cache, batch.block_table[0], 150, layout)
     rel = lambda a, b: ((a - b.float()).norm() / b.float().norm()).item()  # noqa: E731
     bound = {8: 0.01, 4: 0.15}[bits]

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from helpers import layout_for
 
 from vllm_kvpress.reference.gear import group_zscores, lowrank_factors, lowrank_product, select_outliers
 from vllm_kvpress.reference.page_codec import decode_block, encode_complete
-from helpers import layout_for
 
 
 def test_select_outliers_takes_the_top_scores_and_never_more_than_n():

@@ -3,10 +3,11 @@
 
 import pytest
 import torch
-
-from vllm_kvpress.reference.page_codec import decode_block, encode_complete
 from helpers import layout_for
 
+from vllm_kvpress.reference.page_codec import decode_block, encode_complete
+
+pytestmark = pytest.mark.downloads  # the embedded SmolLM2 and the essays
 TOKENS = 512
 LAYERS = (0, 9, 19, 29)
 

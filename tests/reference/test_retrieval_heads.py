@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from vllm_kvpress.eval import retrieval_heads as probe
 from vllm_kvpress.methods import retrieval_heads as rh
 
 PERIOD, REPEATS = 8, 3
@@ -25,7 +26,7 @@ def _attention_of(kind: str) -> torch.Tensor:
 
 def test_the_probe_scores_induction_and_echo_heads_apart():
     layer = torch.stack([_attention_of("induction"), _attention_of("echo"), _attention_of("uniform")])
-    induction, echo = rh.copy_scores([layer], PERIOD)
+    induction, echo = probe.copy_scores([layer], PERIOD)
     assert induction.shape == echo.shape == (1, 3)
     assert induction[0, 0] == 1.0 and echo[0, 0] == 0.0
     assert echo[0, 1] == 1.0 and induction[0, 1] == 0.0
@@ -34,7 +35,7 @@ def test_the_probe_scores_induction_and_echo_heads_apart():
 
 def test_a_kv_head_scores_as_its_highest_query_head():
     scores = torch.tensor([[0.1, 0.9, 0.2, 0.3, 0.0, 0.05]])  # 6 query heads, GQA 3
-    assert rh.kv_head_scores(scores, 2).tolist() == [[pytest.approx(0.9), pytest.approx(0.3)]]
+    assert probe.kv_head_scores(scores, 2).tolist() == [[pytest.approx(0.9), pytest.approx(0.3)]]
 
 
 def test_each_layer_keeps_its_top_heads_by_induction_plus_echo():
@@ -79,9 +80,9 @@ def test_measure_runs_the_probe_on_a_checkpoint(tmp_path):
     config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=200, max_position_embeddings=256)
     LlamaForCausalLM(config).save_pretrained(tmp_path)
-    scores = rh.measure(str(tmp_path), tokens=16, repeats=3, seed=0)
+    scores = probe.measure(str(tmp_path), tokens=16, repeats=3, seed=0)
     assert scores["fingerprint"]["num_key_value_heads"] == 2
     assert len(scores["induction"]) == 2 and all(len(row) == 2 for row in scores["induction"])
     assert all(0.0 <= x <= 1.0 for row in scores["induction"] + scores["echo"] for x in row)
-    text = rh.format_scores(scores)
+    text = probe.format_scores(scores)
     assert json.loads(text) == scores and "[" + ", ".join(map(str, scores["echo"][0])) + "]" in text

@@ -7,9 +7,10 @@ reference/page_codec.py, so a disagreement isolates the attention kernels.
 import pytest
 import torch
 from helpers import layout_for, make_batch, write_batch
-from vllm_kvpress.triton_kernels.decode_attention import decode_attention, split_buffers
+from vllm_kvpress.triton_kernels.decode_attention import split_buffers
 from vllm_kvpress.triton_kernels.prefill_attention import prefill_attention
 
+from vllm_kvpress.decode import decode_attention
 from vllm_kvpress.reference import page_codec
 from vllm_kvpress.reference.attention import paged_attention
 
@@ -102,8 +103,9 @@ def test_zero_length_sequence_gives_zeros(device):
 def test_decode_reads_head_wise_packed_pages(num_splits, device):
     """A RazorAttention-packed request (eviction/headwise.py) next to a plain one in one batch: each
     KV head attends to its own tokens, read where the packing put them (reference reader)."""
-    from vllm_kvpress.eviction.headwise import compact_prompt_headwise, middle_blocks
     from vllm_kvpress.triton_kernels.cache_write import write_kv_pages
+
+    from vllm_kvpress.eviction.headwise import compact_prompt_headwise, middle_blocks
 
     layout, iters = layout_for("kivi", 64, bits=8, block_size=16)
     bs, heads, kv_heads, retrieval = 16, 8, 4, [0, 3]
@@ -150,8 +152,9 @@ def test_decode_reads_head_wise_packed_pages(num_splits, device):
 def test_prefill_reads_head_wise_packed_pages(device):
     """A chunk of a packed request after its compaction (a re-prefill past the prompt) attends, per
     KV head, to that head's own context plus the chunk's fresh K/V, causally."""
-    from vllm_kvpress.eviction.headwise import compact_prompt_headwise, middle_blocks
     from vllm_kvpress.triton_kernels.cache_write import write_kv_pages
+
+    from vllm_kvpress.eviction.headwise import compact_prompt_headwise, middle_blocks
 
     layout, iters = layout_for("kivi", 64, bits=8, block_size=16)
     bs, heads, kv_heads, retrieval = 16, 4, 2, [1]

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from helpers import layout_for, make_batch
+from vllm_kvpress.triton_kernels.cache_write import completing_tokens, max_completions, write_kv_pages
 
 from vllm_kvpress.reference import page_codec
-from vllm_kvpress.triton_kernels.cache_write import completing_tokens, max_completions, write_kv_pages
-from helpers import layout_for, make_batch
 
 # (method, settings, head_size, kv_heads): every bit width, both head sizes, grouped and whole-head V
 CASES = [
@@ -64,7 +64,8 @@ def test_wrapper_rejects_bad_inputs(device):
     with pytest.raises(ValueError, match="Invalid dtype of key: expected torch.float16 or torch.bfloat16"):
         write_kv_pages(k, k, cache, torch.zeros(3, dtype=torch.int32, device=device), layout)
     with pytest.raises(ValueError, match="Invalid shape of cache"):
-        write_kv_pages(k.bfloat16(), k.bfloat16(), cache[:, :, :-1], torch.zeros(3, dtype=torch.int32, device=device), layout)
+        write_kv_pages(k.bfloat16(), k.bfloat16(), cache[:, :, :-1], torch.zeros(3, dtype=torch.int32, device=device),
+                       layout)
 
 
 @pytest.mark.parametrize("settings,head_size", [({"bits": 4}, 64), ({"bits": 2, "outliers": 32}, 128),

@@ -8,9 +8,9 @@ from importlib import resources
 import pytest
 import torch
 from helpers import layout_for
-from vllm_kvpress.triton_kernels.decode_attention import decode_kernel
 
 from vllm_kvpress import cuda_decode
+from vllm_kvpress.decode import decode_kernel
 
 # every shipped quantization config at both head sizes, with the GQA groups of the real models
 TAKEN = [(method, bits, head, group) for method in ("kivi", "gear") for bits in (2, 4) for head, group in

@@ -7,11 +7,12 @@ import pytest
 import torch
 from helpers import layout_for, make_batch, write_batch_exact_tail
 from vllm_kvpress.triton_kernels.cache_write import write_kv_pages
-from vllm_kvpress.triton_kernels.decode_attention import decode_attention, split_buffers
+from vllm_kvpress.triton_kernels.decode_attention import split_buffers
 from vllm_kvpress.triton_kernels.exact_tail import exact_tail_buffer
 from vllm_kvpress.triton_kernels.prefill_attention import prefill_attention
 from vllm_kvpress.triton_kernels.read_pages import read_pages_into
 
+from vllm_kvpress.decode import decode_attention
 from vllm_kvpress.reference import page_codec
 from vllm_kvpress.reference.attention import paged_attention
 
@@ -165,7 +166,7 @@ def test_auto_decode_runs_the_cuda_kernel_for_exact_tails(monkeypatch):
     """The automatic choice, which the metadata builder logs and builds for, takes the CUDA kernel
     for exact tails as for staged ones (its GPU parity test: test_cuda_decode_reads_the_exact_tail)."""
     from vllm_kvpress import cuda_decode
-    from vllm_kvpress.triton_kernels import decode_attention as decode_module
+    from vllm_kvpress import decode as decode_module
 
     layout, _ = layout_for("gear", 128, tail_keys="exact")
     assert cuda_decode.unsupported_reason(layout, 4, torch.bfloat16) is None

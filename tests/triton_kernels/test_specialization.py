@@ -8,6 +8,8 @@ import torch
 from helpers import layout_for
 from vllm_kvpress.triton_kernels import cache_write, decode_attention, prefill_attention, read_pages
 
+from vllm_kvpress import decode
+
 
 def _unspecialized(kernel) -> set[str]:
     """The kernel's arguments Triton does not specialize (interpreter or JIT function)."""
@@ -46,6 +48,6 @@ def test_split_counts_beyond_the_bound_are_refused(num_splits):
     cache = torch.zeros(3, 2, layout.bytes_per_head, dtype=torch.uint8)
     buffers = decode_attention.split_buffers(2 * (decode_attention.MAX_SPLITS + 1), 4, 64, "cpu")
     with pytest.raises(ValueError, match=f"num_splits={num_splits}: allowed: 1 to {decode_attention.MAX_SPLITS}"):
-        decode_attention.decode_attention(q, cache, torch.zeros(2, 1, dtype=torch.int32),
+        decode.decode_attention(q, cache, torch.zeros(2, 1, dtype=torch.int32),
                                           torch.ones(2, dtype=torch.int32), torch.empty_like(q), layout, scale=0.125,
                                           num_splits=num_splits, split_buffers=buffers)

@@ -5,6 +5,8 @@ from typing import ClassVar
 import torch
 from vllm.v1.attention.backend import AttentionBackend, AttentionType, MultipleOf
 
+from vllm_kvpress.layout import SUPPORTED_HEAD_SIZES
+
 PAGE_ALIGNMENT_TOKENS = 16
 """Block sizes the kernels accept are multiples of this; the method config picks the exact one."""
 
@@ -55,8 +57,6 @@ class KVPressBackend(AttentionBackend):
 
     @classmethod
     def get_supported_head_sizes(cls) -> list[int]:
-        from vllm_kvpress.methods.base import SUPPORTED_HEAD_SIZES
-
         return list(SUPPORTED_HEAD_SIZES)
 
     @classmethod

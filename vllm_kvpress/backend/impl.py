@@ -2,21 +2,24 @@
 
 import torch
 from vllm.forward_context import get_forward_context, is_forward_context_available
+from vllm.logger import init_logger
 from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.attention.backend import AttentionImpl, AttentionType
 
 from vllm_kvpress.backend.flash_prefill import flash_prefill_attention
 from vllm_kvpress.backend.metadata import KVPressMetadata
-from vllm_kvpress.backend.state import current_method_config
+from vllm_kvpress.backend.state import current_method
+from vllm_kvpress.decode import decode_attention
 from vllm_kvpress.eviction.compaction import compact_prompt, compact_recent
 from vllm_kvpress.eviction.headwise import compact_prompt_headwise
 from vllm_kvpress.eviction.policy import every_head_blocks
-from vllm_kvpress.methods.retrieval_heads import retrieval_heads_for_model
 from vllm_kvpress.triton_kernels.cache_write import write_kv_pages
-from vllm_kvpress.triton_kernels.decode_attention import decode_attention
 from vllm_kvpress.triton_kernels.exact_tail import exact_tail_buffer
 from vllm_kvpress.triton_kernels.prefill_attention import prefill_attention
 from vllm_kvpress.triton_kernels.recent_queries import recent_query_ring, write_recent_queries
+
+logger = init_logger("vllm.kvpress")
+_first_compaction_logged = False
 
 
 def layer_metadata(layer_name: str) -> KVPressMetadata | None:
@@ -62,13 +65,19 @@ class KVPressImpl(AttentionImpl[KVPressMetadata]):
             )
         self.num_heads, self.head_size, self.num_kv_heads = num_heads, head_size, num_kv_heads
         self.scale = float(scale)
-        method_config = current_method_config()
-        self.layout = method_config.page_layout(head_size)
-        self.power_iters = getattr(method_config, "power_iters", 1)
-        self.eviction = method_config if method_config.evicts_tokens else None
-        # head-wise packing (razor): this model's retrieval heads per layer, chosen once here
-        packing = self.eviction.packing(num_kv_heads) if self.eviction is not None else None
-        self.retrieval_by_layer = None if packing is None else retrieval_heads_for_model(method_config, packing)
+        method = current_method()
+        self.layout = method.page_layout(head_size)
+        self.power_iters = method.pages.power_iters
+        self.eviction = method.eviction
+        # the head policy (razor): the KV heads of every layer that keep every prompt token, chosen
+        # once here, in head-wise packed pages
+        self.packing = self.eviction.packing(num_kv_heads) if self.eviction is not None else None
+        self.packed_heads = None
+        if self.packing is not None:
+            from vllm.config import get_current_vllm_config
+
+            model_config = get_current_vllm_config().model_config.hf_config.to_dict()
+            self.packed_heads = self.eviction.packed_heads(model_config, num_kv_heads)
         self._retrieval_ranks: dict[str, tuple[list[int], torch.Tensor]] = {}
         # decode-time eviction: this layer's ring of every request's recent queries, made at the
         # first call (the memory-profiling run), so vLLM counts it before sizing the KV cache
@@ -99,10 +108,19 @@ class KVPressImpl(AttentionImpl[KVPressMetadata]):
         device tensor, made at the layer's first call (the memory-profiling run, before capture)."""
         name = getattr(layer, "layer_name", "")
         if name not in self._retrieval_ranks:
-            heads = self.retrieval_by_layer.heads[extract_layer_index(name)]
+            heads = self.packed_heads[extract_layer_index(name)]
             ranks = [heads.index(h) if h in heads else -1 for h in range(self.num_kv_heads)]
             self._retrieval_ranks[name] = ranks, torch.tensor(ranks, dtype=torch.int32, device=device)
         return self._retrieval_ranks[name]
+
+    def _log_first_compaction(self, compaction) -> None:
+        """Say once per process that eviction is at work (a serving log shows it took effect)."""
+        global _first_compaction_logged
+        if not _first_compaction_logged:
+            _first_compaction_logged = True
+            logger.info("vllm-kvpress: compacted a %d-token prompt into %d blocks of %d tokens (%s pages); the "
+                        "blocks after them go back to vLLM's free pool", compaction.prompt_len,
+                        compaction.kept_blocks, self.layout.block_size, self.eviction.pages.method)
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
         m = None if layer is None else layer_metadata(layer.layer_name)
@@ -134,7 +152,7 @@ class KVPressImpl(AttentionImpl[KVPressMetadata]):
         """
         if output_scale is not None or output_block_scale is not None:
             raise NotImplementedError("fused output quantization is not supported by vllm-kvpress")
-        ranks = None if self.retrieval_by_layer is None else self._layer_ranks(layer, output.device)
+        ranks = None if self.packing is None else self._layer_ranks(layer, output.device)
         ring = self._ring(query) if self.recent_window else None
         tail_buffer = self._tail(query) if self.layout.exact_tail_keys else None
         if attn_metadata is None:  # memory-profiling run (ranks, ring and tail above are made before any capture)
@@ -144,7 +162,7 @@ class KVPressImpl(AttentionImpl[KVPressMetadata]):
         if ring is not None:  # before the compactions below, which score with this step's queries too
             write_recent_queries(query, ring, m.request_slots, m.query_start_loc, m.physical_seq_lens,
                                  m.seq_lens.shape[0])
-        headwise = None if ranks is None else (m.headwise_rows, ranks[1], self.retrieval_by_layer.per_layer)
+        headwise = None if ranks is None else (m.headwise_rows, ranks[1], self.packing.retrieval_heads)
         if m.num_decodes:
             n = m.num_decode_tokens
             decode_attention(
@@ -178,6 +196,8 @@ class KVPressImpl(AttentionImpl[KVPressMetadata]):
                     self.eviction, self.layout, kv_cache, row, query, compaction, self.scale,
                     power_iters=self.power_iters,
                 )
+        if m.compactions:
+            self._log_first_compaction(m.compactions[0])
         for compaction in m.recent_compactions:  # over this step's view, which they shorten
             compact_recent(self.eviction, self.layout, kv_cache, m.block_table[compaction.row], ring, compaction,
                            self.scale, power_iters=self.power_iters)

@@ -28,12 +28,14 @@ from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 from vllm_kvpress import cuda_decode
 from vllm_kvpress.backend.flash_prefill import FlashPrefillPlan, flash_attention_version, plan_flash_prefill
 from vllm_kvpress.backend.host_copy import copy_to_device
-from vllm_kvpress.backend.state import method_config_from_vllm_config
-from vllm_kvpress.engine_args import runner_problems
+from vllm_kvpress.backend.runner import runner_problems
+from vllm_kvpress.backend.state import method_from_vllm_config
+from vllm_kvpress.decode import decode_kernel
 from vllm_kvpress.errors import KVCompressionConfigError
+from vllm_kvpress.eviction import prompt_lens
 from vllm_kvpress.eviction.compaction import PromptCompaction, RecentCompaction
 from vllm_kvpress.triton_kernels.cache_write import completing_tokens, max_completions
-from vllm_kvpress.triton_kernels.decode_attention import MAX_SPLITS, decode_kernel, split_buffers
+from vllm_kvpress.triton_kernels.decode_attention import MAX_SPLITS, split_buffers
 
 logger = init_logger("vllm.kvpress")
 
@@ -120,11 +122,11 @@ class KVPressMetadataBuilder(AttentionMetadataBuilder[KVPressMetadata]):
         # max over batch sizes B of B * num_decode_splits(B) <= max_seqs + waves*SMs / kv_heads
         capacity = max_seqs + -(-SPLIT_TARGET_WAVES * self.num_sms // self.num_kv_heads)
         self.split_buffers = split_buffers(capacity, self.num_heads, model_config.get_head_size(), device)
-        method_config = method_config_from_vllm_config(vllm_config)
-        problems = runner_problems(vllm_config, method_config)
+        method = method_from_vllm_config(vllm_config)
+        problems = runner_problems(vllm_config, method)
         if problems:  # a config vLLM's engine creation did not check (ours checks it there too)
             raise KVCompressionConfigError(problems)
-        layout = method_config.page_layout(model_config.get_head_size())
+        layout = method.page_layout(model_config.get_head_size())
         self.block_size = layout.block_size
         max_tokens = vllm_config.scheduler_config.max_num_batched_tokens
         self.completing_buffer = torch.empty(
@@ -132,7 +134,7 @@ class KVPressMetadataBuilder(AttentionMetadataBuilder[KVPressMetadata]):
         )
         # prefill through vLLM's FlashAttention where it has one for this GPU, else the Triton kernel
         self.fa_version = flash_attention_version() if torch.device(device).type == "cuda" else None
-        self.eviction = method_config if method_config.evicts_tokens else None
+        self.eviction = method.eviction
         self.packing = None
         # each row's request-state slot: decode-time eviction's query ring, the exact tail
         self.spare_slot = max_seqs
@@ -153,18 +155,14 @@ class KVPressMetadataBuilder(AttentionMetadataBuilder[KVPressMetadata]):
             cuda_decode.build(layout, group, model_config.dtype, torch.device(device))
         logger.info(
             "vllm-kvpress: %s pages with %s; %.1f bytes per token and KV head (%.2fx the bf16 capacity), "
-            "block size %d; prefill attention: %s; decode attention: %s kernel (%s)", method_config.method,
-            method_config.to_dict(), layout.bytes_per_token_head, layout.compression_vs_bf16, layout.block_size,
-            "Triton kernel" if self.fa_version is None else f"FlashAttention {self.fa_version} over the dequantized context",
+            "block size %d; prefill attention: %s; decode attention: %s kernel (%s)", method.method,
+            method.to_dict(), layout.bytes_per_token_head, layout.compression_vs_bf16, layout.block_size,
+            "Triton kernel" if self.fa_version is None
+            else f"FlashAttention {self.fa_version} over the dequantized context",
             decode, decode_why,
         )
 
     def _init_eviction(self, vllm_config, device) -> None:
-        from vllm_kvpress.eviction.compaction_steps import patch_v2_runner_compaction_steps
-        from vllm_kvpress.eviction.prompt_lens import patch_v2_runner_prompt_lens
-
-        patch_v2_runner_prompt_lens()
-        patch_v2_runner_compaction_steps()
         max_seqs = vllm_config.scheduler_config.max_num_seqs
         # persistent: a captured decode graph reads the view from these addresses at every replay;
         # the table's width is vLLM's, known at the first build (before any capture)
@@ -183,9 +181,6 @@ class KVPressMetadataBuilder(AttentionMetadataBuilder[KVPressMetadata]):
         )
 
     def _init_exact_tail(self, vllm_config, device) -> None:
-        from vllm_kvpress.eviction.prompt_lens import patch_v2_runner_prompt_lens
-
-        patch_v2_runner_prompt_lens()  # it hands over each row's request-state slot too
         max_seqs = vllm_config.scheduler_config.max_num_seqs
         max_tokens = vllm_config.scheduler_config.max_num_batched_tokens
         # persistent: captured decode graphs read the slots from these addresses at every replay
@@ -255,9 +250,7 @@ class KVPressMetadataBuilder(AttentionMetadataBuilder[KVPressMetadata]):
 
     def _request_slots(self, cm: CommonAttentionMetadata, num_reqs: int) -> np.ndarray:
         """Host: each row's request-state slot (the runner patch's), the spare slot for padding."""
-        from vllm_kvpress.eviction.prompt_lens import request_slots_for
-
-        given = request_slots_for(cm.rswa_prefix_lens)
+        given = prompt_lens.request_slots_for(cm.rswa_prefix_lens)
         if given is None:
             raise RuntimeError(
                 "decode-time eviction (decode_interval) and tail_keys='exact' need the request-state slots of "

@@ -1,4 +1,5 @@
-"""Owns the KV-cache spec of compressed pages and the patch that hands it to vLLM.
+"""Owns the KV-cache specs of compressed pages: plain, and of methods that evict tokens (which vLLM
+maps to our block manager, backend/block_manager.py). vllm_kvpress/vllm_patches.py hands them to vLLM.
 
 vLLM sizes its block pool as `available_bytes // sum(page_size_bytes)` over layers, so a spec whose
 page is the compressed size is all it takes for vLLM's own memory profiling to hand out
@@ -12,6 +13,7 @@ import torch
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
 from vllm_kvpress.errors import KVCompressionConfigError
+from vllm_kvpress.eviction.policy import Budget, HeadPacking
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -19,7 +21,8 @@ class KVPressAttentionSpec(FullAttentionSpec):
     """Full attention whose pages hold packed codes (dtype uint8) instead of bf16 K/V.
 
     Being a `FullAttentionSpec` subclass, it resolves to vLLM's `FullAttentionManager` through the
-    spec registry's MRO walk, which is right for methods that quantize without evicting.
+    spec registry's MRO walk, which is right for methods that quantize without evicting. Layers are
+    ours when their backend says so (`KVPressBackend.is_kvpress_backend`).
     """
 
     bytes_per_head: int = 0
@@ -46,23 +49,47 @@ class KVPressAttentionSpec(FullAttentionSpec):
         return replace(merged, **first)
 
 
-def compressed_spec_for_layer(spec: FullAttentionSpec, vllm_config) -> KVPressAttentionSpec:
-    """The compressed version of the spec vLLM built for one of our attention layers."""
-    from vllm_kvpress.backend.state import method_config_from_vllm_config
+@dataclass(frozen=True, kw_only=True)
+class KVPressEvictionSpec(KVPressAttentionSpec):
+    """Compressed pages of a method that evicts prompt tokens (resolves to `EvictionBlockManager`)."""
 
-    method_config = method_config_from_vllm_config(vllm_config)
+    budget: Budget = 0
+    """The method's `budget` (`EvictingMethod.budget`, methods/eviction.py): kept prompt tokens (int), or a fraction of
+    the prompt (float). The default exists only because vLLM's `FullAttentionSpec.merge` builds the
+    merged spec from its own fields before `KVPressAttentionSpec.merge` copies ours over; a manager
+    refuses it."""
+    retrieval_heads: int = 0
+    """Head-wise packing (RazorAttention): KV heads of every layer that keep all full prompt
+    blocks, packed after the kept ones (vllm_kvpress/headwise_layout.py); 0 for the other methods."""
+    interval_blocks: int = 0
+    """Decode-time eviction every this many blocks (`EvictingMethod.interval_blocks`); 0: after
+    the prompt only."""
+
+    @property
+    def packing(self) -> HeadPacking | None:
+        return HeadPacking(self.retrieval_heads, self.num_kv_heads) if self.retrieval_heads else None
+
+
+
+def compressed_spec_for_layer(spec: FullAttentionSpec, vllm_config) -> KVPressAttentionSpec:
+    """The compressed version of the spec vLLM built for one of our attention layers: the page
+    layout of the method `vllm_config` carries and, for an evicting method, the budget schedule
+    the block manager follows."""
+    from vllm_kvpress.backend import state
+
+    method = state.method_from_vllm_config(vllm_config)
     if type(spec) is not FullAttentionSpec or spec.sliding_window or spec.attention_chunk_size:
         raise KVCompressionConfigError(
             f"layers with {type(spec).__name__} (sliding window or chunked local attention) are not "
             "supported; allowed: models whose attention layers are all full attention"
         )
-    if spec.block_size != method_config.block_size:
+    if spec.block_size != method.block_size:
         raise KVCompressionConfigError(
-            f"vLLM chose block size {spec.block_size} but method '{method_config.method}' was configured "
-            f"with block_size={method_config.block_size}; set the same value in --block-size and "
+            f"vLLM chose block size {spec.block_size} but method '{method.method}' was configured "
+            f"with block_size={method.block_size}; set the same value in --block-size and "
             "--kv-compression-config"
         )
-    layout = method_config.page_layout(spec.head_size)
+    layout = method.page_layout(spec.head_size)
     common = {
         "block_size": spec.block_size,
         "num_kv_heads": spec.num_kv_heads,
@@ -70,34 +97,13 @@ def compressed_spec_for_layer(spec: FullAttentionSpec, vllm_config) -> KVPressAt
         "head_size_v": spec.head_size_v,
         "dtype": torch.uint8,
         "bytes_per_head": layout.bytes_per_head,
-        "compression_tag": repr(sorted(method_config.to_dict().items())),
+        "compression_tag": repr(sorted(method.to_dict().items())),
     }
-    if method_config.evicts_tokens:
+    eviction = method.eviction
+    if eviction is not None:
         # every layer of the group gets it: vLLM builds a group's manager from one layer's spec
-        from vllm_kvpress.eviction.manager import KVPressEvictionSpec, register_eviction_spec
-
-        register_eviction_spec()  # the spec is useless to vLLM without its manager (idempotent)
-        packing = method_config.packing(spec.num_kv_heads)
-        return KVPressEvictionSpec(**common, budget=method_config.budget,
+        packing = eviction.packing(spec.num_kv_heads)
+        return KVPressEvictionSpec(**common, budget=eviction.budget,
                                    retrieval_heads=packing.retrieval_heads if packing else 0,
-                                   interval_blocks=method_config.interval_blocks)
+                                   interval_blocks=eviction.interval_blocks)
     return KVPressAttentionSpec(**common)
-
-
-def patch_attention_kv_cache_spec() -> None:
-    """Wrap vLLM 0.26.0 `vllm.model_executor.layers.attention.attention.Attention.get_kv_cache_spec`
-    so that layers served by our backend report compressed pages. Other layers are untouched."""
-    from vllm.model_executor.layers.attention.attention import Attention
-
-    if getattr(Attention.get_kv_cache_spec, "_kvpress_wrapped", False):
-        return
-    original = Attention.get_kv_cache_spec
-
-    def get_kv_cache_spec(self, vllm_config):
-        spec = original(self, vllm_config)
-        if spec is None or not getattr(self.get_attn_backend(), "is_kvpress_backend", False):
-            return spec
-        return compressed_spec_for_layer(spec, vllm_config)
-
-    get_kv_cache_spec._kvpress_wrapped = True  # type: ignore[attr-defined]
-    Attention.get_kv_cache_spec = get_kv_cache_spec

@@ -1,34 +1,35 @@
-"""Owns reading the active compression settings inside vLLM processes (engine core, workers).
+"""Owns how the backend gets the active method inside vLLM processes (engine core, workers).
 
-They travel in `VllmConfig.additional_config`, which vLLM pickles to every process; nothing else
-is shared, so every reader goes through here.
+The settings travel in `VllmConfig.additional_config`, which vLLM pickles to every process; turning
+them into a method is the config layer's work (vllm_kvpress/config.py), which sits above the
+backend. `plugin.register()`, which vLLM runs in every process before it builds a model, installs
+that reader here, so the backend calls the method's hooks without knowing any method.
 """
 
-import functools
+from collections.abc import Callable
 
-from vllm_kvpress.config import ADDITIONAL_CONFIG_KEY, load_method_config
-from vllm_kvpress.errors import KVCompressionConfigError
-from vllm_kvpress.methods import MethodConfig
+_method_reader: Callable | None = None
 
 
-@functools.lru_cache(maxsize=8)
-def _cached_method_config(frozen_settings: tuple) -> MethodConfig:
-    return load_method_config(dict(frozen_settings))
+def install_method_reader(reader: Callable) -> None:
+    """`reader(vllm_config)` returns the validated method the config carries (or raises)."""
+    global _method_reader
+    _method_reader = reader
 
 
-def method_config_from_vllm_config(vllm_config) -> MethodConfig:
-    """The validated method config carried by `vllm_config`, or a clear error if there is none."""
-    settings = (getattr(vllm_config, "additional_config", None) or {}).get(ADDITIONAL_CONFIG_KEY)
-    if settings is None:
-        raise KVCompressionConfigError(
-            "the CUSTOM attention backend is vllm-kvpress, but no compression method is configured; "
-            "pass --kv-compression NAME, or additional_config={'kv_compression': {'method': NAME}}"
+def method_from_vllm_config(vllm_config):
+    """The method (`methods/base.py` `CompressionMethod`) carried by `vllm_config`."""
+    if _method_reader is None:
+        raise RuntimeError(
+            "vllm-kvpress's vLLM plugin has not been registered in this process: vLLM runs "
+            "`vllm_kvpress.plugin:register` (entry point group vllm.general_plugins) in every process it "
+            "starts; outside vLLM, call vllm_kvpress.plugin.register() first"
         )
-    return _cached_method_config(tuple(sorted(settings.items())))
+    return _method_reader(vllm_config)
 
 
-def current_method_config() -> MethodConfig:
-    """The method config of the vLLM config being built or run in this process."""
+def current_method():
+    """The method of the vLLM config being built or run in this process."""
     from vllm.config import get_current_vllm_config
 
-    return method_config_from_vllm_config(get_current_vllm_config())
+    return method_from_vllm_config(get_current_vllm_config())

@@ -20,7 +20,7 @@ from typing import Any
 
 from vllm_kvpress.config import ADDITIONAL_CONFIG_KEY, load_method_config
 from vllm_kvpress.errors import KVCompressionConfigError, MethodNotImplementedError
-from vllm_kvpress.methods import METHODS
+from vllm_kvpress.methods.registry import method_table
 
 BASELINE_KV_CACHE_DTYPES = (
     "auto",
@@ -111,7 +111,7 @@ def split_config_specs(values: Iterable[str]) -> list[str]:
 
 
 def _allowed_names() -> str:
-    plugin = ", ".join(sorted(METHODS))
+    plugin = ", ".join(sorted(m.name for m in method_table()))
     return (
         f"vLLM kv_cache_dtype baselines {', '.join(BASELINE_KV_CACHE_DTYPES)}; "
         f'or plugin methods {plugin}, optionally with JSON settings, e.g. gear:{{"bits": 2}}'
@@ -144,7 +144,7 @@ def parse_config_spec(spec: str) -> BenchConfig:
                 f"--configs {spec!r}: vLLM baseline {name!r} takes no settings; write just {name}"
             )
         return BenchConfig(label=name, spec=spec, kv_cache_dtype=name)
-    if name not in METHODS:
+    if name not in {m.name for m in method_table()}:
         raise ConfigSpecError(f"--configs {spec!r}: {name!r} is unknown; allowed: {_allowed_names()}")
     overrides: dict[str, Any] = {}
     if sep:

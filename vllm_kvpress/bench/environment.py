@@ -7,7 +7,7 @@ or torch (which would cost seconds and, for torch, could touch the GPU).
 import platform
 import shlex
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from vllm_kvpress.bench import gpu
@@ -32,5 +32,5 @@ def describe_environment(device_index: int = 0) -> dict:
         "python_version": platform.python_version(),
         # The command runs from the repository root; the installed package may be a copy elsewhere.
         **git_state(Path.cwd()),
-        "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date_utc": datetime.now(UTC).isoformat(timespec="seconds"),
     }

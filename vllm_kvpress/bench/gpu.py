@@ -1,11 +1,11 @@
 """Owns what the benchmark reads about the GPU itself: its name and device-level memory, via NVML.
 
-Why NVML and not torch: vLLM allocates the KV cache in its engine-core process (and its workers),
-so `torch.cuda.max_memory_reserved()` in the benchmark process sees none of it. NVML's
+Why NVML and not torch: vLLM allocates the KV cache in its engine-core process (and its workers), so
+`torch.cuda.max_memory_reserved()` in the benchmark process sees none of it. NVML's
 `nvmlDeviceGetMemoryInfo(...).used` is the device-wide figure nvidia-smi shows: every process,
-including the CUDA contexts, the weights, the KV cache, CUDA graphs and allocator slack. The peak
-is sampled (`SAMPLE_INTERVAL_S`, `gauges.peak_memory_sampler`), so a spike shorter than that can be missed; vLLM reserves its
-memory up front, so the device-level figure is flat while a workload runs.
+including the CUDA contexts, the weights, the KV cache, CUDA graphs and allocator slack. The peak is
+sampled (`SAMPLE_INTERVAL_S`, `gauges.peak_memory_sampler`), so a spike shorter than that can be
+missed; vLLM reserves its memory up front, so the device-level figure is flat while a workload runs.
 
 `pynvml` comes with vLLM (package nvidia-ml-py). Without a GPU every function returns None.
 """

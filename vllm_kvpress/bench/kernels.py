@@ -40,8 +40,9 @@ def measure_copy_bandwidth(torch, triton_testing) -> float:
 def bench_compressed(name, settings, args, torch, triton_testing) -> dict:
     from vllm_kvpress.backend.metadata import num_decode_splits
     from vllm_kvpress.config import load_method_config
+    from vllm_kvpress.decode import decode_attention
     from vllm_kvpress.triton_kernels.cache_write import write_kv_pages
-    from vllm_kvpress.triton_kernels.decode_attention import decode_attention, split_buffers
+    from vllm_kvpress.triton_kernels.decode_attention import split_buffers
 
     config = load_method_config(settings)
     layout = config.page_layout(args.head_size)
@@ -54,7 +55,7 @@ def bench_compressed(name, settings, args, torch, triton_testing) -> dict:
     for s in range(args.batch):
         k = torch.randn(args.context, args.kv_heads, args.head_size, device="cuda", dtype=torch.bfloat16)
         slots = (block_table[s].long()[:, None] * bs + torch.arange(bs, device="cuda")).flatten().int()
-        write_kv_pages(k, k, cache, slots, layout, power_iters=getattr(config, "power_iters", 1))
+        write_kv_pages(k, k, cache, slots, layout, power_iters=config.pages.power_iters)
     q = torch.randn(args.batch, args.heads, args.head_size, device="cuda", dtype=torch.bfloat16)
     out = torch.empty_like(q)
     seq_lens = torch.full((args.batch,), args.context, dtype=torch.int32, device="cuda")
@@ -146,11 +147,13 @@ def main(argv=None) -> int:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
     print(f"copy bandwidth {copy_gbs:.0f} GB/s on {result['gpu']}")
-    print(f"{'config':24} {'kernel':>7} {'warps/knob':>10} {'ms':>8} {'GB/s':>8} {'% copy':>7} {'vs bf16':>8} {'B/tok/head':>10}")
+    print(f"{'config':24} {'kernel':>7} {'warps/knob':>10} {'ms':>8} {'GB/s':>8} {'% copy':>7} {'vs bf16':>8} "
+          f"{'B/tok/head':>10}")
     for r in rows:
         launch = f"{r['num_warps']}/{r.get('num_stages', r.get('min_ctas'))}" if "num_warps" in r else "-"
-        print(f"{r['config']:24} {r.get('kernel', 'FA3'):>7} {launch:>10} {r['ms']:8.3f} {r['gb_per_s']:8.0f} {100 * r['fraction_of_copy_bandwidth']:6.1f}% "
-              f"{r['speedup_vs_bf16']:7.2f}x {r['bytes_per_token_head']:10.1f}")
+        share = 100 * r["fraction_of_copy_bandwidth"]
+        print(f"{r['config']:24} {r.get('kernel', 'FA3'):>7} {launch:>10} {r['ms']:8.3f} {r['gb_per_s']:8.0f} "
+              f"{share:6.1f}% {r['speedup_vs_bf16']:7.2f}x {r['bytes_per_token_head']:10.1f}")
     return 0
 
 

@@ -46,7 +46,7 @@ def bench_compressed(name, args, step, timed, fa_version) -> list[dict]:
         k = torch.randn(seq, args.kv_heads, args.head_size, device="cuda", dtype=torch.bfloat16)
         k[c:] = k_new[s * n : (s + 1) * n]
         slots = (block_table[s].long()[:, None] * bs + torch.arange(bs, device="cuda")).flatten()[:seq].int()
-        write_kv_pages(k, k, cache, slots, layout, power_iters=getattr(config, "power_iters", 1))
+        write_kv_pages(k, k, cache, slots, layout, power_iters=config.pages.power_iters)
     seq_lens = torch.full((b,), seq, dtype=torch.int32, device="cuda")
     plan = plan_flash_prefill(qsl.numpy(), np.full(b, seq), 0, b, bs, "cuda", fa_version)
     scale = args.head_size ** -0.5

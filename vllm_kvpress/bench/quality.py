@@ -12,8 +12,9 @@ The bench measures speed and capacity only; quality comes from `vllm-kvpress eva
 
 A score belongs to a bench configuration when both denote the same KV cache: for vLLM baselines
 the same `kv_cache_dtype` with no plugin method, for plugin methods the same resolved settings
-(`MethodConfig.to_dict()`), so `gear` and `gear:{"bits": 4}` match each other when 4 is the
-default. The eval usually runs a smaller real model than the bench's dummy-weight one: the figure
+(`CompressionMethod.to_dict()`, read again through the method so that a file written before a
+setting existed, such as an eviction method's `pages`, takes that setting's default), so `gear` and
+`gear:{"bits": 4}` match each other when 4 is the default. The eval usually runs a smaller real model than the bench's dummy-weight one: the figure
 names the eval runs it took scores from.
 """
 
@@ -23,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vllm_kvpress.bench.configs import parse_config_spec
+from vllm_kvpress.config import load_method_config
+from vllm_kvpress.errors import KVCompressionConfigError, MethodNotImplementedError
 
 MEAN_ACCURACY = "mean task accuracy (%)"
 UNCOMPRESSED_METHODS = (None, "none")
@@ -45,6 +48,10 @@ def config_key(kv_cache_dtype: str, method_settings: dict | None) -> str:
     """What makes two configurations the same KV cache, as one comparable string."""
     if method_settings is None:
         return f"kv_cache_dtype={kv_cache_dtype}"
+    try:
+        method_settings = load_method_config(method_settings).to_dict()
+    except (KVCompressionConfigError, MethodNotImplementedError):
+        pass  # settings this version no longer takes: compared as written
     return "plugin=" + json.dumps(method_settings, sort_keys=True)
 
 

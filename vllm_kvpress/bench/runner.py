@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
 
@@ -125,7 +125,7 @@ def run_bench(req: BenchRequest) -> Path:
         {
             "command": req.command,
             "environment": describe_environment(req.device_index),
-            "started_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "started_utc": datetime.now(UTC).isoformat(timespec="seconds"),
         }
     )
     invocation = len(run["invocations"]) - 1

@@ -7,8 +7,8 @@ for one configuration (a vLLM baseline dtype or a plugin method), with CUDA grap
 The engine runs in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`) and is stepped by hand to the
 end of the workload: every step's wall time is recorded (split into steps that carry prompt tokens
 and decode-only steps), and PyTorch's profiler covers `--profile-steps` steps from each index of
-`--profile-at` (CUPTI also sees the kernels inside CUDA-graph replays). Profiling slows the host side: throughput figures come from
-`vllm-kvpress bench`, this only says which kernels take the time.
+`--profile-at` (CUPTI also sees the kernels inside CUDA-graph replays). Profiling slows the host
+side: throughput figures come from `vllm-kvpress bench`, this only says which kernels take the time.
 
 Before the measured run the engine runs the bench's unmeasured warm-up batch once, as every engine
 of `vllm-kvpress bench` does (`--no-warmup` skips it), so that the profile sees the engine the bench
@@ -305,7 +305,8 @@ def print_summary(config_label: str, workload_name: str, warmup: bool, run: dict
         for gap in g["largest_gaps"][:3]:
             print(f"  {gap['us']:10.1f} us after {gap['after'][:50]} before {gap['before'][:50]}")
         for r in w["kernels"][:TOP_KERNELS]:
-            print(f"{r['us_per_step']:10.1f} us {100 * r['share']:5.1f}% {r['launches_per_step']:6.1f}x  {r['kernel'][:90]}")
+            print(f"{r['us_per_step']:10.1f} us {100 * r['share']:5.1f}% {r['launches_per_step']:6.1f}x  "
+                  f"{r['kernel'][:90]}")
 
 
 def main(argv=None) -> int:

@@ -12,6 +12,7 @@ without the host's launch cost.
 """
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -62,8 +63,9 @@ def bench_step(step: str, slots, num_seqs: int, args, timed, torch) -> list[dict
         k_cache = torch.zeros(num_blocks, 16, args.kv_heads, args.head_size, dtype=cache_dtype, device="cuda")
         v_cache = torch.zeros_like(k_cache)
         scale = torch.ones(1, dtype=torch.float32, device="cuda")
-        rows.append(timed(step, f"vLLM {'bf16' if dtype == 'auto' else dtype}", lambda: vllm_ops.reshape_and_cache_flash(
-            key, value, k_cache, v_cache, slots.long(), dtype, scale, scale)))
+        write = functools.partial(vllm_ops.reshape_and_cache_flash, key, value, k_cache, v_cache, slots.long(),
+                                  dtype, scale, scale)
+        rows.append(timed(step, f"vLLM {'bf16' if dtype == 'auto' else dtype}", write))
         del k_cache, v_cache
     for name in args.configs.split(","):
         config = load_method_config(CONFIGS[name])
@@ -72,11 +74,12 @@ def bench_step(step: str, slots, num_seqs: int, args, timed, torch) -> list[dict
         cache = torch.randint(0, 255, (pages, args.kv_heads, layout.bytes_per_head), dtype=torch.uint8,
                               device="cuda")
         completing = completing_tokens(slots, layout.block_size, max_completions(n, num_seqs, layout.block_size))
-        iters = getattr(config, "power_iters", 1)
+        iters = config.pages.power_iters
         for warps in args.encode_warps:
             cache_write.ENCODE_NUM_WARPS = warps  # read at each launch
-            row = timed(step, name, lambda: write_kv_pages(key, value, cache, slots, layout, power_iters=iters,
-                                                           completing=completing))
+            write = functools.partial(write_kv_pages, key, value, cache, slots, layout, power_iters=iters,
+                                      completing=completing)
+            row = timed(step, name, write)
             rows.append({**row, "encode_warps": warps, "completed_blocks": int((completing >= 0).sum())})
         del cache
         torch.cuda.empty_cache()

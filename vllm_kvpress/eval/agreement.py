@@ -39,7 +39,8 @@ def compare(a: dict[tuple[str, str], dict], b: dict[tuple[str, str], dict]) -> d
         "identical_completions": identical,
         "correct_a": sum(r["correct"] for r in a.values()),
         "correct_b": sum(r["correct"] for r in b.values()),
-        "differing": sorted(f"{task}/{sample}" for (task, sample) in a if a[(task, sample)]["correct"] != b[(task, sample)]["correct"]),
+        "differing": sorted(f"{task}/{sample}" for (task, sample) in a
+                            if a[(task, sample)]["correct"] != b[(task, sample)]["correct"]),
     }
 
 

@@ -70,9 +70,9 @@ def _number_list(flag: str, kind, low: float, high: float | None = None):
 
 
 def _method_names() -> tuple[str, ...]:
-    from vllm_kvpress.methods import METHODS
+    from vllm_kvpress.methods.registry import method_table
 
-    return (UNCOMPRESSED, *METHODS)
+    return (UNCOMPRESSED, *(m.name for m in method_table()))
 
 
 def add_parser(subparsers) -> None:
@@ -100,7 +100,7 @@ def add_parser(subparsers) -> None:
         "--config",
         default=None,
         metavar="JSON|FILE",
-        help="settings over configs/<method>.yaml for every compressed method, e.g. '{\"bits\": 2}'",
+        help="settings over the method's defaults for every compressed method, e.g. '{\"bits\": 2}'",
     )
     p.add_argument(
         "--kv-cache-dtype",
@@ -178,13 +178,13 @@ def resolve_methods(methods: tuple[str, ...], config_arg: str | None) -> tuple[l
     if overrides and methods == (UNCOMPRESSED,):
         raise ValueError("--config sets method settings, but --method is only 'none'")
     runs, configs = [], []
-    for method in methods:
-        if method == UNCOMPRESSED:
-            runs.append(MethodRun(method, {}, None))
+    for name in methods:
+        if name == UNCOMPRESSED:  # the baseline row: the model's own KV cache, no plugin method
+            runs.append(MethodRun(name, {}, None))
             configs.append(None)
             continue
-        method_config = load_method_config({"method": method, **overrides})
-        runs.append(MethodRun(method, dict(overrides), method_config.to_dict()))
+        method_config = load_method_config({"method": name, **overrides})
+        runs.append(MethodRun(name, dict(overrides), method_config.to_dict()))
         configs.append(method_config)
     return runs, configs
 

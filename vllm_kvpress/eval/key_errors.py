@@ -40,7 +40,8 @@ def capture_queries_and_keys(model_path: str, tokens: int):
 
     AttentionInterface.register("kvpress_capture", capture)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16, attn_implementation="kvpress_capture")
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16,
+                                                 attn_implementation="kvpress_capture")
     ids = tokenizer(" ".join(essays()), return_tensors="pt").input_ids[:, :tokens]
     if ids.shape[1] < tokens:
         raise ValueError(f"--tokens {tokens}: the corpus has only {ids.shape[1]} tokens for this tokenizer")

@@ -28,9 +28,9 @@ class MethodRun:
 
     method: str
     overrides: dict[str, Any]
-    """Settings the user gave (--config), on top of configs/<method>.yaml."""
+    """Settings the user gave (--config), on top of the method's defaults."""
     resolved: dict[str, Any] | None
-    """Every setting after validation (`MethodConfig.to_dict()`); None for the uncompressed run."""
+    """Every setting after validation (`CompressionMethod.to_dict()`); None for the uncompressed run."""
 
     @property
     def label(self) -> str:
@@ -81,7 +81,7 @@ def model_geometry(model_path: str) -> tuple[int, int]:
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model_path).get_text_config()
-    head_size = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    head_size = config.to_dict().get("head_dim") or config.hidden_size // config.num_attention_heads
     return head_size, config.num_key_value_heads
 
 

@@ -42,7 +42,7 @@ class PromptCompaction:
     context_len: int
     """Tokens of the request computed before this step."""
     kept_blocks: int
-    """Leading blocks that hold the kept tokens (`EvictionConfig.kept_prompt_blocks`)."""
+    """Leading blocks that hold the kept tokens (`EvictingMethod.kept_prompt_blocks`, methods/eviction.py)."""
 
 
 @dataclass(frozen=True)
@@ -120,7 +120,7 @@ def compact_prompt(
     """Keep `config`'s choice of the prompt's tokens in the first `kept_blocks` blocks of the row.
 
     Args:
-        config: the layer's `EvictionConfig`.
+        config: the layer's `TokenEviction` method (methods/eviction.py).
         layout: the layer's `PageLayout`.
         cache: this layer's pages, uint8 [num_blocks, num_kv_heads, bytes_per_head].
         block_table_row: the request's physical block ids (not the compacted view).

@@ -19,24 +19,14 @@ are then all freed, so a request holds kept + at most T + 1 blocks however long 
     after round m:  |k0|k1|k2|  freed  ...................  |F+mT|F+mT+1..
 """
 
-from dataclasses import dataclass
-
 import numpy as np
 
-from vllm_kvpress.eviction.headwise import kept_blocks_with_packing
+from vllm_kvpress.headwise_layout import HeadPacking, kept_blocks_with_packing
 
 Budget = int | float
 """A token count (int) or a fraction of the prompt (float): the two are told apart by type."""
-
-
-@dataclass(frozen=True)
-class HeadPacking:
-    """Head-wise packing (RazorAttention, eviction/headwise.py): besides the `budget` tokens every
-    KV head keeps, `retrieval_heads` of every layer's `kv_heads` keep all full prompt blocks,
-    packed into as few extra blocks as their share needs."""
-
-    retrieval_heads: int
-    kv_heads: int
+__all__ = ["Budget", "HeadPacking", "budget_tokens", "compacts", "every_head_blocks", "freed_end", "kept_blocks",
+           "kept_prompt_blocks"]
 
 
 def budget_tokens(prompt_len, budget: Budget):

@@ -7,11 +7,17 @@ every `decode_interval` generated tokens, over the kept tokens and those since):
 `observation_window` prompt queries score every prompt token (per KV head), the method keeps
 `budget` tokens (the `sink` first and `window` most recent among them), the worker compacts them
 into the request's first blocks and the block manager returns the rest to vLLM's free pool
-(`vllm_kvpress/eviction/`). The kept tokens are stored in KIVI-style pages (`bits`, `group_size`,
-`block_size`), so eviction composes with quantization: 8 bits is near lossless, 4 bits multiplies
-the saving by about 3.5.
+(`vllm_kvpress/eviction/`). The kept tokens are stored in quantized pages, so eviction composes with
+quantization: by default KIVI-style 8-bit pages (near lossless), whose settings (`bits`,
+`group_size`, `block_size`) are given beside the method's own; `pages` names another quantizer, e.g.
+`{"pages": "gear", "bits": 4}` keeps the chosen tokens in GEAR 4-bit pages (3.4x fewer bytes than
+bf16 per kept token).
 
-Parameters (defaults in configs/<method>.yaml)
+A method adds its one idea to `TokenEviction`: a `score` of every prompt token per KV head from
+the window statistics (snapkv, scissorhands), or a whole `choose` rule (kvcrush). `EvictingMethod`
+is the wider base of methods that keep a different set per head (razor's head-wise packing).
+
+Parameters (defaults: the fields of `TokenEviction` below, and of each method)
 ----------
 budget : int or float
     Prompt tokens kept per request and KV head: an integer count (at least one block), or a
@@ -31,38 +37,165 @@ decode_interval : int
     elements of the model dtype per layer).
 decode_observation_window : int
     Recent queries that score a decode-time eviction (at most decode_interval).
+pages : str
+    The quantizer whose pages hold the kept tokens: "kivi" (the default) or "gear"; its settings
+    (bits, group_size, block_size, tail_keys; rank, outliers, power_iters for gear) are given flat
+    beside these. Whatever the quantizer, bits, group_size, block_size and tail_keys default to
+    `EVICTION_PAGES`'s.
 """
 
-from dataclasses import dataclass
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Self
 
-from vllm_kvpress.eviction.policy import kept_prompt_blocks
-from vllm_kvpress.methods.base import check_range
-from vllm_kvpress.methods.kivi import KiviConfig
+from vllm_kvpress.errors import KVCompressionConfigError
+from vllm_kvpress.eviction.policy import HeadPacking, kept_prompt_blocks
+from vllm_kvpress.methods.base import CompressionMethod, check_range, setting_names
+from vllm_kvpress.methods.kivi import Kivi
+
+if TYPE_CHECKING:  # torch is imported where a rule runs: listing or validating methods stays light
+    import torch
+
+    from vllm_kvpress.eviction.scoring import WindowStats
 
 MAX_OBSERVATION_WINDOW = 512
+EVICTION_PAGES = Kivi(bits=8, group_size="head", tail_keys="staged")
+"""The pages evicting methods keep their tokens in by default. 8 bits: near lossless on SmolLM2
+(kivi 8-bit: dNLL -0.002, docs/eval.md), so the quality cost is eviction's alone; with group_size
+head they take 1.91x fewer bytes per kept token than bf16 (head_dim 128), bits 4 takes 3.66x fewer.
+tail_keys staged: a partial block's K stays in its page, as compaction moves a request's blocks and
+the exact tail beside the pages has not been taught to follow them."""
+PAGE_SETTING = "pages"
 
 
 @dataclass(frozen=True)
-class EvictionConfig(KiviConfig):
-    budget: int | float
-    """Kept prompt tokens per request and KV head (int), or a fraction of the prompt (float)."""
-    window: int
-    """Most recent prompt tokens always kept."""
-    sink: int
-    """First prompt tokens always kept."""
-    observation_window: int
-    """Last prompt queries that score the tokens."""
-    decode_interval: int
-    """Tokens between decode-time evictions (a multiple of block_size); 0: evict after the prompt only."""
-    decode_observation_window: int
-    """Recent queries that score a decode-time eviction."""
+class EvictingMethod(CompressionMethod):
+    """Base of the methods that free the blocks of the tokens they drop: the quantized `pages` the
+    kept tokens live in (flat settings beside the method's own), the budget schedule the block
+    manager, the metadata builder and the worker agree on (eviction/policy.py), and the head policy.
+
+    Subclasses give `budget` (prompt tokens every KV head keeps: a count, or a fraction of the prompt
+    as a float; eviction/policy.py `Budget`) and `sink` (first tokens always kept), as settings or
+    properties, and may override the hooks below."""
+
+    pages: Kivi = field(default=EVICTION_PAGES)
+    """The quantizer holding the kept tokens (see the module docstring)."""
+
+    # -- settings ------------------------------------------------------------------------------
+    @classmethod
+    def own_setting_names(cls) -> list[str]:
+        return [name for name in setting_names(cls) if name != PAGE_SETTING]
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any], lookup: Callable[[str], type] | None = None) -> Self:
+        """Settings of the method and of its pages, flat; `pages` names the quantizer, found
+        through `lookup` (the method registry), by default the one of `EVICTION_PAGES`."""
+        settings = dict(settings)
+        default_pages = cls.__dataclass_fields__[PAGE_SETTING].default
+        page_name = settings.pop(PAGE_SETTING, default_pages.method)
+        page_cls = type(default_pages) if page_name == default_pages.method else cls._quantizer(page_name, lookup)
+        own, page_fields = cls.own_setting_names(), setting_names(page_cls)
+        unknown = sorted(set(settings) - set(own) - set(page_fields))
+        if unknown:
+            raise KVCompressionConfigError(
+                f"unknown setting(s) {', '.join(unknown)} for method '{cls.info.name}'; allowed: "
+                f"{', '.join([*page_fields, *own])} (the first {len(page_fields)} of its {page_name} pages), and "
+                f"{PAGE_SETTING}, the quantizer of its pages"
+            )
+        page_values = {name: value for name, value in dataclasses.asdict(default_pages).items() if name in page_fields}
+        page_values |= {name: value for name, value in settings.items() if name in page_fields}
+        own_values = {name: value for name, value in settings.items() if name in own}
+        return cls(pages=page_cls(**page_values), **own_values).validated()
+
+    @classmethod
+    def _quantizer(cls, name: Any, lookup: Callable[[str], type] | None) -> type[Kivi]:
+        found = lookup(name) if lookup is not None and isinstance(name, str) else None
+        if not (isinstance(found, type) and issubclass(found, Kivi)):
+            raise KVCompressionConfigError(
+                f"{cls.info.name}: {PAGE_SETTING}={name!r} is not allowed; allowed: the name of a quantizer "
+                "whose pages hold the kept tokens, e.g. 'kivi' or 'gear'"
+            )
+        return found
+
+    def to_dict(self) -> dict[str, Any]:
+        own = {name: getattr(self, name) for name in self.own_setting_names()}
+        pages = self.pages.to_dict()
+        return {"method": self.method, PAGE_SETTING: pages.pop("method"), **pages, **own}
+
+    def problems(self) -> list[str]:
+        problems = self.pages.problems()
+        if self.pages.tail_keys != "staged":
+            # compaction moves a request's blocks; the exact tail has not been taught to follow them
+            problems.append(
+                f"tail_keys='{self.pages.tail_keys}' is not implemented for method '{self.method}' (it evicts "
+                "tokens) yet; allowed: 'staged'"
+            )
+        return problems
+
+    def problems_for_model(self, *, head_size: int, num_kv_heads: int, max_model_len: int) -> list[str]:
+        return self.pages.problems_for_model(head_size=head_size, num_kv_heads=num_kv_heads,
+                                             max_model_len=max_model_len)
+
+    # -- hooks ---------------------------------------------------------------------------------
+    @property
+    def eviction(self) -> Self:
+        return self
 
     @property
-    def evicts_tokens(self) -> bool:
-        return True
+    def interval_blocks(self) -> int:
+        """Decode-time eviction every this many blocks (`eviction/policy.py` `freed_end`); 0: none."""
+        return 0
+
+    def packing(self, num_kv_heads: int) -> HeadPacking | None:
+        """Head policy: None where every KV head keeps the same number of tokens; else how many KV
+        heads of every layer keep every prompt token (head-wise packed pages, methods/razor.py)."""
+        return None
+
+    def packed_heads(self, model_config: dict, num_kv_heads: int) -> list[list[int]]:
+        """With `packing`: per layer, the KV heads that keep every prompt token (ascending).
+
+        Args:
+            model_config: the served model's config.json as a dict.
+        """
+        raise NotImplementedError(f"method '{self.method}' packs no heads")
+
+    def kept_prompt_blocks(self, prompt_len, num_kv_heads: int | None = None):
+        """Leading prompt blocks kept after compaction (`eviction/policy.py`); `num_kv_heads` is
+        needed where the head policy packs heads."""
+        packing = None if num_kv_heads is None else self.packing(num_kv_heads)
+        return kept_prompt_blocks(prompt_len, self.budget, self.block_size, packing)
+
+
+@dataclass(frozen=True)
+class TokenEviction(EvictingMethod):
+    """Base of the methods that keep `budget` tokens of every prompt chosen from the window
+    queries' attention (eviction/scoring.py): `select_kept_tokens` forces the sink and the recent
+    window, then asks `choose` for the rest."""
+
+    counts_pivotal: ClassVar[bool] = False
+    """Whether the scorer reads `WindowStats.pivotal_count` (computed only where asked)."""
+
+    budget: int | float = 2048
+    """Kept prompt tokens per request and KV head (int), or a fraction of the prompt (float).
+    2048 is SnapKV's own LongBench setting, at which it stays within about 1 point of the full cache;
+    a fixed count bounds every request's KV memory (prompts up to 2048 tokens are not evicted at all,
+    longer ones keep 2048 + their last partial block). A fraction such as 0.25 keeps a constant ratio."""
+    window: int = 64
+    """Most recent prompt tokens always kept: one block (the question usually sits at the end)."""
+    sink: int = 4
+    """First prompt tokens always kept: StreamingLLM's four attention-sink tokens."""
+    observation_window: int = 32
+    """Last prompt queries that score the tokens (SnapKV's published window)."""
+    decode_interval: int = 0
+    """Tokens between decode-time evictions (a multiple of block_size); 0: evict after the prompt only
+    (decode-time eviction trades quality for memory, so it is asked for, e.g. 512)."""
+    decode_observation_window: int = 16
+    """Recent queries that score a decode-time eviction."""
 
     def problems(self) -> list[str]:
         problems = super().problems()
+        block_size = self.pages.block_size
         if isinstance(self.budget, float):
             if not 0.0 < self.budget < 1.0:
                 problems.append(
@@ -70,10 +203,10 @@ class EvictionConfig(KiviConfig):
                     "or a token count (integer)"
                 )
         elif isinstance(self.budget, int) and not isinstance(self.budget, bool):
-            if isinstance(self.block_size, int) and self.budget < self.block_size:
+            if isinstance(block_size, int) and self.budget < block_size:
                 problems.append(
                     f"budget={self.budget} is not allowed; allowed: at least one block "
-                    f"(block_size={self.block_size}) of tokens, or a fraction in (0, 1)"
+                    f"(block_size={block_size}) of tokens, or a fraction in (0, 1)"
                 )
         else:
             problems.append(f"budget={self.budget!r} is not allowed; allowed: a token count or a fraction in (0, 1)")
@@ -83,13 +216,14 @@ class EvictionConfig(KiviConfig):
         check_range("decode_observation_window", self.decode_observation_window, 1, MAX_OBSERVATION_WINDOW,
                     problems)
         check_range("decode_interval", self.decode_interval, 0, 1 << 20, problems)
-        if isinstance(self.decode_interval, int) and isinstance(self.block_size, int) and self.decode_interval:
-            if self.decode_interval % self.block_size:
+        if isinstance(self.decode_interval, int) and isinstance(block_size, int) and self.decode_interval:
+            if self.decode_interval % block_size:
                 problems.append(
                     f"decode_interval={self.decode_interval} is not allowed; allowed: 0 (evict after the "
-                    f"prompt only) or a multiple of block_size={self.block_size}"
+                    f"prompt only) or a multiple of block_size={block_size}"
                 )
-            if isinstance(self.decode_observation_window, int) and self.decode_observation_window > self.decode_interval:
+            window = self.decode_observation_window
+            if isinstance(window, int) and window > self.decode_interval:
                 problems.append(
                     f"decode_observation_window={self.decode_observation_window} exceeds decode_interval="
                     f"{self.decode_interval}; allowed: at most decode_interval (the scoring queries come "
@@ -117,16 +251,26 @@ class EvictionConfig(KiviConfig):
             )
         return problems
 
-    def packing(self, num_kv_heads: int) -> None:
-        """No head-wise packing: every KV head keeps the same tokens (see methods/razor.py)."""
-        return None
-
     @property
     def interval_blocks(self) -> int:
-        """Decode-time eviction every this many blocks (`eviction/policy.py` `freed_end`); 0: none."""
-        return self.decode_interval // self.block_size
+        return self.decode_interval // self.pages.block_size
 
-    def kept_prompt_blocks(self, prompt_len, num_kv_heads: int | None = None):
-        """Leading prompt blocks kept after compaction (`eviction/policy.py`); the same for any
-        number of KV heads."""
-        return kept_prompt_blocks(prompt_len, self.budget, self.block_size)
+    # -- the scorer ----------------------------------------------------------------------------
+    def score(self, stats: "WindowStats") -> "torch.Tensor":
+        """Importance of every candidate token per KV head, fp32 [num_kv_heads, >= num_candidates]:
+        the `choose` of the base keeps the highest. A method overrides this or `choose`."""
+        raise NotImplementedError(f"method '{self.method}' defines neither score nor choose")
+
+    def choose(self, stats: "WindowStats", free: "torch.Tensor", num_free: int) -> "torch.Tensor":
+        """The tokens kept besides the forced sink and recent window.
+
+        Args:
+            stats: the window queries' attention over the prompt (eviction/scoring.py).
+            free: bool [num_candidates], the candidates not forced already.
+            num_free: how many of them to keep, at least 1.
+        Returns:
+            int64 [num_kv_heads, num_free] (or [1, num_free] for one choice every head shares):
+            distinct positions where `free` is True.
+        """
+        scores = self.score(stats)[:, : free.numel()].masked_fill(~free, float("-inf"))
+        return scores.topk(num_free, dim=1).indices

@@ -17,7 +17,7 @@ and outlier slots are per block (GEAR computes them per whole prompt), the numbe
 per block is fixed so the page size is fixed, and tokens of a not-yet-full block are stored
 quantized per token without correction until the block completes.
 
-Parameters (defaults in configs/gear.yaml)
+Parameters (defaults: the fields of `Gear` below; configs/gear.yaml writes them out)
 ----------
 bits, group_size, block_size, tail_keys : as for KIVI (methods/kivi.py).
 rank : int
@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from vllm_kvpress.layout import PageLayout
-from vllm_kvpress.methods.base import check_choice, check_range
-from vllm_kvpress.methods.kivi import KiviConfig
+from vllm_kvpress.methods.base import Family, MethodInfo, check_choice, check_range
+from vllm_kvpress.methods.kivi import Kivi
 
 ALLOWED_OUTLIERS = (0, 16, 32, 64)
 """Multiples of 16 because the kernels apply outliers with a one-hot matrix product."""
@@ -48,14 +48,23 @@ MAX_POWER_ITERS = 8
 
 
 @dataclass(frozen=True)
-class GearConfig(KiviConfig):
-    method: ClassVar[str] = "gear"
+class Gear(Kivi):
+    info: ClassVar[MethodInfo] = MethodInfo(
+        "gear", "GEAR: near-lossless generative inference with KV-cache compression", "2403.05527",
+        Family.ERROR_CORRECTION,
+        "KIVI-style quantization + per-block low-rank residual + sparse outlier slots (by default at 2 bits only)",
+    )
 
-    rank: int
+    group_size: int | str = "head"
+    """Channels per V quantization group: the whole head, since the low-rank term corrects what one
+    group per token loses. 4 bits at head_dim 128: 152 bytes per token and head, 3.37x the bf16
+    capacity (docs/quantized_pages.md)."""
+    rank: int = 1
     """Rank of the per-block low-rank residual."""
-    outliers: int | str
-    """Sparse outlier slots per block, head and tensor, or "auto"."""
-    power_iters: int
+    outliers: int | str = "auto"
+    """Sparse outlier slots per block, head and tensor, or "auto": 16 at 2 bits, none at 4 and 8
+    (`AUTO_OUTLIERS` says why)."""
+    power_iters: int = 3
     """Power-iteration steps per rank."""
 
     def problems(self) -> list[str]:

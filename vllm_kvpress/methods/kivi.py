@@ -19,7 +19,7 @@ those channels and rounds every other channel of the token to zero (docs/quantiz
 Prompt blocks, the ones that matter for long contexts, are quantized per channel directly from the
 exact bf16 values either way.
 
-Parameters (defaults in configs/kivi.yaml)
+Parameters (defaults: the fields of `Kivi` below; configs/kivi.yaml writes them out)
 ----------
 bits : int
     Code width of K and V, one of 2, 4, 8.
@@ -31,7 +31,7 @@ tail_keys : str
     "exact" (the partial block's K kept in the model dtype beside the pages: max_num_seqs x
     num_kv_heads x block_size x head_size elements per layer; needs vLLM's V2 model runner),
     "staged" (per-token K codes in the partial block's page), or "auto": exact where vLLM runs the
-    V2 model runner, else staged with a warning (`resolve_tail_keys`).
+    V2 model runner, else staged with a warning (`for_engine`).
 """
 
 import dataclasses
@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from vllm_kvpress.layout import PageLayout
-from vllm_kvpress.methods.base import MethodConfig, check_choice
+from vllm_kvpress.methods.base import CompressionMethod, Family, MethodInfo, check_choice
 
 ALLOWED_BITS = (2, 4, 8)
 ALLOWED_GROUP_SIZES = ("head", 16, 32, 64, 128)
@@ -48,17 +48,25 @@ ALLOWED_TAIL_KEYS = ("auto", "exact", "staged")
 
 
 @dataclass(frozen=True)
-class KiviConfig(MethodConfig):
-    method: ClassVar[str] = "kivi"
+class Kivi(CompressionMethod):
+    """KIVI-style pages, and the base of every quantizer: a method whose `pages` is itself. An
+    evicting method keeps its tokens in one of these (methods/eviction.py, `pages`)."""
 
-    bits: int
-    """Code width of K and V."""
-    group_size: int | str
+    info: ClassVar[MethodInfo] = MethodInfo(
+        "kivi", "KIVI: tuning-free asymmetric 2-bit KV-cache quantization", "2402.02750", Family.QUANTIZATION,
+        "K per-channel, V per-token asymmetric 2/4/8-bit groups in packed paged blocks",
+    )
+    bits: int = 4
+    """Code width of K and V. 4 bits at head_dim 128: 144 bytes per token and head, 3.56x the bf16
+    capacity (docs/quantized_pages.md)."""
+    group_size: int | str = 64
     """Channels per V quantization group, or "head" for the whole head."""
-    block_size: int
+    block_size: int = 64
     """Tokens per vLLM block and per-channel K group."""
-    tail_keys: str
-    """Where a partial block's K lives: "exact" beside the pages, "staged" in its page, or "auto"."""
+    tail_keys: str = "auto"
+    """Where a partial block's K lives: "exact" beside the pages, "staged" in its page, or "auto":
+    exact on vLLM's V2 model runner (KIVI's full-precision residual, which models with a few huge key
+    channels need: Qwen2.5, docs/quantized_pages.md), else staged (no extra memory)."""
 
     def problems(self) -> list[str]:
         problems: list[str] = []
@@ -66,12 +74,6 @@ class KiviConfig(MethodConfig):
         check_choice("group_size", self.group_size, ALLOWED_GROUP_SIZES, problems)
         check_choice("block_size", self.block_size, ALLOWED_BLOCK_SIZES, problems)
         check_choice("tail_keys", self.tail_keys, ALLOWED_TAIL_KEYS, problems)
-        if self.evicts_tokens and self.tail_keys != "staged":
-            # compaction moves a request's blocks; the exact tail has not been taught to follow them
-            problems.append(
-                f"tail_keys='{self.tail_keys}' is not implemented for method '{self.method}' (it evicts tokens) "
-                "yet; allowed: 'staged'"
-            )
         return problems
 
     def problems_for_model(self, *, head_size: int, num_kv_heads: int, max_model_len: int) -> list[str]:
@@ -84,6 +86,16 @@ class KiviConfig(MethodConfig):
                 f"allowed: a divisor of {head_size} from {', '.join(map(str, ALLOWED_GROUP_SIZES[1:]))}, or 'head'"
             )
         return problems
+
+    @property
+    def pages(self) -> "Kivi":
+        return self
+
+    @property
+    def power_iters(self) -> int:
+        """Power-iteration steps of the block encode's low-rank term: KIVI pages have none to fit
+        (GEAR's pages make it a setting, which replaces this)."""
+        return 1
 
     def v_group_size(self, head_size: int) -> int:
         return head_size if self.group_size == "head" else int(self.group_size)
@@ -101,13 +113,13 @@ class KiviConfig(MethodConfig):
     @property
     def exact_tail_keys(self) -> bool:
         """Whether the pages' layout keeps partial blocks' keys exact. "auto" is made concrete where
-        the engine is known (`resolve_tail_keys`: at vLLM engine creation, and in the reference
-        engine); a layout made before that, as the kernel benchmarks make theirs, stages them."""
+        the engine is known (`for_engine`: at vLLM engine creation, and in the reference engine); a
+        layout made before that, as the kernel benchmarks make theirs, stages them."""
         return self.tail_keys == "exact"
 
-    def resolve_tail_keys(self, exact_available: bool) -> "KiviConfig":
+    def for_engine(self, *, exact_tails_available: bool) -> "Kivi":
         """This config with "auto" made concrete: exact where the model runner can keep exact tails
         (vLLM's V2 runner hands each row's request-state slot), else staged."""
         if self.tail_keys != "auto":
             return self
-        return dataclasses.replace(self, tail_keys="exact" if exact_available else "staged")
+        return dataclasses.replace(self, tail_keys="exact" if exact_tails_available else "staged")

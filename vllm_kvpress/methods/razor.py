@@ -21,7 +21,7 @@ the highest-scoring (one block table serves all layers); the scores come from
 `vllm-kvpress retrieval-heads` (configs/razor/, one file per model); the kept tokens are
 re-quantized into `bits`-bit pages.
 
-Parameters (defaults in configs/razor.yaml)
+Parameters (defaults: the fields below; configs/razor.yaml writes them out)
 ----------
 window : int
     Most recent prompt tokens the other heads keep (rounded up to fill whole blocks).
@@ -32,42 +32,40 @@ retrieval_heads : int or "auto"
 head_choice : "scores" or "first"
     "scores": each layer's highest-scoring heads from the model's file in configs/razor/;
     "first": heads 0..R-1 of every layer, for speed measurements on dummy weights only.
-bits, group_size, block_size : as for KIVI (methods/kivi.py).
+pages, bits, group_size, block_size, tail_keys : the pages of every evicting method
+    (methods/eviction.py): KIVI 8-bit by default.
 """
 
 from dataclasses import dataclass
 from typing import ClassVar
 
 from vllm_kvpress.eviction.policy import HeadPacking, kept_prompt_blocks
-from vllm_kvpress.methods.base import check_choice, check_range
-from vllm_kvpress.methods.kivi import KiviConfig
-from vllm_kvpress.methods.retrieval_heads import default_heads_per_layer
+from vllm_kvpress.methods.base import Family, MethodInfo, check_choice, check_range
+from vllm_kvpress.methods.eviction import EvictingMethod
+from vllm_kvpress.methods.retrieval_heads import default_heads_per_layer, retrieval_heads
 
 HEAD_CHOICES = ("scores", "first")
 
 
 @dataclass(frozen=True)
-class RazorConfig(KiviConfig):
-    method: ClassVar[str] = "razor"
+class Razor(EvictingMethod):
+    info: ClassVar[MethodInfo] = MethodInfo(
+        "razor", "RazorAttention: efficient KV-cache compression through retrieval heads", "2407.15891",
+        Family.HEAD_WISE,
+        "retrieval heads keep every token, the others sink + compensation token + window; packed pages",
+    )
     supports_tensor_parallel: ClassVar[bool] = False
 
-    window: int
-    """Most recent prompt tokens the non-retrieval heads keep."""
-    sink: int
-    """First prompt tokens the non-retrieval heads keep."""
-    retrieval_heads: int | str
-    """KV heads per layer that keep every token, or "auto"."""
-    head_choice: str
+    window: int = 1024
+    """Most recent prompt tokens the non-retrieval heads keep. The paper keeps a local window of a
+    few thousand tokens at 128k context; 1024 is one sixteenth of a 16k prompt."""
+    sink: int = 4
+    """First prompt tokens the non-retrieval heads keep: StreamingLLM's sinks."""
+    retrieval_heads: int | str = "auto"
+    """KV heads per layer that keep every token, or "auto": about 15% of them (the paper: 15% of the
+    query heads), at least one."""
+    head_choice: str = "scores"
     """How the retrieval heads are picked: "scores" (configs/razor/) or "first" (dummy weights)."""
-
-    @property
-    def evicts_tokens(self) -> bool:
-        return True
-
-    @property
-    def interval_blocks(self) -> int:
-        """No decode-time eviction: the packed layout is made once, after the prompt."""
-        return 0
 
     @property
     def budget(self) -> int:
@@ -102,6 +100,11 @@ class RazorConfig(KiviConfig):
 
     def packing(self, num_kv_heads: int) -> HeadPacking:
         return HeadPacking(self.heads_per_layer(num_kv_heads), num_kv_heads)
+
+    def packed_heads(self, model_config: dict, num_kv_heads: int) -> list[list[int]]:
+        """By `head_choice`, each layer's highest-scoring R KV heads from the model's file in
+        configs/razor/, or heads 0..R-1."""
+        return retrieval_heads(model_config, self.head_choice, self.heads_per_layer(num_kv_heads))
 
     def kept_prompt_blocks(self, prompt_len, num_kv_heads: int | None = None):
         """Leading view blocks kept after compaction: K + M (`eviction/policy.py`); M depends on

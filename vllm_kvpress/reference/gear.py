@@ -10,10 +10,7 @@ Triton finalize kernel implements the same steps; see methods/gear.py for the wh
 
 import torch
 
-ZSCORE_EPS = 1e-6
-"""Keeps z finite in constant groups."""
-POWER_ITER_EPS = 1e-12
-GOLDEN = 0.6180339887498949
+from vllm_kvpress.encoding import GOLDEN, POWER_ITER_EPS, ZSCORE_EPS
 
 
 def group_zscores(groups: torch.Tensor) -> torch.Tensor:

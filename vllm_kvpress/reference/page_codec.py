@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from vllm_kvpress.headwise_layout import head_token_count, logical_block_location
 from vllm_kvpress.layout import PageLayout
 from vllm_kvpress.reference.gear import group_zscores, lowrank_factors, lowrank_product, select_outliers
 from vllm_kvpress.reference.quant import (
@@ -237,10 +238,8 @@ def read_head_sequence(cache: torch.Tensor, view_row: torch.Tensor, head: int, r
                        seq_len: int, layout: PageLayout, *, kept: int, chunks: int, middle: int,
                        retrieval_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Dequantized K, V [tokens, head_size] of one KV head of a head-wise packed request
-    (eviction/headwise.py): its logical blocks, each read from the (view block, head slot) where
+    (vllm_kvpress/headwise_layout.py): its logical blocks, each read from the (view block, head slot) where
     the packing put it; the last block is partial when the head's token count ends inside it."""
-    from vllm_kvpress.eviction.headwise import head_token_count, logical_block_location
-
     bs = layout.block_size
     tokens = head_token_count(seq_len, retrieval_index, chunks=chunks, middle=middle, block_size=bs)
     ks, vs = [], []

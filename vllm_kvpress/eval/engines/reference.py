@@ -11,7 +11,7 @@ block i = tokens [i * block_size, (i + 1) * block_size)), written and read with
 The model runs with a DynamicCache only to hand the attention function this step's K/V; for a
 compressed method the exact past it also holds is never read.
 
-Eviction methods (`config.evicts_tokens`) evict as the vLLM worker does, once, after the attention
+Eviction methods (`method.eviction`) evict as the vLLM worker does, once, after the attention
 of the chunk that completes the prompt: each layer scores the prompt with that chunk's last
 `observation_window` queries (`eviction.scoring.select_kept_tokens`), writes the kept tokens of
 every KV head as complete blocks into the sequence's first pages (re-quantized by the page codec)
@@ -69,7 +69,8 @@ class SequencePages:
     ):
         """
         Args:
-            eviction: an `EvictionConfig` (or `RazorConfig`), or None for a method that keeps every token.
+            eviction: the method's `EvictingMethod` (methods/eviction.py), or None for a method that
+                keeps every token.
             retrieval_index: razor: this layer's rank of every KV head among its retrieval heads
                 (-1: not one).
             prompt_len: prompt tokens of the sequence; None never evicts (e.g. teacher-forced NLL,
@@ -400,24 +401,21 @@ class ReferenceEngine:
         text_config = self.model.config.get_text_config()
         self.num_layers = text_config.num_hidden_layers
         self.num_kv_heads = text_config.num_key_value_heads
-        self.head_size = getattr(text_config, "head_dim", None) or (
+        self.head_size = text_config.to_dict().get("head_dim") or (
             text_config.hidden_size // text_config.num_attention_heads
         )
         if method_config is not None:
-            method_config = method_config.resolve_tail_keys(exact_available=True)  # no runner to hand slots over
+            method_config = method_config.for_engine(exact_tails_available=True)  # no runner to hand slots over
         self.method_config = method_config
         self.layout = method_config.page_layout(self.head_size) if method_config is not None else None
-        # razor: every layer's retrieval rank of each KV head, from the model's scores (configs/razor/)
+        # the head policy (razor): every layer's retrieval rank of each KV head
         self.retrieval_index = None
-        packing = method_config.packing(self.num_kv_heads) if method_config is not None and (
-            method_config.evicts_tokens) else None
-        if packing is not None:
-            from vllm_kvpress.methods.retrieval_heads import retrieval_heads_for_model
-
-            heads = retrieval_heads_for_model(method_config, packing, self.model.config.to_dict()).heads
+        eviction = method_config.eviction if method_config is not None else None
+        if eviction is not None and eviction.packing(self.num_kv_heads) is not None:
+            heads = eviction.packed_heads(self.model.config.to_dict(), self.num_kv_heads)
             self.retrieval_index = [[layer.index(h) if h in layer else -1 for h in range(self.num_kv_heads)]
                                     for layer in heads]
-        self.power_iters = getattr(method_config, "power_iters", 1)
+        self.power_iters = method_config.pages.power_iters if method_config is not None else 1
         self.prefill_chunk = prefill_chunk
         self.max_model_len = max_model_len
         eos = self.model.generation_config.eos_token_id
@@ -438,7 +436,7 @@ class ReferenceEngine:
 
         pages = None
         if self.layout is not None:
-            eviction = self.method_config if self.method_config.evicts_tokens else None
+            eviction = self.method_config.eviction
             pages = [
                 SequencePages(
                     self.layout, self.power_iters, self.num_kv_heads, max_tokens, self.device,

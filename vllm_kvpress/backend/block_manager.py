@@ -1,10 +1,10 @@
-"""Owns the scheduler side of eviction: the KV-cache spec of evicting layers and the block manager
-that returns the blocks of evicted prompt tokens to vLLM's free pool.
+"""Owns the scheduler side of eviction: the block manager that returns the blocks of evicted prompt
+tokens to vLLM's free pool.
 
 vLLM picks a block manager per KV-cache group from its spec registry (an MRO walk over registered
-spec classes). `KVPressEvictionSpec` is registered with `EvictionBlockManager`, a
-`FullAttentionManager` that frees a middle range of blocks once the prompt has been processed,
-modelled on vLLM 0.26.0's `RSWAManager`:
+spec classes); `KVPressEvictionSpec` (backend/spec.py) is registered with `EvictionBlockManager`
+(vllm_kvpress/vllm_patches.py), a `FullAttentionManager` that frees a middle range of blocks once the
+prompt has been processed, modelled on vLLM 0.26.0's `RSWAManager`:
 
     logical blocks  |k0|k1|k2|b3|b4|b5|b6|b7|tail..     freed: [kept, P // block_size)
 
@@ -23,33 +23,10 @@ included) and stay right, and `free` / `BlockPool.free_blocks` skip nulls, so no
 twice. Preemption frees everything; the re-prefill starts from 0 tokens and is compacted again.
 """
 
-from dataclasses import dataclass
-
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 
-from vllm_kvpress.backend.spec import KVPressAttentionSpec
-from vllm_kvpress.eviction.policy import Budget, HeadPacking, freed_end, kept_blocks
-
-
-@dataclass(frozen=True, kw_only=True)
-class KVPressEvictionSpec(KVPressAttentionSpec):
-    """Compressed pages of a method that evicts prompt tokens (resolves to `EvictionBlockManager`)."""
-
-    budget: Budget = 0
-    """The method's `budget` (`EvictionConfig.budget`): kept prompt tokens (int), or a fraction of
-    the prompt (float). The default exists only because vLLM's `FullAttentionSpec.merge` builds the
-    merged spec from its own fields before `KVPressAttentionSpec.merge` copies ours over; a manager
-    refuses it."""
-    retrieval_heads: int = 0
-    """Head-wise packing (RazorAttention): KV heads of every layer that keep all full prompt
-    blocks, packed after the kept ones (`eviction/headwise.py`); 0 for the other methods."""
-    interval_blocks: int = 0
-    """Decode-time eviction every this many blocks (`EvictionConfig.interval_blocks`); 0: after
-    the prompt only."""
-
-    @property
-    def packing(self) -> HeadPacking | None:
-        return HeadPacking(self.retrieval_heads, self.num_kv_heads) if self.retrieval_heads else None
+from vllm_kvpress.backend.spec import KVPressEvictionSpec
+from vllm_kvpress.eviction.policy import freed_end, kept_blocks
 
 
 class EvictionBlockManager(FullAttentionManager):
@@ -95,23 +72,3 @@ class EvictionBlockManager(FullAttentionManager):
 
     def get_num_common_prefix_blocks(self, running_request_id: str) -> int:
         return 0
-
-
-def register_eviction_spec() -> None:
-    """Register `KVPressEvictionSpec` with `EvictionBlockManager` in vLLM's spec registry.
-
-    Idempotent and cheap (the registry module and vLLM's manager module are already loaded by the
-    API server, the engine core and the workers). vLLM registers its built-in specs only while the
-    registry is empty, so they are registered first: registering ours into an empty registry would
-    leave plain `FullAttentionSpec` layers without a manager. The uniform-type base is our spec
-    itself, so a mix of our layers and plain ones is never one group whose manager comes from
-    whichever layer is first (vLLM builds a uniform-type group's manager from one layer's spec).
-    """
-    from vllm.v1.kv_cache_spec_registry import _REGISTRY_KVCACHESPEC_LIST, KVCacheSpecRegistry
-
-    if KVPressEvictionSpec in _REGISTRY_KVCACHESPEC_LIST:
-        return
-    KVCacheSpecRegistry._ensure_registered()
-    KVCacheSpecRegistry.register(
-        KVPressEvictionSpec, EvictionBlockManager, uniform_type_base_spec=KVPressEvictionSpec
-    )
