@@ -14,8 +14,8 @@ A score belongs to a bench configuration when both denote the same KV cache: for
 the same `kv_cache_dtype` with no plugin method, for plugin methods the same resolved settings
 (`CompressionMethod.to_dict()`, read again through the method so that a file written before a
 setting existed, such as an eviction method's `pages`, takes that setting's default), so `gear` and
-`gear:{"bits": 4}` match each other when 4 is the default. The eval usually runs a smaller real model than the bench's dummy-weight one: the figure
-names the eval runs it took scores from.
+`gear:{"bits": 4}` match each other when 4 is the default. The eval usually runs a smaller real
+model than the bench's dummy-weight one: the figure names the eval runs it took scores from.
 """
 
 import json
