@@ -16,6 +16,8 @@ import sys
 import pytest
 from compile_only import HOPPER_MAX_SHARED_BYTES
 
+from vllm_kvpress.config import load_method_config
+
 ENGINE_STEPS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "engine_steps.py")
 
 SCENARIOS = {  # name: (model, kv_compression settings, prefill path)
@@ -33,6 +35,8 @@ SCENARIOS = {  # name: (model, kv_compression settings, prefill path)
     "qwen2.5-coder-0.5b razor flash": ("qwen2.5-coder-0.5b", {"method": "razor", "head_choice": "first"}, "flash"),
     "smollm2-135m scissorhands triton": (
         "smollm2-135m", {"method": "scissorhands", "decode_interval": 64, "budget": 1024}, "triton"),
+    "llama-3.1-8b kvcrush-on-gear-4 flash": (
+        "llama-3.1-8b", {"method": "kvcrush", "pages": "gear", "bits": 4}, "flash"),
 }
 
 KNOWN_SPILLS = {
@@ -67,7 +71,7 @@ def _kernels_needed(settings: dict, prefill: str) -> set[str]:
     compaction's read of the prompt (evicting methods) and decode-time eviction's query ring."""
     needed = {"_encode_blocks_kernel", "_stage_tokens_kernel", "_decode_split_kernel", "_reduce_splits_kernel"}
     needed.add("_read_pages_kernel" if prefill == "flash" else "_prefill_kernel")
-    if settings["method"] in ("snapkv", "razor", "scissorhands"):
+    if load_method_config(settings).evicts_tokens:
         needed.add("_read_pages_kernel")
     if settings.get("decode_interval"):
         needed.add("_write_recent_queries_kernel")
