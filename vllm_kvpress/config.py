@@ -21,10 +21,7 @@ ADDITIONAL_CONFIG_KEY = "kv_compression"
 def parse_config_argument(value: str) -> dict[str, Any]:
     """Parse `--kv-compression-config`: inline JSON, or a path to a .json/.yaml/.yml file."""
     if value.endswith((".yaml", ".yml", ".json")) or os.path.isfile(value):
-        if not os.path.isfile(value):
-            raise KVCompressionConfigError(f"--kv-compression-config file {value!r} does not exist")
-        with open(value) as f:
-            parsed = yaml.safe_load(f) if not value.endswith(".json") else json.load(f)
+        parsed = _read_config_file(value)
     else:
         try:
             parsed = json.loads(value)
@@ -38,6 +35,26 @@ def parse_config_argument(value: str) -> dict[str, Any]:
             f"--kv-compression-config must be a JSON/YAML object (mapping), got {type(parsed).__name__}"
         )
     return parsed
+
+
+def _read_config_file(path: str) -> Any:
+    """A .json/.yaml/.yml file's content; YAML is read safely (no tags that build Python objects)."""
+    if not os.path.exists(path):
+        raise KVCompressionConfigError(f"--kv-compression-config file {path!r} does not exist")
+    if not os.path.isfile(path):
+        raise KVCompressionConfigError(f"--kv-compression-config {path!r} is not a file; allowed: a .yaml/.json file")
+    try:
+        with open(path) as f:
+            return json.load(f) if path.endswith(".json") else yaml.safe_load(f)
+    except OSError as e:
+        raise KVCompressionConfigError(f"--kv-compression-config file {path!r} cannot be read: {e.strerror}") from None
+    except (json.JSONDecodeError, yaml.YAMLError, UnicodeDecodeError) as e:
+        kind = "JSON" if path.endswith(".json") else "YAML"
+        reason = " ".join(str(e).split())
+        raise KVCompressionConfigError(
+            f"--kv-compression-config file {path!r} is not valid {kind} ({reason}); allowed: a mapping of settings "
+            "such as 'bits: 2' (YAML, plain values only) or {\"bits\": 2} (JSON)"
+        ) from None
 
 
 def load_method_config(settings: Mapping[str, Any]) -> CompressionMethod:

@@ -145,6 +145,11 @@ def method_class(name) -> type[CompressionMethod]:
             package failed to load (its error is named).
         MethodNotImplementedError: a seed paper that is planned but not implemented yet.
     """
+    if not isinstance(name, str):
+        raise KVCompressionConfigError(
+            f"method={name!r} is not allowed; allowed: a method name, one of "
+            f"{', '.join(sorted(info.name for info in method_table()))}"
+        )
     classes = method_classes()
     if name in classes:
         return classes[name]
