@@ -158,6 +158,22 @@ def _needs_runner_rows(method) -> bool:
     return method is not None and (method.evicts_tokens or method.pages.exact_tail_keys)
 
 
+def wrap_prepare_inputs(prepare_inputs):
+    """`GPUModelRunner.prepare_inputs` that, for an engine whose builder reads them, fills each
+    row's prompt length and records its request-state slot; other engines' batches are untouched."""
+
+    def prepare_inputs_with_rows(self, scheduler_output, batch_desc):
+        batch = prepare_inputs(self, scheduler_output, batch_desc)
+        if _needs_runner_rows(_runner_method(self)):
+            if batch.prompt_lens is None:
+                batch.prompt_lens = torch.from_numpy(self.req_states.prompt_len.np[batch.idx_mapping_np])
+            prompt_lens.record_step_slots(batch.prompt_lens, batch.idx_mapping_np)
+        return batch
+
+    prepare_inputs_with_rows._kvpress_wrapped = True  # type: ignore[attr-defined]
+    return prepare_inputs_with_rows
+
+
 def patch_v2_runner_prompt_lens() -> None:
     """Wrap `vllm.v1.worker.gpu.model_runner.GPUModelRunner.prepare_inputs` (the V2 model runner).
 
@@ -174,18 +190,7 @@ def patch_v2_runner_prompt_lens() -> None:
 
     if getattr(GPUModelRunner.prepare_inputs, "_kvpress_wrapped", False):
         return
-    original = GPUModelRunner.prepare_inputs
-
-    def prepare_inputs(self, scheduler_output, batch_desc):
-        batch = original(self, scheduler_output, batch_desc)
-        if _needs_runner_rows(_runner_method(self)):
-            if batch.prompt_lens is None:
-                batch.prompt_lens = torch.from_numpy(self.req_states.prompt_len.np[batch.idx_mapping_np])
-            prompt_lens.record_step_slots(batch.prompt_lens, batch.idx_mapping_np)
-        return batch
-
-    prepare_inputs._kvpress_wrapped = True  # type: ignore[attr-defined]
-    GPUModelRunner.prepare_inputs = prepare_inputs
+    GPUModelRunner.prepare_inputs = wrap_prepare_inputs(GPUModelRunner.prepare_inputs)
 
 
 _runner_step: contextvars.ContextVar = contextvars.ContextVar("kvpress_runner_step", default=None)
