@@ -12,6 +12,7 @@ from typing import Self
 import torch
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
+from vllm_kvpress.backend import state
 from vllm_kvpress.errors import KVCompressionConfigError
 from vllm_kvpress.eviction.policy import Budget, HeadPacking
 
@@ -75,8 +76,6 @@ def compressed_spec_for_layer(spec: FullAttentionSpec, vllm_config) -> KVPressAt
     """The compressed version of the spec vLLM built for one of our attention layers: the page
     layout of the method `vllm_config` carries and, for an evicting method, the budget schedule
     the block manager follows."""
-    from vllm_kvpress.backend import state
-
     method = state.method_from_vllm_config(vllm_config)
     if type(spec) is not FullAttentionSpec or spec.sliding_window or spec.attention_chunk_size:
         raise KVCompressionConfigError(

@@ -49,7 +49,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Self
 
-from vllm_kvpress.errors import KVCompressionConfigError
+from vllm_kvpress.errors import KVCompressionConfigError, MethodNotImplementedError
 from vllm_kvpress.eviction.policy import HeadPacking, kept_prompt_blocks
 from vllm_kvpress.methods.base import CompressionMethod, check_range, setting_names
 from vllm_kvpress.methods.kivi import Kivi
@@ -110,7 +110,10 @@ class EvictingMethod(CompressionMethod):
 
     @classmethod
     def _quantizer(cls, name: Any, lookup: Callable[[str], type] | None) -> type[Kivi]:
-        found = lookup(name) if lookup is not None and isinstance(name, str) else None
+        try:
+            found = lookup(name) if lookup is not None and isinstance(name, str) else None
+        except (KVCompressionConfigError, MethodNotImplementedError):
+            found = None  # an unknown or planned name: refused below as a `pages` value, not as a method
         if not (isinstance(found, type) and issubclass(found, Kivi)):
             raise KVCompressionConfigError(
                 f"{cls.info.name}: {PAGE_SETTING}={name!r} is not allowed; allowed: the name of a quantizer "

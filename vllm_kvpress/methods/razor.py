@@ -39,7 +39,7 @@ pages, bits, group_size, block_size, tail_keys : the pages of every evicting met
 from dataclasses import dataclass
 from typing import ClassVar
 
-from vllm_kvpress.eviction.policy import HeadPacking, kept_prompt_blocks
+from vllm_kvpress.eviction.policy import HeadPacking
 from vllm_kvpress.methods.base import Family, MethodInfo, check_choice, check_range
 from vllm_kvpress.methods.eviction import EvictingMethod
 from vllm_kvpress.methods.retrieval_heads import default_heads_per_layer, retrieval_heads
@@ -111,4 +111,4 @@ class Razor(EvictingMethod):
         the KV heads per layer, so they must be given."""
         if num_kv_heads is None:
             raise ValueError("razor's kept blocks depend on the KV heads per layer: pass num_kv_heads")
-        return kept_prompt_blocks(prompt_len, self.budget, self.block_size, self.packing(num_kv_heads))
+        return super().kept_prompt_blocks(prompt_len, num_kv_heads)
