@@ -15,6 +15,7 @@ import os
 
 import torch
 
+from vllm_kvpress.backend.runner import needs_runner_rows
 from vllm_kvpress.config import ADDITIONAL_CONFIG_KEY, method_from_vllm_config
 from vllm_kvpress.errors import VLLMVersionError
 from vllm_kvpress.eviction import prompt_lens
@@ -153,18 +154,14 @@ def _runner_method(runner):
     return runner._kvpress_method
 
 
-def _needs_runner_rows(method) -> bool:
-    """Whether the metadata builder reads each row's prompt length and request-state slot."""
-    return method is not None and (method.evicts_tokens or method.pages.exact_tail_keys)
-
-
 def wrap_prepare_inputs(prepare_inputs):
     """`GPUModelRunner.prepare_inputs` that, for an engine whose builder reads them, fills each
     row's prompt length and records its request-state slot; other engines' batches are untouched."""
 
     def prepare_inputs_with_rows(self, scheduler_output, batch_desc):
         batch = prepare_inputs(self, scheduler_output, batch_desc)
-        if _needs_runner_rows(_runner_method(self)):
+        method = _runner_method(self)
+        if method is not None and needs_runner_rows(method):
             if batch.prompt_lens is None:
                 batch.prompt_lens = torch.from_numpy(self.req_states.prompt_len.np[batch.idx_mapping_np])
             prompt_lens.record_step_slots(batch.prompt_lens, batch.idx_mapping_np)

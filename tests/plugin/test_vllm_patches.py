@@ -1,6 +1,9 @@
 """vllm_patches.py: every patch is installed by plugin.register() alone, once, and leaves an engine
 without --kv-compression as vLLM made it; the runner wrapper fills prompt lengths and request-state
-slots only for engines whose builder reads them, from the names vLLM 0.26.0's V2 runner has."""
+slots only for engines whose builder reads them, from the names vLLM 0.26.0's V2 runner has.
+
+Tests that import vLLM's runner modules take the CPU platform first, as every engine-config test
+does: those modules bind the platform when first imported."""
 
 import dataclasses
 import inspect
@@ -41,7 +44,7 @@ def test_prepare_inputs_fills_rows_only_for_engines_that_read_them(monkeypatch, 
     assert prompt_lens.request_slots_for(batch.prompt_lens).tolist() == [3, 1]
 
 
-def test_the_names_the_wrappers_read_are_vllms():
+def test_the_names_the_wrappers_read_are_vllms(cpu_platform):
     """What the prepare_inputs wrapper reads and returns, in vLLM 0.26.0's own source (the class
     attribute may be our wrapper already, so the source is read, not the function)."""
     from vllm.v1.worker.gpu import model_runner
@@ -54,7 +57,7 @@ def test_the_names_the_wrappers_read_are_vllms():
     assert "self.prompt_len" in inspect.getsource(RequestState)
 
 
-def test_register_installs_every_patch_once():
+def test_register_installs_every_patch_once(cpu_platform):
     from vllm.engine.arg_utils import EngineArgs
     from vllm.model_executor.layers.attention.attention import Attention
     from vllm.v1.worker.gpu import model_runner

@@ -3,6 +3,12 @@ read each row's prompt length and request-state slot, which only vLLM's V2 model
 (through vllm_kvpress/vllm_patches.py)."""
 
 
+def needs_runner_rows(method) -> bool:
+    """Whether the metadata builder reads each row's prompt length and request-state slot: for
+    eviction (compaction steps, the compacted view, the recent queries) and exact tail keys."""
+    return method.evicts_tokens or method.pages.exact_tail_keys
+
+
 def runner_problems(vllm_config, method) -> list[str]:
     """What the settings need of the model runner vLLM picked for this engine (its V2 runner for
     dense decoder models unless VLLM_USE_V2_MODEL_RUNNER=0): checked when the engine config is made,
