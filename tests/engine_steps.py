@@ -103,9 +103,9 @@ def run_scenario(model: str, settings: dict, prefill: str, monkeypatch, workdir:
         builder.fa_version = 3
 
         def flash_prefill_without_flash_attention(query, key, value, out, cache, block_table, seq_lens, layout,
-                                                  plan, *, scale, first_seq, tail=None):
+                                                  plan, *, scale, first_seq, tail=None, mixed=None):
             # our half of the FlashAttention prefill: the context dequantized into the workspace
-            prefill_keys_values(plan, key, value, cache, block_table, seq_lens, layout, first_seq, tail)
+            prefill_keys_values(plan, key, value, cache, block_table, seq_lens, layout, first_seq, tail, mixed)
             return out
 
         monkeypatch.setattr(impl_module, "flash_prefill_attention", flash_prefill_without_flash_attention)

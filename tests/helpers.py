@@ -143,11 +143,19 @@ def single_request_step_metadata(builder, block_table, context, seq_len, slot_ma
 def use_cpu_platform(monkeypatch) -> None:
     """vLLM's CUDA wheel cannot infer a device on a CPU-only machine ("Failed to infer device
     type"); pretending to be its CPU platform lets engine configs and the CLI parser be built."""
+    import sys
+
     import vllm.platforms
     from vllm.platforms.cpu import CpuPlatform
 
-    monkeypatch.setattr(vllm.platforms, "_current_platform", CpuPlatform(), raising=False)
-    monkeypatch.setattr(vllm.platforms, "current_platform", CpuPlatform())
+    cpu = CpuPlatform()
+    monkeypatch.setattr(vllm.platforms, "_current_platform", cpu, raising=False)
+    monkeypatch.setattr(vllm.platforms, "current_platform", cpu)
+    # vLLM modules imported earlier in the session bound the platform of that moment by name
+    # (`from vllm.platforms import current_platform`): a test run after them would see it
+    for name, module in list(sys.modules.items()):
+        if name.startswith("vllm.") and module is not vllm.platforms and "current_platform" in vars(module):
+            monkeypatch.setattr(module, "current_platform", cpu)
 
 
 def use_v2_runner(monkeypatch) -> None:
@@ -188,7 +196,7 @@ def reference_step(reference, q, k_new, v_new, scale: float):
     stored_k, stored_v = reference.append(k_new.cpu(), v_new.cpu())
     attended_k, attended_v = stored_k, stored_v
     if q.shape[0] > 1:
-        past = reference.num_tokens - q.shape[0]
+        past = stored_k.shape[0] - q.shape[0]
         attended_k = torch.cat([stored_k[:past], k_new.cpu().float()])
         attended_v = torch.cat([stored_v[:past], v_new.cpu().float()])
     return causal_attention(q.cpu(), attended_k, attended_v, scale), stored_k, stored_v
@@ -227,3 +235,28 @@ def run_steps_against_reference(impl, builder, method, steps, prompt_len: int, n
                                    msg=f"step ({context}, {seq_len})")
         reference.compact_if_due(q.cpu(), stored_k, stored_v, scale)
     return reference
+
+
+def reference_layer_call(pages, q_new, k_seen, v_seen, scale: float):
+    """One layer's attention through the reference engine's attention function, as transformers
+    calls it: q_new [T, num_heads, D], k_seen/v_seen [S, num_kv_heads, D] (the model's whole cache);
+    returns [T, num_heads, D]."""
+    import types
+
+    from vllm_kvpress.eval.engines.reference import PAGES_KWARG, compressed_attention_forward
+
+    out, _ = compressed_attention_forward(
+        types.SimpleNamespace(layer_idx=0), q_new.transpose(0, 1)[None], k_seen.transpose(0, 1)[None],
+        v_seen.transpose(0, 1)[None], attention_mask=None, scaling=scale, **{PAGES_KWARG: [pages]},
+    )
+    return out[0]
+
+
+def reference_layer_steps(pages, q, k, v, step_lengths: list[int], scale: float) -> list:
+    """`reference_layer_call` over consecutive steps of `step_lengths` tokens of q/k/v: each step's output."""
+    outs, seen = [], 0
+    for num_new in step_lengths:
+        end = seen + num_new
+        outs.append(reference_layer_call(pages, q[seen:end], k[:end], v[:end], scale))
+        seen = end
+    return outs

@@ -26,6 +26,8 @@ import triton
 import triton.language as tl
 from vllm_kvpress.triton_kernels.exact_tail import load_tail_k
 from vllm_kvpress.triton_kernels.page_format import (
+    MIXED_HIGH,
+    MIXED_LOW,
     code_bias,
     dequantize_staged_k,
     dot_dtype,
@@ -35,6 +37,8 @@ from vllm_kvpress.triton_kernels.page_format import (
     load_codes,
     load_codes_operand,
     load_outliers,
+    mixed_unit,
+    packed_row,
 )
 
 from vllm_kvpress.layout import PageLayout
@@ -132,14 +136,15 @@ def online_softmax_update_t(scores_t, running_max, running_sum, acc_t):
     return p_t, new_max, running_sum * alpha + tl.sum(p_t, 0), acc_t * alpha[None, :]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["split_offset", "total_splits"])
 def _decode_split_kernel(
     q_ptr, stride_qt, stride_qh,
     cache_ptr, stride_cb, stride_ch,
     block_table_ptr, stride_bt, seq_lens_ptr,
-    part_out_ptr, part_max_ptr, part_sum_ptr,
+    part_out_ptr, part_max_ptr, part_sum_ptr, split_offset, total_splits,
     scale_log2, headwise_ptr, retrieval_ptr, tail_ptr, stride_ts, stride_th, tail_slots_ptr,
     HEADWISE: tl.constexpr, RETRIEVAL_HEADS: tl.constexpr,
+    MIXED: tl.constexpr, UNITS_PER_BLOCK: tl.constexpr, UNIT_BYTES: tl.constexpr,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, DOT_DTYPE: tl.constexpr,
     K_BIAS: tl.constexpr, V_BIAS: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, HEAD_SIZE: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr,
@@ -157,6 +162,14 @@ def _decode_split_kernel(
     if HEADWISE:  # a head-wise packed row (razor): this KV head's own blocks and token count
         kept, chunks, middle, retrieval, extra = headwise_row(headwise_ptr, retrieval_ptr, seq, kv_head, BLOCK_SIZE)
         seq_len += extra
+    elif MIXED == MIXED_HIGH:  # a mixed-precision row's high-precision blocks: the important ones, the tail
+        kept, chunks, middle = packed_row(headwise_ptr, seq)
+        retrieval = -1
+        seq_len -= middle * BLOCK_SIZE
+    elif MIXED == MIXED_LOW:  # its low-precision units: `chunks` complete chunks of this KV head
+        kept, chunks, middle = packed_row(headwise_ptr, seq)
+        retrieval = -1
+        seq_len = chunks * BLOCK_SIZE
     else:
         kept, chunks, middle, retrieval = 0, 0, 0, -1
     num_blocks = tl.cdiv(seq_len, BLOCK_SIZE)
@@ -179,12 +192,17 @@ def _decode_split_kernel(
     # complete blocks: the hot loop; the partial last block (if this split owns it) is handled after
     num_complete = seq_len // BLOCK_SIZE
     for b in range(first, tl.minimum(last, num_complete)):
-        view_block, slot = b, kv_head
+        view_block, slot_offset = b, kv_head * stride_ch
         if HEADWISE:
             view_block, slot = headwise_block(b, kv_head, retrieval, kept, chunks, middle, RETRIEVAL_HEADS,
                                               num_kv_heads)
+            slot_offset = slot * stride_ch
+        if MIXED == MIXED_HIGH:
+            view_block = tl.where(b < kept, b, b + middle)
+        if MIXED == MIXED_LOW:
+            view_block, slot_offset = mixed_unit(b, kv_head, kept, num_kv_heads, UNITS_PER_BLOCK, UNIT_BYTES)
         block_id = tl.load(block_table_ptr + seq.to(tl.int64) * stride_bt + view_block).to(tl.int64)
-        page = cache_ptr + block_id * stride_cb + slot * stride_ch
+        page = cache_ptr + block_id * stride_cb + slot_offset
         # k_codes : (BLOCK_SIZE, HEAD_SIZE), K_BIAS + code in the dot dtype
         k_codes = load_codes_operand(page, K_CODES_OFF, BLOCK_SIZE, HEAD_SIZE, K_BITS, DOT_DTYPE, K_BIAS)
         k_meta = fp16_ptr(page + K_META_OFF)
@@ -207,6 +225,8 @@ def _decode_split_kernel(
         if HEADWISE:
             view_block, slot = headwise_block(num_complete, kv_head, retrieval, kept, chunks, middle,
                                               RETRIEVAL_HEADS, num_kv_heads)
+        if MIXED == MIXED_HIGH:  # (the low pass has no partial block: its chunks are complete)
+            view_block = tl.where(num_complete < kept, num_complete, num_complete + middle)
         block_id = tl.load(block_table_ptr + seq.to(tl.int64) * stride_bt + view_block).to(tl.int64)
         page = cache_ptr + block_id * stride_cb + slot * stride_ch
         if EXACT_TAIL:
@@ -222,7 +242,7 @@ def _decode_split_kernel(
         acc_t += block_output_t(p_t, page, False, DOT_DTYPE, V_BIAS, BLOCK_SIZE, HEAD_SIZE, V_BITS, V_GROUP,
                                 V_CODES_OFF, V_META_OFF, V_LOWRANK_OFF, V_SPARSE_OFF, RANK, NUM_OUTLIERS)
 
-    part = (seq * num_splits + split).to(tl.int64)
+    part = seq.to(tl.int64) * total_splits + split_offset + split
     num_heads = tl.num_programs(1) * GROUP
     base = part * num_heads + head
     tl.store(part_out_ptr + base[None, :] * HEAD_SIZE + cols[:, None], acc_t, mask=row_valid[None, :])
@@ -292,26 +312,39 @@ def decode_splits(
     headwise: bool,
     num_warps: int | None = None,
     num_stages: int = DECODE_NUM_STAGES,
+    mixed_args: tuple | None = None,
+    mixed_pass: int = 0,
+    split_offset: int = 0,
+    total_splits: int | None = None,
 ) -> None:
     """The split pass in Triton: each (sequence, KV head, split) program's partial results into
     `split_buffers`. Arguments as `vllm_kvpress.decode.decode_attention`, which checks them;
-    `headwise_args` / `tail_args` from `headwise_arguments` / `tail_arguments`."""
+    `headwise_args` / `tail_args` from `headwise_arguments` / `tail_arguments`.
+
+    Mixed-precision rows are read in two passes with their own layouts (`MIXED_HIGH` with the
+    pages' layout, `MIXED_LOW` with the low-precision units' layout and `mixed_args` from
+    `mixed_arguments`), each writing its splits at `split_offset` among a row's `total_splits`."""
     num_seqs, num_heads, _ = query.shape
     num_kv_heads = cache.shape[1]
     group = num_heads // num_kv_heads
     part_out, part_max, part_sum = split_buffers
     row_params, retrieval, retrieval_heads = headwise_args
+    units_per_block = unit_bytes = 0
+    if mixed_pass:
+        row_params, units_per_block, unit_bytes = mixed_args
+    num_warps = num_warps or DECODE_NUM_WARPS
     _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
         query, query.stride(0), query.stride(1),
         cache, cache.stride(0), cache.stride(1),
         block_table, block_table.stride(0), seq_lens,
-        part_out, part_max, part_sum,
+        part_out, part_max, part_sum, split_offset, total_splits or num_splits,
         scale * LOG2E, row_params, retrieval, *tail_args,
         HEADWISE=headwise, RETRIEVAL_HEADS=retrieval_heads,
+        MIXED=mixed_pass, UNITS_PER_BLOCK=units_per_block, UNIT_BYTES=unit_bytes,
         GROUP=group, GROUP_PAD=triton.next_power_of_2(group),
         DOT_DTYPE=dot_dtype(query.dtype), K_BIAS=code_bias(query.dtype, layout.k_bits),
         V_BIAS=code_bias(query.dtype, layout.v_bits),
-        **layout.kernel_constants, num_warps=num_warps or DECODE_NUM_WARPS, num_stages=num_stages,
+        **layout.kernel_constants, num_warps=num_warps, num_stages=num_stages,
     )
 
 

@@ -71,6 +71,40 @@ def headwise_block(b, kv_head, retrieval, kept, chunks, middle, RETRIEVAL_HEADS:
     return view_block, tl.where(in_middle, unit % num_kv_heads, kv_head)
 
 
+MIXED_OFF = tl.constexpr(0)
+MIXED_HIGH = tl.constexpr(1)
+MIXED_LOW = tl.constexpr(2)
+"""A kernel's MIXED pass over mixed-precision rows (vllm_kvpress/mixed_layout.py): off (no row is
+mixed), the high-precision blocks of every row (important ones, then the tail; a row that is not
+mixed reads as usual), or the low-precision units of the mixed rows."""
+
+
+def mixed_arguments(mixed, placeholder: torch.Tensor):
+    """(row parameters, U, unit bytes) for a kernel's MIXED arguments, checked; with `mixed` None,
+    a placeholder the kernel never reads and zeros."""
+    if mixed is None:
+        return placeholder, 0, 0
+    from vllm_kvpress.triton_kernels.checks import check_tensor
+
+    row_params, low_layout, units_per_block = mixed
+    check_tensor("mixed row parameters", row_params, dtype=torch.int32, shape=(None, 3))
+    return row_params, units_per_block, low_layout.bytes_per_head
+
+
+@triton.jit
+def packed_row(rows_ptr, seq):
+    """(K, n, M) of a row whose blocks after the K every-head ones are packed (0, 0, 0: not packed)."""
+    return tl.load(rows_ptr + 3 * seq), tl.load(rows_ptr + 3 * seq + 1), tl.load(rows_ptr + 3 * seq + 2)
+
+
+@triton.jit
+def mixed_unit(c, kv_head, kept, num_kv_heads, UNITS_PER_BLOCK: tl.constexpr, UNIT_BYTES: tl.constexpr):
+    """(view block, byte offset in the block) of low-precision chunk c of a KV head
+    (vllm_kvpress/mixed_layout.py `LowPrecisionPacking.unit_location`, the oracle)."""
+    unit = c * num_kv_heads + kv_head
+    return kept + unit // UNITS_PER_BLOCK, (unit % UNITS_PER_BLOCK) * UNIT_BYTES
+
+
 @triton.jit
 def fp16_ptr(byte_ptr):
     return byte_ptr.to(tl.pointer_type(tl.float16))

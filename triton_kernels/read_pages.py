@@ -13,7 +13,15 @@ import torch
 import triton
 import triton.language as tl
 from vllm_kvpress.triton_kernels.exact_tail import load_stored_k, tail_arguments
-from vllm_kvpress.triton_kernels.page_format import load_block_v
+from vllm_kvpress.triton_kernels.page_format import (
+    MIXED_HIGH,
+    MIXED_LOW,
+    MIXED_OFF,
+    load_block_v,
+    mixed_arguments,
+    mixed_unit,
+    packed_row,
+)
 
 from vllm_kvpress.layout import PageLayout
 
@@ -22,7 +30,8 @@ from vllm_kvpress.layout import PageLayout
 def _read_pages_kernel(
     cache_ptr, stride_cb, stride_ch, block_table_ptr, stride_bt, first_row,
     num_tokens_ptr, seq_lens_ptr, dest_start_ptr,
-    k_out_ptr, v_out_ptr, stride_ot, stride_oh, tail_ptr, stride_ts, stride_th, tail_slots_ptr,
+    k_out_ptr, v_out_ptr, stride_ot, stride_oh, tail_ptr, stride_ts, stride_th, tail_slots_ptr, mixed_rows_ptr,
+    MIXED: tl.constexpr, UNITS_PER_BLOCK: tl.constexpr, UNIT_BYTES: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, HEAD_SIZE: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr,
     V_GROUP: tl.constexpr, K_STAGE_GROUP: tl.constexpr, RANK: tl.constexpr, NUM_OUTLIERS: tl.constexpr,
     EXACT_TAIL: tl.constexpr, K_CODES_OFF: tl.constexpr, V_CODES_OFF: tl.constexpr, K_META_OFF: tl.constexpr,
@@ -34,14 +43,26 @@ def _read_pages_kernel(
     b = tl.program_id(1)
     head = tl.program_id(2)
     num_tokens = tl.load(num_tokens_ptr + r)
+    row = (first_row + r).to(tl.int64)
+    view_block, slot_offset, dest_block = b, head * stride_ch, b
+    if MIXED == MIXED_HIGH:  # a mixed-precision row's high blocks: the important ones, then the tail
+        kept, chunks, middle = packed_row(mixed_rows_ptr, row)
+        num_tokens -= chunks * BLOCK_SIZE
+        view_block = tl.where(b < kept, b, b + middle)
+        dest_block = tl.where(b < kept, b, b + chunks)  # the low tokens go between the two
+    if MIXED == MIXED_LOW:  # its low-precision units, right after the important tokens
+        kept, chunks, middle = packed_row(mixed_rows_ptr, row)
+        num_tokens = chunks * BLOCK_SIZE
+        view_block, slot_offset = mixed_unit(b, head, kept, tl.num_programs(2), UNITS_PER_BLOCK, UNIT_BYTES)
+        dest_block = kept + b
     if b * BLOCK_SIZE >= num_tokens:
         return
-    row = (first_row + r).to(tl.int64)
-    block_id = tl.load(block_table_ptr + row * stride_bt + b).to(tl.int64)
-    page = cache_ptr + block_id * stride_cb + head * stride_ch
+    block_id = tl.load(block_table_ptr + row * stride_bt + view_block).to(tl.int64)
+    page = cache_ptr + block_id * stride_cb + slot_offset
     # a block is complete (per-channel K, GEAR terms) once the sequence's stored tokens fill it,
-    # which can be after the tokens read here (a prefill chunk completes its context's last block)
-    complete = (b + 1) * BLOCK_SIZE <= tl.load(seq_lens_ptr + row)
+    # which can be after the tokens read here (a prefill chunk completes its context's last block);
+    # low-precision units are always complete
+    complete = ((view_block + 1) * BLOCK_SIZE <= tl.load(seq_lens_ptr + row)) | (MIXED == MIXED_LOW)
     tail_slot = 0
     if EXACT_TAIL:
         tail_slot = tl.load(tail_slots_ptr + row)
@@ -51,7 +72,7 @@ def _read_pages_kernel(
     v = load_block_v(page, complete, BLOCK_SIZE, HEAD_SIZE, V_BITS, V_GROUP, V_CODES_OFF, V_META_OFF,
                      V_LOWRANK_OFF, V_SPARSE_OFF, RANK, NUM_OUTLIERS)
     token = b * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-    dest = tl.load(dest_start_ptr + r).to(tl.int64) + token
+    dest = tl.load(dest_start_ptr + r).to(tl.int64) + dest_block * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     offs = dest[:, None] * stride_ot + head * stride_oh + tl.arange(0, HEAD_SIZE)[None, :]
     mask = (token < num_tokens)[:, None]
     tl.store(k_out_ptr + offs, k.to(k_out_ptr.dtype.element_ty), mask=mask)
@@ -71,6 +92,7 @@ def read_pages_into(
     first_row: int,
     max_blocks: int,
     tail: tuple[torch.Tensor, torch.Tensor] | None = None,
+    mixed: tuple[torch.Tensor, PageLayout, int] | None = None,
 ) -> None:
     """Dequantize the first `num_tokens[r]` stored tokens of rows `first_row + r` of `block_table`
     into `k_out/v_out[dest_start[r] + t]`.
@@ -84,15 +106,24 @@ def read_pages_into(
         max_blocks: an upper bound of cdiv(num_tokens[r], block_size) (sets the grid).
         tail: with `layout.exact_tail_keys`: (the layer's exact tail, int32 [>= first_row + R] each
             block-table row's request-state slot), which holds partial blocks' keys (exact_tail.py).
+        mixed: with mixed-precision rows (vllm_kvpress/mixed_layout.py): (int32 [>= first_row + R, 3]
+            (important K, chunks n, low blocks L) per block-table row, the low-precision units'
+            layout, U). `num_tokens` then counts the tokens a row holds (n chunks where its L blocks
+            are), and the rows are read in two passes, the high blocks and the low units.
     """
     num_rows, num_kv_heads = num_tokens.shape[0], cache.shape[1]
     if num_rows == 0 or max_blocks == 0:
         return
-    _read_pages_kernel[(num_rows, max_blocks, num_kv_heads)](
-        cache, cache.stride(0), cache.stride(1), block_table, block_table.stride(0), first_row,
-        num_tokens, seq_lens, dest_start, k_out, v_out, k_out.stride(0), k_out.stride(1),
-        *tail_arguments(tail, layout, num_tokens), **layout.kernel_constants,
-    )
+    passes = [(MIXED_OFF, layout)] if mixed is None else [(MIXED_HIGH, layout), (MIXED_LOW, mixed[1])]
+    mixed_rows, units_per_block, unit_bytes = mixed_arguments(mixed, num_tokens)
+    for mixed_pass, pass_layout in passes:
+        _read_pages_kernel[(num_rows, max_blocks, num_kv_heads)](
+            cache, cache.stride(0), cache.stride(1), block_table, block_table.stride(0), first_row,
+            num_tokens, seq_lens, dest_start, k_out, v_out, k_out.stride(0), k_out.stride(1),
+            *tail_arguments(tail, pass_layout, num_tokens), mixed_rows,
+            MIXED=mixed_pass.value, UNITS_PER_BLOCK=units_per_block, UNIT_BYTES=unit_bytes,
+            **pass_layout.kernel_constants,
+        )
 
 
 def read_pages(

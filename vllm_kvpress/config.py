@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from vllm_kvpress.errors import KVCompressionConfigError
+from vllm_kvpress.errors import KVCompressionConfigError, MethodNotImplementedError
 from vllm_kvpress.methods.base import CompressionMethod
 from vllm_kvpress.methods.registry import method_class
 
@@ -89,3 +89,24 @@ def method_from_vllm_config(vllm_config) -> CompressionMethod:
     if not isinstance(settings, Mapping):
         return load_method_config(settings)  # raises, naming the type
     return _cached_method(json.dumps(settings, sort_keys=True))
+
+
+ALLOW_UNVERIFIED_ENV = "KVPRESS_ALLOW_UNVERIFIED_METHODS"
+"""`=1` lets vLLM serve a method whose vLLM path has not passed its GPU tests (`Status.REFERENCE_ONLY`):
+for the developers who run those tests."""
+
+
+def check_enabled_in_vllm(method_config: CompressionMethod) -> None:
+    """Refuse a method whose vLLM path has not passed its GPU tests (`Status.REFERENCE_ONLY`),
+    unless `ALLOW_UNVERIFIED_ENV` is set.
+
+    Raises:
+        MethodNotImplementedError: naming the method and where it runs instead.
+    """
+    if method_config.runs_on_vllm or os.environ.get(ALLOW_UNVERIFIED_ENV) == "1":
+        return
+    raise MethodNotImplementedError(
+        f"method '{method_config.method}' is not enabled in vLLM yet: its vLLM path has not passed its GPU "
+        f"tests; it runs on the reference engine (vllm-kvpress eval --engine reference --method "
+        f"{method_config.method}). {ALLOW_UNVERIFIED_ENV}=1 lets its developers run those tests"
+    )

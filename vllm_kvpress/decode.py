@@ -22,7 +22,13 @@ from vllm_kvpress.triton_kernels.decode_attention import (
     reduce_splits,
 )
 from vllm_kvpress.triton_kernels.exact_tail import tail_arguments
-from vllm_kvpress.triton_kernels.page_format import INTERPRETER, headwise_arguments
+from vllm_kvpress.triton_kernels.page_format import (
+    INTERPRETER,
+    MIXED_HIGH,
+    MIXED_LOW,
+    headwise_arguments,
+    mixed_arguments,
+)
 
 
 @functools.cache
@@ -54,6 +60,7 @@ def decode_attention(
     min_ctas: int = cuda_decode.MIN_CTAS,
     headwise: tuple[torch.Tensor, torch.Tensor, int] | None = None,
     tail: tuple[torch.Tensor, torch.Tensor] | None = None,
+    mixed: tuple[torch.Tensor, PageLayout, int] | None = None,
 ) -> torch.Tensor:
     """Attention of one decode token per sequence over its compressed pages.
 
@@ -76,6 +83,11 @@ def decode_attention(
             with n = M = 0 read as usual. "auto" reads them with the Triton kernel.
         tail: with `layout.exact_tail_keys`: (the layer's exact tail, int32 [>= num_seqs] each
             row's request-state slot), where partial blocks keep their keys (exact_tail.py).
+        mixed: for mixed-precision requests (MiKV, vllm_kvpress/mixed_layout.py): int32 [>= num_seqs, 3]
+            (important K, chunks n, low blocks L) per row, all 0 for a row that is not split, the
+            low-precision units' layout and U, their count per block. Read by the Triton kernel in
+            two passes (high blocks, low units), each in `num_splits` splits, so `split_buffers`
+            must hold 2 * num_splits per sequence.
     """
     num_seqs, num_heads, head_size = query.shape
     num_kv_heads = cache.shape[1]
@@ -89,13 +101,25 @@ def decode_attention(
     part_max = split_buffers[1]
     if not 1 <= num_splits <= MAX_SPLITS:
         raise ValueError(f"num_splits={num_splits}: allowed: 1 to {MAX_SPLITS}")
-    if part_max.numel() < num_seqs * num_splits * num_heads:
-        raise ValueError("split_buffers are too small for num_seqs * num_splits")
+    total_splits = num_splits * (2 if mixed is not None else 1)
+    if part_max.numel() < num_seqs * total_splits * num_heads:
+        raise ValueError(f"split_buffers are too small for num_seqs * {total_splits} splits")
     if num_seqs == 0:
         return out
     group = num_heads // num_kv_heads
     row_params, retrieval, retrieval_heads = headwise_arguments(headwise, num_kv_heads, block_table)
     tail_args = tail_arguments(tail, layout, block_table)
+    if mixed is not None:
+        if headwise is not None or kernel == "cuda":
+            raise ValueError("mixed-precision pages are read by the Triton kernel alone, without head-wise packing")
+        mixed_args = mixed_arguments(mixed, block_table)
+        for mixed_pass, pass_layout in ((MIXED_HIGH, layout), (MIXED_LOW, mixed[1])):
+            decode_splits(query, cache, block_table, seq_lens, pass_layout, scale=scale, num_splits=num_splits,
+                          split_buffers=split_buffers, headwise_args=(row_params, retrieval, retrieval_heads),
+                          tail_args=tail_args, headwise=False, num_warps=num_warps, num_stages=num_stages,
+                          mixed_args=mixed_args, mixed_pass=mixed_pass.value,
+                          split_offset=0 if mixed_pass is MIXED_HIGH else num_splits, total_splits=total_splits)
+        return reduce_splits(split_buffers, out, total_splits)
     if headwise is not None and kernel == "auto":
         # the CUDA kernel's head-wise path passed tests/gpu/test_cuda_decode.py but has not run in an engine yet
         kernel = "triton"

@@ -14,7 +14,13 @@ from typing import Any
 from vllm.logger import init_logger
 
 from vllm_kvpress.backend.runner import runner_problems
-from vllm_kvpress.config import ADDITIONAL_CONFIG_KEY, load_method_config, parse_config_argument
+from vllm_kvpress.config import (
+    ADDITIONAL_CONFIG_KEY,
+    ALLOW_UNVERIFIED_ENV,
+    check_enabled_in_vllm,
+    load_method_config,
+    parse_config_argument,
+)
 from vllm_kvpress.errors import KVCompressionConfigError
 from vllm_kvpress.methods.base import CompressionMethod
 from vllm_kvpress.methods.registry import method_table
@@ -145,6 +151,10 @@ def prepare_engine_args(engine_args) -> CompressionMethod | None:
     if settings is None:
         return None
     method_config = load_method_config(settings)
+    check_enabled_in_vllm(method_config)
+    if not method_config.runs_on_vllm:
+        logger.warning("vllm-kvpress: serving method '%s', whose vLLM path has not passed its GPU tests (%s=1)",
+                       method_config.method, ALLOW_UNVERIFIED_ENV)
     problems = engine_args_problems(engine_args, method_config)
     if problems:
         raise KVCompressionConfigError(problems)

@@ -37,6 +37,10 @@ class HeadPacking:
     retrieval_heads: int
     kv_heads: int
 
+    def middle_blocks(self, prompt_blocks, kept_blocks):
+        """M: view blocks of the retrieval heads' packed chunks (`middle_blocks` below)."""
+        return middle_blocks(prompt_blocks, kept_blocks, self.retrieval_heads, self.kv_heads)
+
 
 def middle_blocks(prompt_blocks, kept_blocks, retrieval_heads: int, kv_heads: int):
     """M: view blocks that hold the retrieval heads' middle chunks (0 where nothing is packed).

@@ -16,7 +16,10 @@ def _run(args) -> int:
     info = method.info
     print(f"{info.name}: {info.paper}" + (f" (arXiv {info.arxiv})" if info.arxiv else ""))
     print(f"  {info.summary}")
-    print("defaults (--kv-compression-config overrides any of them):")
+    if not method.runs_on_vllm:
+        print(f"  status: {info.status.value} (vllm serve refuses it until its vLLM path passes its GPU tests; "
+              f"vllm-kvpress eval --engine reference runs it)")
+    print("defaults (--kv-compression-config, or --config of eval, overrides any of them):")
     for key, value in method.to_dict().items():
         if key != "method":
             print(f"  {key}: {json.dumps(value)}")

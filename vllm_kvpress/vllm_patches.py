@@ -218,9 +218,10 @@ def wrap_execute_model(execute_model):
         method = _runner_method(self)
         step = None
         if method is not None and method.eviction is not None:
-            if "_kvpress_packing" not in self.__dict__:  # head-wise packing depends on the KV heads per layer
-                heads = self.vllm_config.model_config.get_num_kv_heads(self.vllm_config.parallel_config)
-                self._kvpress_packing = method.eviction.packing(heads)
+            if "_kvpress_packing" not in self.__dict__:  # the schedule's packing depends on the model's heads
+                model_config = self.vllm_config.model_config
+                heads = model_config.get_num_kv_heads(self.vllm_config.parallel_config)
+                self._kvpress_packing = method.eviction.middle_packing(heads, model_config.get_head_size())
             step = (self, scheduler_output, method.eviction, self._kvpress_packing)
         token = _runner_step.set(step)
         try:

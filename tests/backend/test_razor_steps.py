@@ -90,10 +90,12 @@ def test_razor_packs_the_prompt_once_and_each_head_decodes_over_its_own_tokens(v
 
 def test_the_block_manager_frees_what_packing_does_not_need():
     from vllm_kvpress.backend.spec import KVPressEvictionSpec
+    from vllm_kvpress.headwise_layout import HeadPacking
 
     spec = KVPressEvictionSpec(block_size=16, num_kv_heads=KV_HEADS, head_size=HEAD_SIZE, head_size_v=HEAD_SIZE,
                                dtype=torch.uint8, bytes_per_head=100, compression_tag="razor",
-                               budget=load_method_config(SETTINGS).budget, retrieval_heads=1)
+                               budget=load_method_config(SETTINGS).budget,
+                               middle_packing=HeadPacking(retrieval_heads=1, kv_heads=KV_HEADS))
     assert spec.packing.retrieval_heads == 1 and spec.packing.kv_heads == KV_HEADS
     freed = []
     manager = EvictionBlockManager.__new__(EvictionBlockManager)

@@ -112,8 +112,16 @@ def test_bad_eviction_settings_fail_with_what_is_allowed(spec, fragments):
 
 
 def test_planned_method_is_not_implemented():
-    with pytest.raises(MethodNotImplementedError, match="mikv.*planned"):
+    with pytest.raises(MethodNotImplementedError, match="zipvl.*planned"):
+        parse_config_spec("zipvl")
+
+
+def test_a_method_not_enabled_in_vllm_is_refused_before_any_engine_starts(monkeypatch):
+    monkeypatch.delenv("KVPRESS_ALLOW_UNVERIFIED_METHODS", raising=False)
+    with pytest.raises(MethodNotImplementedError, match="'mikv' is not enabled in vLLM yet.*--engine reference"):
         parse_config_spec("mikv")
+    monkeypatch.setenv("KVPRESS_ALLOW_UNVERIFIED_METHODS", "1")
+    assert parse_config_spec("mikv").method_settings["low_bits"] == 2
 
 
 def test_baselines_are_vllm_cache_dtypes():

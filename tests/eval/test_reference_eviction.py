@@ -8,13 +8,13 @@ with decode_interval again at every decode-time eviction point).
 - with a budget that keeps the whole prompt nothing changes: outputs and pages equal kivi's.
 """
 
-import types
 
 import pytest
 import torch
+from helpers import reference_layer_call, reference_layer_steps
 
 from vllm_kvpress.config import load_method_config
-from vllm_kvpress.eval.engines.reference import PAGES_KWARG, SequencePages, compressed_attention_forward
+from vllm_kvpress.eval.engines.reference import SequencePages
 from vllm_kvpress.eviction.scoring import select_kept_tokens
 from vllm_kvpress.reference import page_codec
 from vllm_kvpress.reference.attention import causal_attention
@@ -41,12 +41,7 @@ def _pages(config, prompt_len=PROMPT_LEN):
 
 
 def _call(q_new, k_seen, v_seen, pages):
-    module = types.SimpleNamespace(layer_idx=0)
-    out, _ = compressed_attention_forward(
-        module, q_new.transpose(0, 1)[None], k_seen.transpose(0, 1)[None], v_seen.transpose(0, 1)[None],
-        attention_mask=None, scaling=SCALE, **{PAGES_KWARG: [pages]},
-    )
-    return out[0]
+    return reference_layer_call(pages, q_new, k_seen, v_seen, SCALE)
 
 
 def _sequence(generator):
@@ -59,12 +54,7 @@ def _sequence(generator):
 
 def _run(pages, q, k, v):
     """Feed the prompt in chunks, then decode steps; outputs of every step."""
-    outs, seen = [], 0
-    for num_new in PROMPT_CHUNKS + [1] * DECODE_STEPS:
-        end = seen + num_new
-        outs.append(_call(q[seen:end], k[:end], v[:end], pages))
-        seen = end
-    return outs
+    return reference_layer_steps(pages, q, k, v, PROMPT_CHUNKS + [1] * DECODE_STEPS, SCALE)
 
 
 @pytest.mark.parametrize("method", ["snapkv", "scissorhands", "kvcrush"])

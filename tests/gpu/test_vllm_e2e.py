@@ -123,22 +123,41 @@ def test_vllm_serve_answers_openai_requests_with_gear(tmp_path):
         print([row for row in text.splitlines() if "kvpress" in row or "CUSTOM" in row][:6])
 
 
+def _ask_for_the_needle(tmp_path, flags: list[str]) -> tuple[str, int, str]:
+    """One chat request of about 2,000 tokens (a secret code, filler, then the question: long enough
+    to be compacted) to `vllm serve` with `flags`: (answer, prompt tokens, the server's log)."""
+    filler = " ".join(f"Line {i}: the weather report says it is mild and calm today." for i in range(120))
+    question = "The secret code is 4817. " + filler + " What is the secret code? Answer with the number."
+    with Server(tmp_path, flags) as server:
+        reply = json.loads(server.chat(question))
+        text = server.log()
+    answer, prompt_tokens = reply["choices"][0]["message"]["content"], reply["usage"]["prompt_tokens"]
+    print(f"{prompt_tokens} prompt tokens; answer {answer!r}")
+    print([row for row in text.splitlines() if "kvpress" in row][:6])
+    return answer, prompt_tokens, text
+
+
 def test_vllm_serve_runs_a_composition_kvcrush_on_gear_pages(tmp_path):
     """configs/kvcrush-gear4.yaml (KVCrush's selection, GEAR 4-bit pages, a quarter of every prompt
     kept): one OpenAI request whose prompt is long enough to be compacted."""
     preset = Path(__file__).parents[2] / "configs" / "kvcrush-gear4.yaml"
-    filler = " ".join(f"Line {i}: the weather report says it is mild and calm today." for i in range(120))
-    question = "The secret code is 4817. " + filler + " What is the secret code? Answer with the number."
-    with Server(tmp_path, ["--kv-compression", "kvcrush", "--kv-compression-config", str(preset)]) as server:
-        reply = json.loads(server.chat(question))
-        answer = reply["choices"][0]["message"]["content"]
-        prompt_tokens = reply["usage"]["prompt_tokens"]
-        text = server.log()
-    print(f"{prompt_tokens} prompt tokens; answer {answer!r}")
-    print([row for row in text.splitlines() if "kvpress" in row][:6])
+    answer, prompt_tokens, text = _ask_for_the_needle(tmp_path, ["--kv-compression", "kvcrush",
+                                                                 "--kv-compression-config", str(preset)])
     assert prompt_tokens > 4 * 64 and answer.strip(), text[-3000:]
     assert "vllm-kvpress: kvcrush pages with" in text and "'pages': 'gear'" in text, text[-3000:]
     budget = -(-prompt_tokens // 4)  # a quarter of the prompt, rounded up
     kept = -(-budget // 64)  # in whole blocks
     compacted = f"vllm-kvpress: compacted a {prompt_tokens}-token prompt into {kept} blocks of 64 tokens (gear pages)"
     assert compacted in text, text[-3000:]
+
+
+def test_vllm_serve_splits_a_prompt_into_two_precisions_with_mikv(tmp_path, monkeypatch):
+    """`vllm serve --kv-compression mikv`: the prompt of one OpenAI request is split (its most
+    attended 15% of tokens in 8-bit blocks, the rest in 2-bit units) and its answer decodes over
+    both, with CUDA graphs; the blocks after them go back to vLLM."""
+    monkeypatch.setenv("KVPRESS_ALLOW_UNVERIFIED_METHODS", "1")  # until this test and the kernels' pass on a GPU
+    answer, prompt_tokens, text = _ask_for_the_needle(tmp_path, ["--kv-compression", "mikv"])
+    assert "vllm-kvpress: mikv pages with" in text and "triton kernel (the CUDA kernel does not read" in text, \
+        text[-3000:]
+    assert f"vllm-kvpress: compacted a {prompt_tokens}-token prompt into" in text, text[-3000:]
+    assert answer.strip(), text[-3000:]

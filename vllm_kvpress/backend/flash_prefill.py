@@ -104,10 +104,12 @@ def prefill_keys_values(
     layout: PageLayout,
     first_seq: int,
     tail: tuple[torch.Tensor, torch.Tensor] | None = None,
+    mixed: tuple[torch.Tensor, PageLayout, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """K, V [plan.total_keys, num_kv_heads, head_size] in the plan's varlen layout: the fresh
     projections themselves when no sequence has context, else a workspace of dequantized context
-    and fresh chunk (`tail`: the exact tail and each batch row's slot, as in `read_pages_into`)."""
+    and fresh chunk (`tail`, `mixed`: the exact tail and each batch row's slot, mixed-precision
+    rows, as in `read_pages_into`)."""
     from vllm_kvpress.triton_kernels.read_pages import read_pages_into
 
     fresh = slice(plan.first_token, plan.first_token + plan.num_tokens)
@@ -116,7 +118,7 @@ def prefill_keys_values(
     k_ws = key.new_empty(plan.total_keys, key.shape[1], key.shape[2])
     v_ws = torch.empty_like(k_ws)
     read_pages_into(cache, block_table, plan.context_lens, seq_lens, plan.cu_seqlens_k, k_ws, v_ws, layout,
-                    first_row=first_seq, max_blocks=plan.max_context_blocks, tail=tail)
+                    first_row=first_seq, max_blocks=plan.max_context_blocks, tail=tail, mixed=mixed)
     k_ws.index_copy_(0, plan.fresh_dest, key[fresh])
     v_ws.index_copy_(0, plan.fresh_dest, value[fresh])
     return k_ws, v_ws
@@ -146,6 +148,7 @@ def flash_prefill_attention(
     scale: float,
     first_seq: int,
     tail: tuple[torch.Tensor, torch.Tensor] | None = None,
+    mixed: tuple[torch.Tensor, PageLayout, int] | None = None,
 ) -> torch.Tensor:
     """Causal attention of the plan's prefill queries, written into their rows of `out`.
 
@@ -155,7 +158,7 @@ def flash_prefill_attention(
         raise ValueError("the prefill plan names no FlashAttention version (plan_flash_prefill(fa_version=...))")
     from vllm.vllm_flash_attn import flash_attn_varlen_func
 
-    k, v = prefill_keys_values(plan, key, value, cache, block_table, seq_lens, layout, first_seq, tail)
+    k, v = prefill_keys_values(plan, key, value, cache, block_table, seq_lens, layout, first_seq, tail, mixed)
     rows = slice(plan.first_token, plan.first_token + plan.num_tokens)
     flash_attn_varlen_func(
         query[rows], k, v, max_seqlen_q=plan.max_seqlen_q, cu_seqlens_q=plan.cu_seqlens_q,

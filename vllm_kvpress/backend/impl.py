@@ -12,6 +12,7 @@ from vllm_kvpress.backend.state import current_method
 from vllm_kvpress.decode import decode_attention
 from vllm_kvpress.eviction.compaction import compact_prompt, compact_recent
 from vllm_kvpress.eviction.headwise import compact_prompt_headwise
+from vllm_kvpress.eviction.mixed import compact_prompt_mixed
 from vllm_kvpress.eviction.policy import every_head_blocks
 from vllm_kvpress.triton_kernels.cache_write import write_kv_pages
 from vllm_kvpress.triton_kernels.exact_tail import exact_tail_buffer
@@ -72,6 +73,11 @@ class KVPressImpl(AttentionImpl[KVPressMetadata]):
         # the head policy (razor): the KV heads of every layer that keep every prompt token, chosen
         # once here, in head-wise packed pages
         self.packing = self.eviction.packing(num_kv_heads) if self.eviction is not None else None
+        # the precision policy (mikv): the other prompt tokens' low-precision units
+        self.mixed_units = None
+        if self.eviction is not None and self.eviction.low_page_layout(head_size) is not None:
+            self.mixed_units = (self.eviction.low_page_layout(head_size),
+                                self.eviction.middle_packing(num_kv_heads, head_size).units_per_block)
         self.packed_heads = None
         if self.packing is not None:
             from vllm.config import get_current_vllm_config
@@ -163,18 +169,19 @@ class KVPressImpl(AttentionImpl[KVPressMetadata]):
             write_recent_queries(query, ring, m.request_slots, m.query_start_loc, m.physical_seq_lens,
                                  m.seq_lens.shape[0])
         headwise = None if ranks is None else (m.headwise_rows, ranks[1], self.packing.retrieval_heads)
+        mixed = None if self.mixed_units is None else (m.headwise_rows, *self.mixed_units)
         if m.num_decodes:
             n = m.num_decode_tokens
             decode_attention(
                 query[:n], kv_cache, m.block_table, m.seq_lens, output[:n], self.layout,
                 scale=self.scale, num_splits=m.num_splits, split_buffers=m.split_buffers, headwise=headwise,
-                tail=tail,
+                tail=tail, mixed=mixed,
             )
         # the builder plans FlashAttention's prefill where vLLM has it; else the Triton prefill kernel
         if m.flash_prefill is not None:
             flash_prefill_attention(
                 query, key, value, output, kv_cache, m.block_table, m.seq_lens, self.layout, m.flash_prefill,
-                scale=self.scale, first_seq=m.num_decodes, tail=tail,
+                scale=self.scale, first_seq=m.num_decodes, tail=tail, mixed=mixed,
             )
         elif m.num_prefills:
             prefill_attention(
@@ -185,7 +192,10 @@ class KVPressImpl(AttentionImpl[KVPressMetadata]):
         # after attention: the compaction step itself still attends to every prompt token
         for compaction in m.compactions:
             row = m.physical_block_table[compaction.row]
-            if ranks is not None:
+            if self.mixed_units is not None:
+                compact_prompt_mixed(self.eviction, self.layout, kv_cache, row, query, compaction, self.scale,
+                                     power_iters=self.power_iters)
+            elif ranks is not None:
                 compact_prompt_headwise(
                     self.layout, kv_cache, row, compaction.prompt_len, ranks[0],
                     every_head_blocks(compaction.prompt_len, self.eviction.budget, self.layout.block_size),

@@ -68,8 +68,9 @@ class KVPressMetadata:
     flash_prefill: FlashPrefillPlan | None = None
     """The prefill sequences' varlen layout for FlashAttention, where the impl uses it."""
     headwise_rows: torch.Tensor | None = None
-    """Head-wise packing (razor): int32 [batch_size, 3] (kept K, chunks n, middle M) per row, all 0
-    for a row whose pages are not packed (eviction/headwise.py); None for the other methods."""
+    """Packed rows: int32 [batch_size, 3] (kept K, chunks n, middle M) per row, all 0 for a row
+    whose pages are not packed; head-wise (razor, eviction/headwise.py) or mixed-precision (MiKV,
+    M blocks of low-precision units, vllm_kvpress/mixed_layout.py); None for the other methods."""
     completing_tokens: torch.Tensor | None = None
     """int32: the rows of `slot_mapping` that complete a block, then -1 (`completing_tokens`); one
     list for every layer's cache write, in a persistent buffer."""
@@ -119,10 +120,15 @@ class KVPressMetadataBuilder(AttentionMetadataBuilder[KVPressMetadata]):
             else 1
         )
         max_seqs = vllm_config.scheduler_config.max_num_seqs
-        # max over batch sizes B of B * num_decode_splits(B) <= max_seqs + waves*SMs / kv_heads
-        capacity = max_seqs + -(-SPLIT_TARGET_WAVES * self.num_sms // self.num_kv_heads)
-        self.split_buffers = split_buffers(capacity, self.num_heads, model_config.get_head_size(), device)
         method = method_from_vllm_config(vllm_config)
+        head_size = model_config.get_head_size()
+        # mixed-precision pages (MiKV): the low-precision units' layout, read by a second decode pass
+        self.low_layout = method.eviction.low_page_layout(head_size) if method.eviction is not None else None
+        # max over batch sizes B of B * num_decode_splits(B) <= max_seqs + waves*SMs / kv_heads,
+        # twice that where mixed-precision rows are read in two passes
+        capacity = max_seqs + -(-SPLIT_TARGET_WAVES * self.num_sms // self.num_kv_heads)
+        capacity *= 2 if self.low_layout is not None else 1
+        self.split_buffers = split_buffers(capacity, self.num_heads, head_size, device)
         problems = runner_problems(vllm_config, method)
         if problems:  # a config vLLM's engine creation did not check (ours checks it there too)
             raise KVCompressionConfigError(problems)
@@ -148,7 +154,9 @@ class KVPressMetadataBuilder(AttentionMetadataBuilder[KVPressMetadata]):
         # decode through the CUDA kernel where it takes these pages; built now, before graph capture
         group = self.num_heads // self.num_kv_heads
         decode, decode_why = decode_kernel(layout, group, model_config.dtype, torch.device(device))
-        if self.packing is not None:
+        if self.low_layout is not None:
+            decode, decode_why = "triton", "the CUDA kernel does not read mixed-precision pages"
+        elif self.packing is not None:
             decode, decode_why = "triton", ("the CUDA kernel's head-wise path has passed its kernel test on a GPU "
                                             "but not yet run in an engine")
         if decode == "cuda":
@@ -170,7 +178,8 @@ class KVPressMetadataBuilder(AttentionMetadataBuilder[KVPressMetadata]):
         self.view_seq_lens = torch.zeros(max_seqs, dtype=torch.int32, device=device)
         self.view_kept = torch.zeros(max_seqs, dtype=torch.int32, device=device)
         self.view_shift = torch.zeros(max_seqs, dtype=torch.int32, device=device)
-        self.packing = self.eviction.packing(self.num_kv_heads)
+        # the schedule's packing: razor's retrieval chunks or MiKV's low-precision units
+        self.packing = self.eviction.middle_packing(self.num_kv_heads, vllm_config.model_config.get_head_size())
         self.interval_blocks = self.eviction.interval_blocks
         # decode-time eviction: each row's request-state slot, the ring's spare slot for padding
         self.request_slots = (
@@ -322,9 +331,20 @@ class KVPressMetadataBuilder(AttentionMetadataBuilder[KVPressMetadata]):
             block_table, seq_lens, compactions, recent, seq_cpu, headwise, headwise_cpu = self._compacted_view(cm)
         if self.exact_tail:
             self._write_tail_slots(cm)
-        # prefill rows (after the decodes) whose heads read packed pages: each KV head has its own
-        # context length, which FlashAttention's varlen layout cannot express
+        # prefill rows (after the decodes) over packed pages (a re-prefill of a preempted request past
+        # its compacted prompt). Head-wise: each KV head has its own context length, which
+        # FlashAttention's varlen layout cannot express; mixed precision: every head holds n chunks
+        # where the view has M blocks, so the plan counts the tokens the rows hold
         packed_prefill = headwise_cpu is not None and bool((headwise_cpu[num_decodes:, 2] > 0).any())
+        if packed_prefill and self.low_layout is not None:
+            if self.fa_version is None:
+                raise NotImplementedError(
+                    "a prefill chunk over mixed-precision pages (a preempted request re-prefilled past its "
+                    "prompt) is read for vLLM's FlashAttention only, which this device does not have"
+                )
+            seq_cpu = (host_seq_lens(cm) if seq_cpu is None else seq_cpu) + (
+                headwise_cpu[:, 1].astype(np.int64) - headwise_cpu[:, 2]) * self.block_size
+            packed_prefill = False
         num_tokens = cm.slot_mapping.shape[0]
         completing = completing_tokens(
             cm.slot_mapping, self.block_size, max_completions(num_tokens, cm.num_reqs, self.block_size),

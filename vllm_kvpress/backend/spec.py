@@ -15,6 +15,7 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec
 from vllm_kvpress.backend import state
 from vllm_kvpress.errors import KVCompressionConfigError
 from vllm_kvpress.eviction.policy import Budget, HeadPacking
+from vllm_kvpress.mixed_layout import LowPrecisionPacking
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -59,16 +60,18 @@ class KVPressEvictionSpec(KVPressAttentionSpec):
     the prompt (float). The default exists only because vLLM's `FullAttentionSpec.merge` builds the
     merged spec from its own fields before `KVPressAttentionSpec.merge` copies ours over; a manager
     refuses it."""
-    retrieval_heads: int = 0
-    """Head-wise packing (RazorAttention): KV heads of every layer that keep all full prompt
-    blocks, packed after the kept ones (vllm_kvpress/headwise_layout.py); 0 for the other methods."""
+    middle_packing: HeadPacking | LowPrecisionPacking | None = None
+    """What the blocks after the every-head ones hold (`EvictingMethod.middle_packing`): razor's
+    retrieval-head chunks (vllm_kvpress/headwise_layout.py), MiKV's low-precision units
+    (vllm_kvpress/mixed_layout.py), or None for the other methods."""
     interval_blocks: int = 0
     """Decode-time eviction every this many blocks (`EvictingMethod.interval_blocks`); 0: after
     the prompt only."""
 
     @property
-    def packing(self) -> HeadPacking | None:
-        return HeadPacking(self.retrieval_heads, self.num_kv_heads) if self.retrieval_heads else None
+    def packing(self) -> HeadPacking | LowPrecisionPacking | None:
+        """The schedule's packing (`eviction/policy.py` `Packing`)."""
+        return self.middle_packing
 
 
 
@@ -101,8 +104,7 @@ def compressed_spec_for_layer(spec: FullAttentionSpec, vllm_config) -> KVPressAt
     eviction = method.eviction
     if eviction is not None:
         # every layer of the group gets it: vLLM builds a group's manager from one layer's spec
-        packing = eviction.packing(spec.num_kv_heads)
         return KVPressEvictionSpec(**common, budget=eviction.budget,
-                                   retrieval_heads=packing.retrieval_heads if packing else 0,
+                                   middle_packing=eviction.middle_packing(spec.num_kv_heads, spec.head_size),
                                    interval_blocks=eviction.interval_blocks)
     return KVPressAttentionSpec(**common)

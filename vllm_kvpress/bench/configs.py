@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from vllm_kvpress.config import ADDITIONAL_CONFIG_KEY, load_method_config
+from vllm_kvpress.config import ADDITIONAL_CONFIG_KEY, check_enabled_in_vllm, load_method_config
 from vllm_kvpress.errors import KVCompressionConfigError, MethodNotImplementedError
 from vllm_kvpress.methods.registry import method_table
 
@@ -130,7 +130,8 @@ def parse_config_spec(spec: str) -> BenchConfig:
     Raises:
         ConfigSpecError: unknown name (the allowed ones are listed), settings on a baseline,
             settings that are not a JSON object, or settings the method rejects.
-        MethodNotImplementedError: the method is registered but planned, not implemented.
+        MethodNotImplementedError: the method is registered but planned, not implemented, or not
+            enabled in vLLM yet (`engine_args.check_enabled_in_vllm`).
     """
     name, sep, raw_settings = spec.strip().partition(":")
     name = name.strip()
@@ -164,6 +165,7 @@ def parse_config_spec(spec: str) -> BenchConfig:
             raise ConfigSpecError(f"--configs {spec!r}: the method is the name before ':'; drop \"method\"")
     try:
         method_config = load_method_config({"method": name, **overrides})
+        check_enabled_in_vllm(method_config)  # the bench runs vLLM: refuse before any engine starts
     except KVCompressionConfigError as e:
         raise ConfigSpecError(f"--configs {spec!r}: {e}") from None
     except MethodNotImplementedError as e:

@@ -85,7 +85,8 @@ def model_geometry(model_path: str) -> tuple[int, int]:
     return head_size, config.num_key_value_heads
 
 
-def kept_token_fraction(method_config, prompt_lengths: list[int], num_kv_heads: int | None = None) -> float:
+def kept_token_fraction(method_config, prompt_lengths: list[int], num_kv_heads: int | None = None,
+                        head_size: int | None = None) -> float:
     """Tokens an eviction method stores after prefill over the prompt tokens, summed over prompts:
     the kept blocks plus each prompt's last partial block (`eviction.policy`); 1.0 for a method
     that evicts nothing or without prompts."""
@@ -93,11 +94,12 @@ def kept_token_fraction(method_config, prompt_lengths: list[int], num_kv_heads: 
         return 1.0
     prompt_lengths = np.asarray(prompt_lengths, dtype=np.int64)
     bs = method_config.block_size
-    kept = method_config.kept_prompt_blocks(prompt_lengths, num_kv_heads) * bs + prompt_lengths % bs
+    kept = method_config.kept_prompt_blocks(prompt_lengths, num_kv_heads, head_size) * bs + prompt_lengths % bs
     return float(kept.sum() / prompt_lengths.sum())
 
 
-def decoded_kv_fraction(method_config, prompt_len: int, num_tokens: int, num_kv_heads: int | None = None) -> float:
+def decoded_kv_fraction(method_config, prompt_len: int, num_tokens: int, num_kv_heads: int | None = None,
+                        head_size: int | None = None) -> float:
     """Tokens attended to over the full cache's, summed over the decode steps of a `decode-ppl`
     window (sequence lengths prompt_len + 1 .. num_tokens - 1): each step reads its view, the
     sequence minus the blocks freed before it (`policy.freed_end`); 1.0 for a method that evicts
@@ -107,7 +109,7 @@ def decoded_kv_fraction(method_config, prompt_len: int, num_tokens: int, num_kv_
     from vllm_kvpress.eviction.policy import freed_end, kept_blocks
 
     bs = method_config.block_size
-    packing = method_config.packing(num_kv_heads) if num_kv_heads else None
+    packing = method_config.middle_packing(num_kv_heads, head_size) if num_kv_heads else None
     schedule = (method_config.budget, bs, packing, method_config.interval_blocks)
     seq = np.arange(prompt_len + 1, num_tokens, dtype=np.int64)
     freed = (freed_end(prompt_len, seq - 1, *schedule) - kept_blocks(prompt_len, *schedule)) * bs
@@ -123,7 +125,7 @@ def compression_ratio(
     if method_config is None:
         return VLLM_DTYPE_BYTES_VS_BF16[kv_cache_dtype]
     bytes_ratio = 1.0 / method_config.page_layout(head_size).compression_vs_bf16
-    return bytes_ratio * kept_token_fraction(method_config, list(prompt_lengths), num_kv_heads)
+    return bytes_ratio * kept_token_fraction(method_config, list(prompt_lengths), num_kv_heads, head_size)
 
 
 def build_samples(config: EvalConfig, tokenizer) -> list[Sample]:
@@ -236,7 +238,8 @@ def run_method(
         window = decode_windows[0]
         kv = compression_ratio(run, method_config, head_size, config.kv_cache_dtype)  # the pages' bytes
         if method_config is not None:
-            kv *= decoded_kv_fraction(method_config, window.prompt_len, len(window.token_ids), num_kv_heads)
+            kv *= decoded_kv_fraction(method_config, window.prompt_len, len(window.token_ids), num_kv_heads,
+                                      head_size)
         row["decode_ppl"] = {**_nll_summary(decode_windows, decoded_nll), "prompt_len": window.prompt_len,
                              "kv_vs_bf16": kv}
     predictions = [

@@ -98,12 +98,39 @@ def kept_prompt_kv(
         query: [num_tokens, num_heads, head_size] the step's post-RoPE queries (`window_queries`).
         keys, values: [prompt_len, num_kv_heads, head_size] every prompt token, dequantized.
     """
+    return gather_kept(keys, values, _kept_prompt_tokens(config, query, compaction, keys, scale, block_size))
+
+
+def _kept_prompt_tokens(config, query, compaction: PromptCompaction, keys, scale: float, block_size: int):
+    """int64 [num_kv_heads, kept_blocks * block_size]: the method's choice among the full prompt
+    blocks' tokens, ascending per KV head (`select_kept_tokens`)."""
     queries, positions = window_queries(query, compaction, config.observation_window)
     num_candidates = compaction.prompt_len // block_size * block_size
-    kept = select_kept_tokens(
+    return select_kept_tokens(
         config, queries.float(), positions, keys, scale, num_candidates, compaction.kept_blocks * block_size
     )
-    return gather_kept(keys, values, kept)
+
+
+def split_prompt_kv(
+    config,
+    query: torch.Tensor,
+    compaction: PromptCompaction,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    scale: float,
+    block_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mixed precision (methods/mikv.py): the method's important tokens, as `kept_prompt_kv`
+    chooses them, and every other token of the full prompt blocks, each per KV head in position
+    order: important K, V [kept_blocks * block_size, Hkv, D], demoted K, V [(P // block_size -
+    kept_blocks) * block_size, Hkv, D]."""
+    kept = _kept_prompt_tokens(config, query, compaction, keys, scale, block_size)
+    num_kv_heads, num_candidates = keys.shape[1], compaction.prompt_len // block_size * block_size
+    demoted = torch.ones(num_kv_heads, num_candidates, dtype=torch.bool, device=keys.device)
+    demoted.scatter_(1, kept, False)
+    # nonzero walks row-major: each head's demoted positions, ascending
+    demoted = demoted.nonzero()[:, 1].reshape(num_kv_heads, -1)
+    return (*gather_kept(keys, values, kept), *gather_kept(keys, values, demoted))
 
 
 def compact_prompt(

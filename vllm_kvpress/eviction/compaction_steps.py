@@ -19,11 +19,11 @@ compaction) runs eagerly.
 
 import numpy as np
 
-from vllm_kvpress.eviction.policy import Budget, HeadPacking, freed_end
+from vllm_kvpress.eviction.policy import Budget, Packing, freed_end
 
 
 def compaction_due(req_states, num_scheduled_tokens: dict[str, int], budget: Budget, block_size: int,
-                   packing: HeadPacking | None = None, interval_blocks: int = 0) -> bool:
+                   packing: Packing | None = None, interval_blocks: int = 0) -> bool:
     """Whether a scheduled row compacts in this step: the blocks freed after it
     (`policy.freed_end` at computed + new tokens) are more than those freed before it.
 

@@ -19,14 +19,26 @@ are then all freed, so a request holds kept + at most T + 1 blocks however long 
     after round m:  |k0|k1|k2|  freed  ...................  |F+mT|F+mT+1..
 """
 
+from typing import Protocol
+
 import numpy as np
 
-from vllm_kvpress.headwise_layout import HeadPacking, kept_blocks_with_packing
+from vllm_kvpress.headwise_layout import HeadPacking
 
 Budget = int | float
 """A token count (int) or a fraction of the prompt (float): the two are told apart by type."""
-__all__ = ["Budget", "HeadPacking", "budget_tokens", "compacts", "every_head_blocks", "freed_end", "kept_blocks",
-           "kept_prompt_blocks"]
+
+
+class Packing(Protocol):
+    """Blocks a compacted prompt keeps after its K every-head blocks, for the tokens that stay
+    in another form: razor's retrieval-head chunks (`HeadPacking`), MiKV's low-precision chunks
+    (`mixed_layout.LowPrecisionPacking`). The schedule needs only their count."""
+
+    def middle_blocks(self, prompt_blocks, kept_blocks): ...
+
+
+__all__ = ["Budget", "HeadPacking", "Packing", "budget_tokens", "compacts", "every_head_blocks", "freed_end",
+           "kept_blocks", "kept_prompt_blocks"]
 
 
 def budget_tokens(prompt_len, budget: Budget):
@@ -46,18 +58,18 @@ def every_head_blocks(prompt_len, budget: Budget, block_size: int):
     return int(kept) if kept.ndim == 0 else kept
 
 
-def kept_prompt_blocks(prompt_len, budget: Budget, block_size: int, packing: HeadPacking | None = None):
-    """Leading prompt blocks that hold the kept tokens after compaction (with `packing`, the
-    retrieval heads' packed blocks too); equal to the number of full prompt blocks when nothing is
-    freed (no compaction)."""
+def kept_prompt_blocks(prompt_len, budget: Budget, block_size: int, packing: Packing | None = None):
+    """Leading prompt blocks that hold the kept tokens after compaction (with `packing`, its
+    middle blocks too: razor's packed retrieval chunks, MiKV's low-precision chunks); equal to the
+    number of full prompt blocks when nothing is freed (no compaction)."""
     kept = every_head_blocks(prompt_len, budget, block_size)
     if packing is not None:
         full = np.asarray(prompt_len, dtype=np.int64) // block_size
-        kept = kept_blocks_with_packing(full, kept, packing.retrieval_heads, packing.kv_heads)
+        kept = kept + packing.middle_blocks(full, kept)
     return int(kept) if np.ndim(kept) == 0 else np.asarray(kept)
 
 
-def kept_blocks(prompt_len, budget: Budget, block_size: int, packing: HeadPacking | None = None,
+def kept_blocks(prompt_len, budget: Budget, block_size: int, packing: Packing | None = None,
                 interval_blocks: int = 0):
     """Leading blocks a request keeps while later ones are freed: `kept_prompt_blocks`, and with
     decode-time eviction (`interval_blocks` > 0) the budget's whole blocks even where the prompt is
@@ -71,14 +83,14 @@ def kept_blocks(prompt_len, budget: Budget, block_size: int, packing: HeadPackin
     return int(kept) if np.ndim(kept) == 0 else np.asarray(kept)
 
 
-def compacts(prompt_len, budget: Budget, block_size: int, packing: HeadPacking | None = None):
+def compacts(prompt_len, budget: Budget, block_size: int, packing: Packing | None = None):
     """Whether a request with this prompt is compacted at all (some prompt blocks are freed)."""
     prompt_len = np.asarray(prompt_len, dtype=np.int64)
     result = kept_prompt_blocks(prompt_len, budget, block_size, packing) < prompt_len // block_size
     return bool(result) if np.ndim(result) == 0 else result
 
 
-def freed_end(prompt_len, num_tokens, budget: Budget, block_size: int, packing: HeadPacking | None = None,
+def freed_end(prompt_len, num_tokens, budget: Budget, block_size: int, packing: Packing | None = None,
               interval_blocks: int = 0):
     """End E of the freed blocks [kept, E) of a request that has computed `num_tokens` tokens
     (kept: `kept_blocks`); E = kept where nothing is freed. Non-decreasing in num_tokens:

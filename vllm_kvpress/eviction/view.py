@@ -19,11 +19,11 @@ the builder has on the CPU), `write_compacted_view` on the device (torch, no hos
 import numpy as np
 import torch
 
-from vllm_kvpress.eviction.policy import Budget, HeadPacking, freed_end, kept_blocks
+from vllm_kvpress.eviction.policy import Budget, Packing, freed_end, kept_blocks
 
 
 def shift_blocks(prompt_lens, context_lens, budget: Budget, block_size: int,
-                 packing: HeadPacking | None = None, interval_blocks: int = 0) -> np.ndarray:
+                 packing: Packing | None = None, interval_blocks: int = 0) -> np.ndarray:
     """Freed blocks each row's view skips: `freed_end(P, context) - kept`, the blocks freed by the
     compactions that ran before this step (its context, the tokens computed before it, has passed
     their points), else 0.

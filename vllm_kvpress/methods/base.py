@@ -28,6 +28,9 @@ from vllm_kvpress.layout import SUPPORTED_HEAD_SIZES
 
 class Status(StrEnum):
     AVAILABLE = "available"
+    REFERENCE_ONLY = "reference engine only"
+    """Implemented in the reference engine; its vLLM path has not passed its GPU tests, so vLLM
+    refuses it (engine_args.ALLOW_UNVERIFIED_ENV lets developers run those tests)."""
     PLANNED = "planned"
 
 
@@ -144,6 +147,11 @@ class CompressionMethod:
         """Every setting, flat and JSON-serializable, with the name under "method": what vLLM
         carries to every process in `additional_config` and what `from_settings` reads back."""
         return {"method": self.method, **dataclasses.asdict(self)}
+
+    @property
+    def runs_on_vllm(self) -> bool:
+        """Whether vLLM can serve it (`Status.REFERENCE_ONLY` methods run on the reference engine)."""
+        return self.info.status == Status.AVAILABLE
 
     # -- hooks ---------------------------------------------------------------------------------
     @property

@@ -57,7 +57,9 @@ from vllm_kvpress.methods.kivi import Kivi
 if TYPE_CHECKING:  # torch is imported where a rule runs: listing or validating methods stays light
     import torch
 
+    from vllm_kvpress.eviction.policy import Packing
     from vllm_kvpress.eviction.scoring import WindowStats
+    from vllm_kvpress.layout import PageLayout
 
 MAX_OBSERVATION_WINDOW = 512
 EVICTION_PAGES = Kivi(bits=8, group_size="head", tail_keys="staged")
@@ -163,10 +165,22 @@ class EvictingMethod(CompressionMethod):
         """
         raise NotImplementedError(f"method '{self.method}' packs no heads")
 
-    def kept_prompt_blocks(self, prompt_len, num_kv_heads: int | None = None):
-        """Leading prompt blocks kept after compaction (`eviction/policy.py`); `num_kv_heads` is
-        needed where the head policy packs heads."""
-        packing = None if num_kv_heads is None else self.packing(num_kv_heads)
+    def low_page_layout(self, head_size: int) -> "PageLayout | None":
+        """Precision policy: None where every kept token stays in the pages' precision; else the
+        layout of the low-precision chunks the other prompt tokens are demoted to (methods/mikv.py)."""
+        return None
+
+    def middle_packing(self, num_kv_heads: int, head_size: int | None = None) -> "Packing | None":
+        """The schedule's packing (`eviction/policy.py` `Packing`): what the blocks after the
+        every-head ones hold. The head policy's `packing` here; a method that keeps its other
+        tokens in another page form gives its own (methods/mikv.py: low-precision chunks, whose
+        count per block depends on the head size)."""
+        return self.packing(num_kv_heads)
+
+    def kept_prompt_blocks(self, prompt_len, num_kv_heads: int | None = None, head_size: int | None = None):
+        """Leading prompt blocks kept after compaction (`eviction/policy.py`); `num_kv_heads` (and
+        for some methods `head_size`) is needed where the blocks after the every-head ones are packed."""
+        packing = None if num_kv_heads is None else self.middle_packing(num_kv_heads, head_size)
         return kept_prompt_blocks(prompt_len, self.budget, self.block_size, packing)
 
 

@@ -106,9 +106,9 @@ class Razor(EvictingMethod):
         configs/razor/, or heads 0..R-1."""
         return retrieval_heads(model_config, self.head_choice, self.heads_per_layer(num_kv_heads))
 
-    def kept_prompt_blocks(self, prompt_len, num_kv_heads: int | None = None):
+    def kept_prompt_blocks(self, prompt_len, num_kv_heads: int | None = None, head_size: int | None = None):
         """Leading view blocks kept after compaction: K + M (`eviction/policy.py`); M depends on
         the KV heads per layer, so they must be given."""
         if num_kv_heads is None:
             raise ValueError("razor's kept blocks depend on the KV heads per layer: pass num_kv_heads")
-        return super().kept_prompt_blocks(prompt_len, num_kv_heads)
+        return super().kept_prompt_blocks(prompt_len, num_kv_heads, head_size)

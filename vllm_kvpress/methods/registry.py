@@ -23,6 +23,7 @@ from vllm_kvpress.methods.base import CompressionMethod, Family, MethodInfo, Sta
 from vllm_kvpress.methods.gear import Gear
 from vllm_kvpress.methods.kivi import Kivi
 from vllm_kvpress.methods.kvcrush import KVCrush
+from vllm_kvpress.methods.mikv import MiKV
 from vllm_kvpress.methods.razor import Razor
 from vllm_kvpress.methods.scissorhands import Scissorhands
 from vllm_kvpress.methods.snapkv import SnapKV
@@ -30,12 +31,9 @@ from vllm_kvpress.methods.snapkv import SnapKV
 logger = logging.getLogger("vllm.kvpress")
 
 ENTRY_POINT_GROUP = "vllm_kvpress.methods"
-BUILT_IN: tuple[type[CompressionMethod], ...] = (Kivi, Gear, KVCrush, Scissorhands, SnapKV, Razor)
+BUILT_IN: tuple[type[CompressionMethod], ...] = (Kivi, Gear, MiKV, KVCrush, Scissorhands, SnapKV, Razor)
 
 PLANNED = (
-    MethodInfo("mikv", "No Token Left Behind: mixed-precision KV cache (MiKV)", None, Family.MIXED_PRECISION,
-               "important tokens kept at high precision, the rest at low precision instead of evicted",
-               Status.PLANNED),
     MethodInfo("zipvl", "ZipVL: efficient large vision-language models with dynamic token sparsification",
                "2410.08584", Family.MIXED_PRECISION,
                "layer-adaptive important-token ratio; prefill attends to important tokens only", Status.PLANNED),

@@ -18,6 +18,7 @@ import torch
 
 from vllm_kvpress.headwise_layout import head_token_count, logical_block_location
 from vllm_kvpress.layout import PageLayout
+from vllm_kvpress.mixed_layout import LowPrecisionPacking
 from vllm_kvpress.reference.gear import group_zscores, lowrank_factors, lowrank_product, select_outliers
 from vllm_kvpress.reference.quant import (
     dequantize_groups,
@@ -251,3 +252,31 @@ def read_head_sequence(cache: torch.Tensor, view_row: torch.Tensor, head: int, r
         ks.append(k[:n])
         vs.append(v[:n])
     return torch.cat(ks), torch.cat(vs)
+
+
+def write_low_chunks(cache: torch.Tensor, block_ids: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     low_layout: PageLayout, packing: LowPrecisionPacking, power_iters: int) -> int:
+    """Write key/value [n * block_size, num_kv_heads, head_size] (chunk c: tokens [c * block_size,
+    (c + 1) * block_size) of every KV head) as low-precision units packed into the blocks
+    `block_ids` (physical ids in view order; unit c * H + h holds chunk c of head h); returns the
+    blocks used, L = `packing.middle_blocks(n, 0)`.
+
+    Each chunk is encoded as one complete page of `low_layout`, byte for byte what the write
+    kernels store in a block of that layout."""
+    bs = low_layout.block_size
+    num_chunks = key.shape[0] // bs
+    if num_chunks * bs != key.shape[0]:
+        raise ValueError(f"low-precision chunks are whole blocks: got {key.shape[0]} tokens for block_size {bs}")
+    chunks = torch.zeros(num_chunks, packing.kv_heads, packing.unit_bytes, dtype=torch.uint8, device=cache.device)
+    write_tokens(chunks, key, value, torch.arange(num_chunks * bs, device=cache.device), low_layout, power_iters)
+    packing.scatter_units(cache, block_ids, chunks)
+    return packing.middle_blocks(num_chunks, 0)
+
+
+def read_low_chunks(cache: torch.Tensor, block_ids: torch.Tensor, num_chunks: int, low_layout: PageLayout,
+                    packing: LowPrecisionPacking) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dequantized K, V fp32 [num_chunks * block_size, num_kv_heads, head_size] of the units
+    `write_low_chunks` packed into `block_ids`."""
+    chunks = packing.gather_units(cache, block_ids, num_chunks)
+    return read_sequence(chunks, torch.arange(num_chunks, device=cache.device), num_chunks * low_layout.block_size,
+                         low_layout)

@@ -83,6 +83,16 @@ class SequencePages:
         self.num_evicted = 0
         self.retrieval_index = retrieval_index
         self.packing = eviction.packing(num_kv_heads) if eviction is not None else None
+        """Razor's head-wise packing, or None."""
+        self.schedule_packing = (eviction.middle_packing(num_kv_heads, layout.head_size)
+                                 if eviction is not None else None)
+        """What the blocks after the every-head ones hold, for the schedule (`policy.Packing`)."""
+        self.low_layout = eviction.low_page_layout(layout.head_size) if eviction is not None else None
+        """MiKV: the layout of the demoted tokens' chunks, or None."""
+        self._prefix_blocks = 0
+        self._prefix_tokens = 0
+        """Once a prompt is split into precisions: the view blocks of its important and low-precision
+        regions, and the tokens they hold per KV head (decoded once, at the head of `_complete_k`)."""
         self.headwise: tuple[int, int, int] | None = None
         """Razor, once packed: (K, n, M) of `eviction/headwise.py`."""
         self._head_prefix: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -104,7 +114,7 @@ class SequencePages:
 
     @property
     def num_complete_blocks(self) -> int:
-        return self._complete_k.shape[0] // self.layout.block_size
+        return self._prefix_blocks + (self._complete_k.shape[0] - self._prefix_tokens) // self.layout.block_size
 
     def _read_blocks(self, first_block: int, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """read_sequence over blocks first_block.. holding `num_tokens` tokens (identity block table)."""
@@ -147,8 +157,8 @@ class SequencePages:
 
     def _freed_end(self, num_tokens: int) -> int:
         config = self.eviction
-        return freed_end(self.prompt_len, num_tokens, config.budget, self.layout.block_size, self.packing,
-                         config.interval_blocks)
+        return freed_end(self.prompt_len, num_tokens, config.budget, self.layout.block_size,
+                         self.schedule_packing, config.interval_blocks)
 
     def _new_freed_end(self) -> int | None:
         """End of the freed range if the tokens just appended reach an eviction point (the
@@ -187,6 +197,8 @@ class SequencePages:
             self.evict_recent(keys, values, scale)
         elif self.evicts_now() and self.packing is not None:
             self.pack_prompt(keys, values)
+        elif self.evicts_now() and self.low_layout is not None:
+            self.demote_prompt(queries, keys, values, scale)
         elif self.evicts_now():
             self.evict_prompt(queries, keys, values, scale)
 
@@ -224,6 +236,48 @@ class SequencePages:
                                       context_len=prompt_len - queries.shape[0], kept_blocks=num_keep // bs)
         kept_k, kept_v = kept_prompt_kv(self.eviction, queries, compaction, k_prompt, v_prompt, scale, bs)
         self._keep(kept_k, kept_v, prompt_len // bs * bs)
+
+    def demote_prompt(
+        self, queries: torch.Tensor, k_prompt: torch.Tensor, v_prompt: torch.Tensor, scale: float
+    ) -> None:
+        """MiKV: the method's important tokens as complete high-precision blocks first, every other
+        full-block prompt token in low-precision chunks packed after them (`mixed_layout.py`), then
+        the tail, moved; the blocks after it are freed.
+
+        Args: as `evict_prompt`'s.
+        """
+        from vllm_kvpress.eviction.compaction import split_prompt_kv
+        from vllm_kvpress.eviction.policy import every_head_blocks
+
+        bs, prompt_len, packing = self.layout.block_size, self.prompt_len, self.schedule_packing
+        full = prompt_len // bs
+        important = every_head_blocks(prompt_len, self.eviction.budget, bs)
+        compaction = PromptCompaction(row=0, prompt_len=prompt_len, query_start=0,
+                                      context_len=prompt_len - queries.shape[0], kept_blocks=important)
+        high_k, high_v, low_k, low_v = split_prompt_kv(self.eviction, queries, compaction, k_prompt, v_prompt,
+                                                       scale, bs)
+        low_blocks = packing.middle_blocks(full, important)
+        rest = self.cache[full : -(-self.num_tokens // bs)].clone()
+        slots = torch.arange(important * bs, device=self.cache.device)
+        page_codec.write_tokens(self.cache, high_k.to(torch.bfloat16), high_v.to(torch.bfloat16), slots,
+                                self.layout, self.power_iters)
+        low_region = torch.arange(important, important + low_blocks, device=self.cache.device)
+        page_codec.write_low_chunks(self.cache, low_region, low_k.to(torch.bfloat16), low_v.to(torch.bfloat16),
+                                    self.low_layout, packing, self.power_iters)
+        kept = important + low_blocks
+        self.cache[kept : kept + rest.shape[0]] = rest
+        freed = (full - kept) * bs
+        self.num_evicted += freed
+        self.num_tokens -= freed
+        prefix_k, prefix_v = self._read_blocks(0, important * bs)
+        low_k, low_v = page_codec.read_low_chunks(self.cache, low_region, full - important, self.low_layout, packing)
+        self._prefix_blocks, self._prefix_tokens = kept, full * bs
+        self._complete_k, self._complete_v = torch.cat([prefix_k, low_k]), torch.cat([prefix_v, low_v])
+        complete = self.num_tokens // bs
+        if complete > kept:
+            k, v = self._read_blocks(kept, (complete - kept) * bs)
+            self._complete_k = torch.cat([self._complete_k, k])
+            self._complete_v = torch.cat([self._complete_v, v])
 
     def pack_prompt(self, k_prompt: torch.Tensor, v_prompt: torch.Tensor) -> None:
         """Razor: rewrite the prompt in the head-wise packed form of the worker
@@ -314,7 +368,7 @@ def compressed_attention_forward(
         k_stored, v_stored = layer.append(k_new, v_new)
         k_all, v_all = k_stored, v_stored
         if num_new > 1:  # prefill chunk: its own tokens come from the fresh K/V, not from pages
-            past = layer.num_tokens - num_new
+            past = k_stored.shape[0] - num_new
             k_all = torch.cat([k_stored[:past], k_new.float()])
             v_all = torch.cat([v_stored[:past], v_new.float()])
         if layer.headwise is not None:  # razor's packed pages: each KV head over its own tokens
