@@ -32,9 +32,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run_parsed(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """Run the subcommand `args` selects; a bad input (`InputError`, a method not implemented)
+    is the user's to fix: reported as argparse reports a bad flag, by the subcommand's parser
+    (its usage, one `PROG CMD: error: ...` line, exit status 2), never as a traceback."""
+    from vllm_kvpress.errors import InputError, MethodNotImplementedError
+
+    try:
+        return int(args.run(args) or 0)
+    except (InputError, MethodNotImplementedError) as e:
+        command = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        command.choices[args.command].error(str(e))
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return int(args.run(args) or 0)
+    parser = build_parser()
+    return run_parsed(parser, parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -18,41 +18,40 @@ ADDITIONAL_CONFIG_KEY = "kv_compression"
 """Key of our settings inside vLLM's `additional_config`, which vLLM pickles to every process."""
 
 
-def parse_config_argument(value: str) -> dict[str, Any]:
-    """Parse `--kv-compression-config`: inline JSON, or a path to a .json/.yaml/.yml file."""
+def parse_config_argument(value: str, flag: str = "--kv-compression-config") -> dict[str, Any]:
+    """Parse a method-settings flag (`flag`, named in every error): inline JSON, or a path to a
+    .json/.yaml/.yml file."""
     if value.endswith((".yaml", ".yml", ".json")) or os.path.isfile(value):
-        parsed = _read_config_file(value)
+        parsed = _read_config_file(value, flag)
     else:
         try:
             parsed = json.loads(value)
         except json.JSONDecodeError as e:
             raise KVCompressionConfigError(
-                f"--kv-compression-config {value!r} is neither valid JSON ({e.msg}) nor an existing "
+                f"{flag} {value!r} is neither valid JSON ({e.msg}) nor an existing "
                 "file; allowed: a JSON object such as '{\"bits\": 2}' or a path to a .yaml/.json file"
             ) from None
     if not isinstance(parsed, dict):
-        raise KVCompressionConfigError(
-            f"--kv-compression-config must be a JSON/YAML object (mapping), got {type(parsed).__name__}"
-        )
+        raise KVCompressionConfigError(f"{flag} must be a JSON/YAML object (mapping), got {type(parsed).__name__}")
     return parsed
 
 
-def _read_config_file(path: str) -> Any:
+def _read_config_file(path: str, flag: str) -> Any:
     """A .json/.yaml/.yml file's content; YAML is read safely (no tags that build Python objects)."""
     if not os.path.exists(path):
-        raise KVCompressionConfigError(f"--kv-compression-config file {path!r} does not exist")
+        raise KVCompressionConfigError(f"{flag} file {path!r} does not exist")
     if not os.path.isfile(path):
-        raise KVCompressionConfigError(f"--kv-compression-config {path!r} is not a file; allowed: a .yaml/.json file")
+        raise KVCompressionConfigError(f"{flag} {path!r} is not a file; allowed: a .yaml/.json file")
     try:
         with open(path) as f:
             return json.load(f) if path.endswith(".json") else yaml.safe_load(f)
     except OSError as e:
-        raise KVCompressionConfigError(f"--kv-compression-config file {path!r} cannot be read: {e.strerror}") from None
+        raise KVCompressionConfigError(f"{flag} file {path!r} cannot be read: {e.strerror}") from None
     except (json.JSONDecodeError, yaml.YAMLError, UnicodeDecodeError) as e:
         kind = "JSON" if path.endswith(".json") else "YAML"
         reason = " ".join(str(e).split())
         raise KVCompressionConfigError(
-            f"--kv-compression-config file {path!r} is not valid {kind} ({reason}); allowed: a mapping of settings "
+            f"{flag} file {path!r} is not valid {kind} ({reason}); allowed: a mapping of settings "
             "such as 'bits: 2' (YAML, plain values only) or {\"bits\": 2} (JSON)"
         ) from None
 

@@ -21,7 +21,7 @@ from vllm_kvpress.config import (
     load_method_config,
     parse_config_argument,
 )
-from vllm_kvpress.errors import KVCompressionConfigError
+from vllm_kvpress.errors import KVCompressionConfigError, MethodNotImplementedError
 from vllm_kvpress.methods.base import CompressionMethod
 from vllm_kvpress.methods.registry import method_table
 
@@ -39,6 +39,8 @@ def _method_help() -> str:
 
 
 def add_cli_args(parser):
+    """Add `--kv-compression` and `--kv-compression-config` to vLLM's engine-argument parser, and
+    check them as soon as the parser has read them (`_checked_when_parsed`)."""
     group = parser.add_argument_group(CLI_GROUP, "KV-cache compression by the vllm-kvpress plugin.")
     group.add_argument(
         "--kv-compression", type=str, default=None, choices=[m.name for m in method_table()], metavar="NAME",
@@ -49,7 +51,34 @@ def add_cli_args(parser):
         help="Settings of the method as a JSON object (e.g. '{\"bits\": 2}') or a path to a "
         ".yaml/.json file; unset fields keep the method's defaults (vllm-kvpress methods lists them).",
     )
+    _checked_when_parsed(parser)
     return parser
+
+
+def _checked_when_parsed(parser) -> None:
+    """Make `parser` validate our two flags right after parsing and report a bad one as argparse
+    reports a bad flag: one line naming it and exit status 2 (`vllm serve --kv-compression-config
+    '{"bits": 3}'`), instead of a traceback from engine creation. What needs the model (head size,
+    context length) or other vLLM flags is still checked when the engine config is made.
+
+    Wraps the instance's `parse_known_args`, which `parse_args` and argparse's subcommand dispatch
+    (`vllm serve`) both call."""
+    if getattr(parser, "_kvpress_checked", False):
+        return
+    parse_known_args = parser.parse_known_args
+
+    def checked_parse_known_args(args=None, namespace=None):
+        namespace, extras = parse_known_args(args, namespace)
+        try:
+            settings = settings_from_cli(namespace)
+            if settings is not None:
+                check_enabled_in_vllm(load_method_config(settings))
+        except (KVCompressionConfigError, MethodNotImplementedError) as e:
+            parser.error(str(e))
+        return namespace, extras
+
+    parser.parse_known_args = checked_parse_known_args
+    parser._kvpress_checked = True
 
 
 def settings_from_cli(args: argparse.Namespace) -> dict[str, Any] | None:

@@ -1,7 +1,15 @@
 """Owns the plugin's exception types, so callers can tell a bad setting from a missing feature."""
 
 
-class KVCompressionConfigError(ValueError):
+class InputError(ValueError):
+    """A command's input (a path, a name, a setting, a flag combination) is missing or not allowed.
+
+    The `vllm-kvpress` commands print its message as argparse prints a usage error (one line,
+    exit status 2), and so does `vllm serve` for our flags; the message names the input and what
+    is allowed."""
+
+
+class KVCompressionConfigError(InputError):
     """A `--kv-compression` setting is invalid or incompatible with another vLLM setting.
 
     The message names every offending setting, its value and what is allowed.

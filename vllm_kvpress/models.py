@@ -26,6 +26,8 @@ import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from vllm_kvpress.errors import InputError
+
 CACHE_ENV = "VLLM_KVPRESS_CACHE"
 SOURCE_FILE = "kvpress_source.json"
 """Written last into a converted checkpoint: its presence marks the directory complete."""
@@ -242,14 +244,14 @@ def ensure_model(name: str) -> str:
         name: an embedded model name (`smollm2`, `qwen0.5b`) or an existing checkpoint directory,
             which is returned unchanged.
     Raises:
-        ValueError: `name` is neither an embedded model nor a directory.
+        InputError: `name` is neither an embedded model nor a directory (a ValueError).
         ModelFetchError: download, checksum or conversion failed.
     """
     if os.path.isdir(name):
         return name
     if name not in MODELS:
-        raise ValueError(
-            f"--model {name!r} is neither an embedded model nor an existing checkpoint directory; "
+        raise InputError(
+            f"model {name!r} is neither an embedded model nor an existing checkpoint directory; "
             f"allowed: {', '.join(MODELS)}, or a path to a Hugging Face checkpoint directory"
         )
     model = MODELS[name]

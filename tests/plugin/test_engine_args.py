@@ -37,6 +37,24 @@ def test_serve_help_lists_the_flags_and_methods():
         assert name in text
 
 
+def test_vllm_serve_reports_a_bad_setting_as_a_usage_error(tiny_llama_dir):
+    """Through `vllm serve`'s own entry point (its subcommand parser): exit status 2 and argparse's
+    one-line error, no traceback, before any engine starts."""
+    code = (
+        "import sys, vllm.platforms\n"
+        "from vllm.platforms.cpu import CpuPlatform\n"
+        "vllm.platforms.current_platform = CpuPlatform()\n"
+        f"sys.argv = ['vllm', 'serve', {tiny_llama_dir!r}, '--kv-compression', 'kivi',"
+        " '--kv-compression-config', '{\"bits\": 3}']\n"
+        "from vllm.entrypoints.cli.main import main\n"
+        "main()\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert out.stderr.strip().splitlines()[-1].endswith("kv-compression: kivi: bits=3 is not allowed; allowed: 2, 4, 8")
+
+
 def test_cli_flags_land_in_additional_config(cpu_platform, tiny_llama_dir):
     args = _parse([tiny_llama_dir, "--kv-compression", "gear", "--kv-compression-config", '{"bits": 2}'])
     assert args.additional_config == {"kv_compression": {"method": "gear", "bits": 2}}
@@ -147,9 +165,26 @@ def test_all_problems_are_reported_at_once(engine_config):
     assert "2 problems" in str(info.value) and "bits=5" in str(info.value) and "outliers=7" in str(info.value)
 
 
-def test_bad_json_names_the_flag(cpu_platform, tiny_llama_dir):
-    with pytest.raises(KVCompressionConfigError, match="--kv-compression-config '\\{bits: 2\\}' is neither valid JSON"):
-        _parse([tiny_llama_dir, "--kv-compression", "kivi", "--kv-compression-config", "{bits: 2}"])
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--kv-compression", "kivi", "--kv-compression-config", "{bits: 2}"],
+     "--kv-compression-config '{bits: 2}' is neither valid JSON"),
+    (["--kv-compression", "kivi", "--kv-compression-config", '{"bits": 3}'],
+     "kivi: bits=3 is not allowed; allowed: 2, 4, 8"),
+    (["--kv-compression", "snapkv", "--kv-compression-config", '{"budget": -5}'], "snapkv: budget=-5 is not allowed"),
+    (["--kv-compression", "kivi", "--kv-compression-config", "missing.yaml"],
+     "--kv-compression-config file 'missing.yaml' does not exist"),
+    (["--kv-compression", "ems"], "ems"),
+    (["--kv-compression", "mikv"], "'mikv' is not enabled in vLLM yet"),
+])
+def test_bad_settings_are_a_usage_error_when_parsed(cpu_platform, tiny_llama_dir, capsys, monkeypatch, flags, message):
+    """As argparse reports a bad flag: one line naming it on stderr, exit status 2, no traceback."""
+    monkeypatch.delenv("KVPRESS_ALLOW_UNVERIFIED_METHODS", raising=False)
+    with pytest.raises(SystemExit) as info:
+        _parse([tiny_llama_dir, *flags])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert ": error: " in err.strip().splitlines()[-1], err  # argparse's form: usage, then `PROG: error: ...`
 
 
 def test_unsupported_head_size_is_named(engine_config, tmp_path):

@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from vllm_kvpress.bench import cli, report
+from vllm_kvpress.cli import run_parsed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -12,8 +13,7 @@ def main(argv: list[str] | None = None) -> int:
     subparsers = parser.add_subparsers(dest="command", required=True)
     cli.add_parser(subparsers)
     report.add_parser(subparsers)
-    args = parser.parse_args(argv)
-    return int(args.run(args) or 0)
+    return run_parsed(parser, parser.parse_args(argv))
 
 
 if __name__ == "__main__":

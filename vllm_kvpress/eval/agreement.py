@@ -15,11 +15,13 @@ import argparse
 import json
 from pathlib import Path
 
+from vllm_kvpress.errors import InputError
+
 
 def load_predictions(run_dir: str | Path, method: str) -> dict[tuple[str, str], dict]:
     path = Path(run_dir) / "predictions.jsonl"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist; pass the directory of a `vllm-kvpress eval` run")
+        raise InputError(f"{path} does not exist; pass the directory of a `vllm-kvpress eval` run")
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return {(r["task"], r["sample_id"]): r for r in rows if r["method"] == method}
 
@@ -28,9 +30,9 @@ def compare(a: dict[tuple[str, str], dict], b: dict[tuple[str, str], dict]) -> d
     """Agreement figures of two runs' predictions (the same sample keys)."""
     if a.keys() != b.keys():
         only = sorted(a.keys() ^ b.keys())[:5]
-        raise ValueError(f"the runs were not given the same samples (e.g. {only}); rerun with the same grid and seed")
+        raise InputError(f"the runs were not given the same samples (e.g. {only}); rerun with the same grid and seed")
     if not a:
-        raise ValueError("no samples of this method in the runs")
+        raise InputError("no samples of this method in the runs; --method names a method label of both runs")
     same_grade = sum(a[k]["correct"] == b[k]["correct"] for k in a)
     identical = sum(a[k]["completion"].strip() == b[k]["completion"].strip() for k in a)
     return {

@@ -11,6 +11,7 @@ import argparse
 import shlex
 import sys
 
+from vllm_kvpress.errors import InputError
 from vllm_kvpress.eval.engines import ENGINES
 from vllm_kvpress.eval.ruler import TASKS as RULER_TASKS
 from vllm_kvpress.eval.runner import DEFAULT_TASKS, TASKS, UNCOMPRESSED
@@ -173,10 +174,10 @@ def resolve_methods(methods: tuple[str, ...], config_arg: str | None) -> tuple[l
     from vllm_kvpress.config import load_method_config, parse_config_argument
     from vllm_kvpress.eval.runner import MethodRun
 
-    overrides = parse_config_argument(config_arg) if config_arg else {}
+    overrides = parse_config_argument(config_arg, flag="--config") if config_arg else {}
     overrides.pop("method", None)
     if overrides and methods == (UNCOMPRESSED,):
-        raise ValueError("--config sets method settings, but --method is only 'none'")
+        raise InputError("--config sets method settings, but --method is only 'none'")
     runs, configs = [], []
     for name in methods:
         if name == UNCOMPRESSED:  # the baseline row: the model's own KV cache, no plugin method
@@ -195,16 +196,21 @@ def build_config(args: argparse.Namespace):
     from vllm_kvpress.models import ensure_model, max_model_len
 
     if args.kv_cache_dtype != "auto" and (args.engine != "vllm" or args.method != (UNCOMPRESSED,)):
-        raise ValueError(
+        raise InputError(
             f"--kv-cache-dtype {args.kv_cache_dtype} is vLLM's own KV format: it needs --engine vllm "
             "and --method none"
         )
     if args.engine == "vllm" and "decode-ppl" in args.tasks:
-        raise ValueError(
+        raise InputError(
             "--tasks decode-ppl feeds a text one token per step after its prompt, which vLLM's engine "
             "cannot (it decodes only the tokens it samples); allowed: --engine reference"
         )
     runs, method_configs = resolve_methods(args.method, args.config)
+    if args.engine == "vllm":
+        import torch
+
+        if not torch.cuda.is_available():  # before any model download or result directory
+            raise InputError("--engine vllm needs a CUDA GPU, which this machine lacks; on a CPU: --engine reference")
     model_path = ensure_model(args.model)
     context = args.max_model_len or max_model_len(args.model)
     quick = QUICK if args.quick else {}

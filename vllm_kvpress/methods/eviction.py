@@ -246,8 +246,10 @@ class TokenEviction(EvictingMethod):
                     f"{self.decode_interval}; allowed: at most decode_interval (the scoring queries come "
                     "from the tokens since the last eviction)"
                 )
+        budget_valid = (isinstance(self.budget, int) and not isinstance(self.budget, bool)
+                        and not (isinstance(block_size, int) and self.budget < block_size))
         if (
-            isinstance(self.budget, int) and not isinstance(self.budget, bool)
+            budget_valid  # an invalid budget is reported once, above
             and isinstance(self.window, int) and isinstance(self.sink, int)
             and self.window + self.sink > self.budget
         ):
