@@ -6,6 +6,7 @@ import pytest
 
 from vllm_kvpress import cli as top_level_cli
 from vllm_kvpress.bench import cli
+from vllm_kvpress.errors import InputError
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -88,7 +89,7 @@ def test_bad_config_is_reported_without_traceback(capsys):
     ],
 )
 def test_contradictory_flags_stop_early(argv, message):
-    with pytest.raises(SystemExit, match=message):
+    with pytest.raises(InputError, match=message):
         cli.build_request(_parse(argv))
 
 

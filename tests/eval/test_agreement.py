@@ -5,6 +5,7 @@ import json
 import pytest
 
 from vllm_kvpress.cli import main
+from vllm_kvpress.errors import InputError
 from vllm_kvpress.eval.agreement import compare, load_predictions
 
 
@@ -35,5 +36,5 @@ def test_runs_with_different_samples_are_refused(tmp_path):
     _write_run(tmp_path / "b", [_row("niah", "2", "x", True)])
     with pytest.raises(ValueError, match="not given the same samples"):
         compare(load_predictions(tmp_path / "a", "none"), load_predictions(tmp_path / "b", "none"))
-    with pytest.raises(FileNotFoundError, match="predictions.jsonl"):
+    with pytest.raises(InputError, match="predictions.jsonl does not exist"):
         load_predictions(tmp_path / "missing", "none")

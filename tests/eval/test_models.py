@@ -49,7 +49,7 @@ def test_an_existing_directory_is_returned_as_is(tmp_path):
 
 
 def test_unknown_name_lists_the_embedded_models():
-    with pytest.raises(ValueError, match=r"--model 'llama-70b' .* allowed: smollm2, qwen0.5b"):
+    with pytest.raises(ValueError, match=r"model 'llama-70b' .* allowed: smollm2, qwen0.5b"):
         models.ensure_model("llama-70b")
 
 

@@ -10,6 +10,7 @@ from vllm_kvpress.bench.configs import DEFAULT_BASELINES, EngineOptions, resolve
 from vllm_kvpress.bench.environment import command_line
 from vllm_kvpress.bench.results import RUN_FILE, load_rows, read_json
 from vllm_kvpress.bench.workloads import ALIASES, WORKLOADS, Workload, resolve_workloads
+from vllm_kvpress.errors import InputError
 
 DEFAULT_WORKLOADS = "A,B"
 RUN_SETTING_FLAGS = (
@@ -186,7 +187,7 @@ def build_request(args: argparse.Namespace):
     baselines = [] if args.baselines.strip().lower() == "none" else split_config_specs([args.baselines])
     configs = resolve_configs(args.configs, baselines) if (args.configs or baselines) else []
     if args.retry_failed and args.resume is None:
-        raise SystemExit("vllm-kvpress bench: --retry-failed needs --resume RUN_DIR")
+        raise InputError("--retry-failed needs --resume RUN_DIR")
     common = dict(
         configs=configs,
         results_root=args.results_root,
@@ -199,8 +200,8 @@ def build_request(args: argparse.Namespace):
     if args.resume is not None:
         given = [f"--{n.replace('_', '-')}" for n in RUN_SETTING_FLAGS if getattr(args, n) is not None]
         if given:
-            raise SystemExit(
-                f"vllm-kvpress bench: --resume takes the run's settings from its {RUN_FILE}; "
+            raise InputError(
+                f"--resume takes the run's settings from its {RUN_FILE}; "
                 f"drop {', '.join(given)}"
             )
         run = read_json(args.resume / RUN_FILE)
@@ -215,10 +216,10 @@ def build_request(args: argparse.Namespace):
             **common,
         )
     if not configs:
-        raise SystemExit("vllm-kvpress bench: nothing to run; give --configs or keep --baselines")
+        raise InputError("nothing to run; give --configs or keep --baselines")
     mode = args.mode or "offline"
     if mode == "offline" and (args.request_rate is not None or args.max_concurrency is not None):
-        raise SystemExit("vllm-kvpress bench: --request-rate/--max-concurrency need --mode online")
+        raise InputError("--request-rate/--max-concurrency need --mode online")
     return BenchRequest(
         workloads=resolve_workloads(args.workloads or DEFAULT_WORKLOADS, model=args.model),
         engine=engine_options(args),

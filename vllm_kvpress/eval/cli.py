@@ -224,23 +224,23 @@ def build_config(args: argparse.Namespace):
     )
     too_long = [n for n in lengths if n + MAX_TOKENS_MARGIN > context]
     if too_long:
-        raise ValueError(
+        raise InputError(
             f"--lengths {','.join(map(str, too_long))} leave no room for the answer within "
             f"--max-model-len {context}; allowed: up to {context - MAX_TOKENS_MARGIN}"
         )
     ppl_tokens = args.ppl_tokens or quick.get("ppl_tokens") or min(DEFAULT_PPL_TOKENS, context)
     if not 16 <= ppl_tokens <= context:
-        raise ValueError(f"--ppl-tokens {ppl_tokens}; allowed: 16 to --max-model-len {context}")
+        raise InputError(f"--ppl-tokens {ppl_tokens}; allowed: 16 to --max-model-len {context}")
     prefill_chunk = (
         args.prefill_chunk
         if args.prefill_chunk is not None
         else quick.get("prefill_chunk", DEFAULT_PREFILL_CHUNK)
     )
     if prefill_chunk < 0 or (args.engine == "vllm" and 0 < prefill_chunk < 16):
-        raise ValueError(f"--prefill-chunk {prefill_chunk}; allowed: 0 (whole prompt) or 16 and more")
+        raise InputError(f"--prefill-chunk {prefill_chunk}; allowed: 0 (whole prompt) or 16 and more")
     samples = args.samples if args.samples is not None else quick.get("samples_per_length", DEFAULT_SAMPLES)
     if samples < 1:
-        raise ValueError(f"--samples {samples}; allowed: 1 or more")
+        raise InputError(f"--samples {samples}; allowed: 1 or more")
     config = EvalConfig(
         engine=args.engine,
         model=args.model,
