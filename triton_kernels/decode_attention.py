@@ -37,6 +37,7 @@ from vllm_kvpress.triton_kernels.page_format import (
     load_codes,
     load_codes_operand,
     load_outliers,
+    mixed_high_block,
     mixed_unit,
     packed_row,
 )
@@ -198,7 +199,7 @@ def _decode_split_kernel(
                                               num_kv_heads)
             slot_offset = slot * stride_ch
         if MIXED == MIXED_HIGH:
-            view_block = tl.where(b < kept, b, b + middle)
+            view_block = mixed_high_block(b, kept, middle)
         if MIXED == MIXED_LOW:
             view_block, slot_offset = mixed_unit(b, kv_head, kept, num_kv_heads, UNITS_PER_BLOCK, UNIT_BYTES)
         block_id = tl.load(block_table_ptr + seq.to(tl.int64) * stride_bt + view_block).to(tl.int64)
@@ -226,7 +227,7 @@ def _decode_split_kernel(
             view_block, slot = headwise_block(num_complete, kv_head, retrieval, kept, chunks, middle,
                                               RETRIEVAL_HEADS, num_kv_heads)
         if MIXED == MIXED_HIGH:  # (the low pass has no partial block: its chunks are complete)
-            view_block = tl.where(num_complete < kept, num_complete, num_complete + middle)
+            view_block = mixed_high_block(num_complete, kept, middle)
         block_id = tl.load(block_table_ptr + seq.to(tl.int64) * stride_bt + view_block).to(tl.int64)
         page = cache_ptr + block_id * stride_cb + slot * stride_ch
         if EXACT_TAIL:

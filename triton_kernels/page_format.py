@@ -98,6 +98,13 @@ def packed_row(rows_ptr, seq):
 
 
 @triton.jit
+def mixed_high_block(b, kept, middle):
+    """View block of the high pass's logical block b of a mixed-precision row: the K important
+    blocks, then (past the M blocks of low-precision units) the tail; b itself in a row not split."""
+    return tl.where(b < kept, b, b + middle)
+
+
+@triton.jit
 def mixed_unit(c, kv_head, kept, num_kv_heads, UNITS_PER_BLOCK: tl.constexpr, UNIT_BYTES: tl.constexpr):
     """(view block, byte offset in the block) of low-precision chunk c of a KV head
     (vllm_kvpress/mixed_layout.py `LowPrecisionPacking.unit_location`, the oracle)."""

@@ -19,6 +19,7 @@ from vllm_kvpress.triton_kernels.page_format import (
     MIXED_OFF,
     load_block_v,
     mixed_arguments,
+    mixed_high_block,
     mixed_unit,
     packed_row,
 )
@@ -48,7 +49,7 @@ def _read_pages_kernel(
     if MIXED == MIXED_HIGH:  # a mixed-precision row's high blocks: the important ones, then the tail
         kept, chunks, middle = packed_row(mixed_rows_ptr, row)
         num_tokens -= chunks * BLOCK_SIZE
-        view_block = tl.where(b < kept, b, b + middle)
+        view_block = mixed_high_block(b, kept, middle)
         dest_block = tl.where(b < kept, b, b + chunks)  # the low tokens go between the two
     if MIXED == MIXED_LOW:  # its low-precision units, right after the important tokens
         kept, chunks, middle = packed_row(mixed_rows_ptr, row)

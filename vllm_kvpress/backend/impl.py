@@ -74,10 +74,9 @@ class KVPressImpl(AttentionImpl[KVPressMetadata]):
         # once here, in head-wise packed pages
         self.packing = self.eviction.packing(num_kv_heads) if self.eviction is not None else None
         # the precision policy (mikv): the other prompt tokens' low-precision units
-        self.mixed_units = None
-        if self.eviction is not None and self.eviction.low_page_layout(head_size) is not None:
-            self.mixed_units = (self.eviction.low_page_layout(head_size),
-                                self.eviction.middle_packing(num_kv_heads, head_size).units_per_block)
+        low_layout = self.eviction.low_page_layout(head_size) if self.eviction is not None else None
+        self.mixed_units = None if low_layout is None else (
+            low_layout, self.eviction.middle_packing(num_kv_heads, head_size).units_per_block)
         self.packed_heads = None
         if self.packing is not None:
             from vllm.config import get_current_vllm_config

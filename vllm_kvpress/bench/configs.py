@@ -131,7 +131,7 @@ def parse_config_spec(spec: str) -> BenchConfig:
         ConfigSpecError: unknown name (the allowed ones are listed), settings on a baseline,
             settings that are not a JSON object, or settings the method rejects.
         MethodNotImplementedError: the method is registered but planned, not implemented, or not
-            enabled in vLLM yet (`engine_args.check_enabled_in_vllm`).
+            enabled in vLLM yet (`config.check_enabled_in_vllm`).
     """
     name, sep, raw_settings = spec.strip().partition(":")
     name = name.strip()

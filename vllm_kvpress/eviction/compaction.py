@@ -64,6 +64,13 @@ class RecentCompaction:
     """Leading view blocks that hold the kept tokens (`policy.kept_blocks`)."""
 
 
+def leading_slots(block_ids: torch.Tensor, num_tokens: int, block_size: int) -> torch.Tensor:
+    """int64 [num_tokens]: the cache slots of the first `num_tokens` tokens of a row whose blocks
+    are `block_ids` (a block-table row or a compacted view's), where compaction rewrites them."""
+    token = torch.arange(num_tokens, device=block_ids.device)
+    return block_ids[token // block_size].to(torch.int64) * block_size + token % block_size
+
+
 def gather_kept(
     keys: torch.Tensor, values: torch.Tensor, kept: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,8 +166,7 @@ def compact_prompt(
     bs = layout.block_size
     keys, values = read_pages(cache, block_table_row, compaction.prompt_len, layout)
     kept_k, kept_v = kept_prompt_kv(config, query, compaction, keys, values, scale, bs)
-    token = torch.arange(compaction.kept_blocks * bs, device=cache.device)
-    slots = block_table_row[token // bs].to(torch.int64) * bs + token % bs
+    slots = leading_slots(block_table_row, compaction.kept_blocks * bs, bs)
     write_kv_pages(kept_k.to(query.dtype), kept_v.to(query.dtype), cache, slots, layout, power_iters=power_iters)
 
 
@@ -215,6 +221,5 @@ def compact_recent(
     keys, values = read_pages(cache, view_row, compaction.view_len, layout)
     queries, positions = recent_queries(ring, compaction.request_slot, compaction.seq_len)
     kept_k, kept_v = kept_recent_kv(config, queries, positions, compaction, keys, values, scale, bs)
-    token = torch.arange(compaction.kept_blocks * bs, device=cache.device)
-    slots = view_row[token // bs].to(torch.int64) * bs + token % bs
+    slots = leading_slots(view_row, compaction.kept_blocks * bs, bs)
     write_kv_pages(kept_k.to(ring.dtype), kept_v.to(ring.dtype), cache, slots, layout, power_iters=power_iters)

@@ -2,6 +2,7 @@
 KV head keeps, the retrieval heads' middle chunks, and their rewrite into the request's first
 blocks. Where each head's blocks sit is `vllm_kvpress/headwise_layout.py`'s geometry."""
 
+from vllm_kvpress.eviction.compaction import leading_slots
 from vllm_kvpress.headwise_layout import middle_blocks
 
 
@@ -76,8 +77,7 @@ def compact_prompt_headwise(layout, cache, block_table_row, prompt_len: int, ret
     kept_k, kept_v = kept_region(keys, values, retrieval_index, kept_blocks, bs, sink)
     mid_k, mid_v = middle_region(keys, values, retrieval_index, kept_blocks, bs)
     k, v = torch.cat([kept_k, mid_k]), torch.cat([kept_v, mid_v])
-    token = torch.arange(k.shape[0], device=cache.device)
-    slots = block_table_row[token // bs].to(torch.int64) * bs + token % bs
+    slots = leading_slots(block_table_row, k.shape[0], bs)
     dtype = dtype or torch.bfloat16
     write_kv_pages(k.to(dtype), v.to(dtype), cache, slots, layout, power_iters=power_iters, num_seqs=1)
     return k.shape[0] // bs

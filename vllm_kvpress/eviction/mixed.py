@@ -17,7 +17,7 @@ import dataclasses
 
 import torch
 
-from vllm_kvpress.eviction.compaction import PromptCompaction, split_prompt_kv
+from vllm_kvpress.eviction.compaction import PromptCompaction, leading_slots, split_prompt_kv
 from vllm_kvpress.eviction.policy import every_head_blocks
 
 
@@ -50,18 +50,17 @@ def compact_prompt_mixed(
     packing = method.middle_packing(num_kv_heads, layout.head_size)
     important = every_head_blocks(compaction.prompt_len, method.budget, bs)
     chunks = compaction.prompt_len // bs - important
-    if important + packing.middle_blocks(important + chunks, important) != compaction.kept_blocks:
+    split_blocks = method.kept_prompt_blocks(compaction.prompt_len, num_kv_heads, layout.head_size)
+    if split_blocks != compaction.kept_blocks:
         raise RuntimeError(
             f"the schedule keeps {compaction.kept_blocks} blocks of a {compaction.prompt_len}-token prompt, the "
-            f"split {important} important and {packing.middle_blocks(important + chunks, important)} low: "
-            "the block manager and the worker disagree"
+            f"split {split_blocks}: the block manager and the worker disagree"
         )
     keys, values = read_pages(cache, block_table_row, compaction.prompt_len, layout)
     high_k, high_v, low_k, low_v = split_prompt_kv(
         method, query, dataclasses.replace(compaction, kept_blocks=important), keys, values, scale, bs
     )
-    token = torch.arange(important * bs, device=cache.device)
-    slots = block_table_row[token // bs].to(torch.int64) * bs + token % bs
+    slots = leading_slots(block_table_row, important * bs, bs)
     write_kv_pages(high_k.to(query.dtype), high_v.to(query.dtype), cache, slots, layout, power_iters=power_iters)
     scratch = torch.zeros(chunks, num_kv_heads, low_layout.bytes_per_head, dtype=torch.uint8, device=cache.device)
     write_kv_pages(low_k.to(query.dtype), low_v.to(query.dtype), scratch,

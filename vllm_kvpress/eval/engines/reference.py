@@ -202,21 +202,30 @@ class SequencePages:
         elif self.evicts_now():
             self.evict_prompt(queries, keys, values, scale)
 
+    def _rewrite_prefix(self, num_candidates: int, kept_blocks: int, write_prefix) -> None:
+        """Compaction's bookkeeping: `write_prefix()` rewrites the first `kept_blocks` blocks from
+        the `num_candidates` leading tokens; the stored blocks after the candidates move (bytes
+        unchanged) right after them, and the tokens in between are gone."""
+        bs = self.layout.block_size
+        rest = self.cache[num_candidates // bs : -(-self.num_tokens // bs)].clone()
+        write_prefix()
+        self.cache[kept_blocks : kept_blocks + rest.shape[0]] = rest
+        self.num_evicted += num_candidates - kept_blocks * bs
+        self.num_tokens -= num_candidates - kept_blocks * bs
+
+    def _write_complete(self, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Write key/value as the first complete blocks. The worker hands the write kernel bf16 K/V,
+        as for fresh tokens; every block is complete, so each is encoded whole (per-channel K) from
+        these tokens alone."""
+        slots = torch.arange(key.shape[0], device=self.cache.device)
+        page_codec.write_tokens(self.cache, key.to(torch.bfloat16), value.to(torch.bfloat16), slots, self.layout,
+                                self.power_iters)
+
     def _keep(self, kept_k: torch.Tensor, kept_v: torch.Tensor, num_candidates: int) -> None:
         """Write the kept tokens as the first blocks and move the stored blocks after the
         candidates (bytes unchanged) right after them."""
         bs = self.layout.block_size
-        num_keep = kept_k.shape[0]
-        rest = self.cache[num_candidates // bs : -(-self.num_tokens // bs)].clone()
-        # the worker hands the write kernel bf16 K/V, as for fresh tokens; every block is complete,
-        # so each is encoded whole (per-channel K) from the kept tokens alone
-        slots = torch.arange(num_keep, device=self.cache.device)
-        page_codec.write_tokens(
-            self.cache, kept_k.to(torch.bfloat16), kept_v.to(torch.bfloat16), slots, self.layout, self.power_iters,
-        )
-        self.cache[num_keep // bs : num_keep // bs + rest.shape[0]] = rest
-        self.num_evicted += num_candidates - num_keep
-        self.num_tokens -= num_candidates - num_keep
+        self._rewrite_prefix(num_candidates, kept_k.shape[0] // bs, lambda: self._write_complete(kept_k, kept_v))
         complete = self.num_tokens // bs * bs
         self._complete_k, self._complete_v = self._read_blocks(0, complete)
 
@@ -257,22 +266,20 @@ class SequencePages:
         high_k, high_v, low_k, low_v = split_prompt_kv(self.eviction, queries, compaction, k_prompt, v_prompt,
                                                        scale, bs)
         low_blocks = packing.middle_blocks(full, important)
-        rest = self.cache[full : -(-self.num_tokens // bs)].clone()
-        slots = torch.arange(important * bs, device=self.cache.device)
-        page_codec.write_tokens(self.cache, high_k.to(torch.bfloat16), high_v.to(torch.bfloat16), slots,
-                                self.layout, self.power_iters)
         low_region = torch.arange(important, important + low_blocks, device=self.cache.device)
-        page_codec.write_low_chunks(self.cache, low_region, low_k.to(torch.bfloat16), low_v.to(torch.bfloat16),
-                                    self.low_layout, packing, self.power_iters)
+
+        def write_both_precisions():
+            self._write_complete(high_k, high_v)
+            page_codec.write_low_chunks(self.cache, low_region, low_k.to(torch.bfloat16), low_v.to(torch.bfloat16),
+                                        self.low_layout, packing, self.power_iters)
+
         kept = important + low_blocks
-        self.cache[kept : kept + rest.shape[0]] = rest
-        freed = (full - kept) * bs
-        self.num_evicted += freed
-        self.num_tokens -= freed
+        self._rewrite_prefix(full * bs, kept, write_both_precisions)
         prefix_k, prefix_v = self._read_blocks(0, important * bs)
-        low_k, low_v = page_codec.read_low_chunks(self.cache, low_region, full - important, self.low_layout, packing)
+        stored_k, stored_v = page_codec.read_low_chunks(self.cache, low_region, full - important, self.low_layout,
+                                                        packing)
         self._prefix_blocks, self._prefix_tokens = kept, full * bs
-        self._complete_k, self._complete_v = torch.cat([prefix_k, low_k]), torch.cat([prefix_v, low_v])
+        self._complete_k, self._complete_v = torch.cat([prefix_k, stored_k]), torch.cat([prefix_v, stored_v])
         complete = self.num_tokens // bs
         if complete > kept:
             k, v = self._read_blocks(kept, (complete - kept) * bs)
