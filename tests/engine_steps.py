@@ -103,7 +103,8 @@ def run_scenario(model: str, settings: dict, prefill: str, monkeypatch, workdir:
         builder.fa_version = 3
 
         def flash_prefill_without_flash_attention(query, key, value, out, cache, block_table, seq_lens, layout,
-                                                  plan, *, scale, first_seq, tail=None, mixed=None):
+                                                  plan, *, scale, first_seq, tail=None, mixed=None,
+                                                  prefill_context=None):
             # our half of the FlashAttention prefill: the context dequantized into the workspace
             prefill_keys_values(plan, key, value, cache, block_table, seq_lens, layout, first_seq, tail, mixed)
             return out

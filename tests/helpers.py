@@ -190,7 +190,8 @@ def impl_for(vllm_config, monkeypatch, heads: int, kv_heads: int, head_size: int
 
 def reference_step(reference, q, k_new, v_new, scale: float):
     """The reference engine's attention for a step of the worker (prefill chunks attend to their
-    fresh K/V), and the stored tokens its `append` returned."""
+    fresh K/V, and a sparse prefill's chunks to the context the method picks), and the stored
+    tokens its `append` returned."""
     from vllm_kvpress.reference.attention import causal_attention
 
     stored_k, stored_v = reference.append(k_new.cpu(), v_new.cpu())
@@ -199,6 +200,10 @@ def reference_step(reference, q, k_new, v_new, scale: float):
         past = stored_k.shape[0] - q.shape[0]
         attended_k = torch.cat([stored_k[:past], k_new.cpu().float()])
         attended_v = torch.cat([stored_v[:past], v_new.cpu().float()])
+        if reference.sparse_prefill_due(past):  # zipvl: the chunk over the context its method picks
+            context_k, context_v, _ = reference.eviction.prefill_context(q.cpu(), attended_k, attended_v, past, scale)
+            attended_k = torch.cat([context_k, attended_k[past:]])
+            attended_v = torch.cat([context_v, attended_v[past:]])
     return causal_attention(q.cpu(), attended_k, attended_v, scale), stored_k, stored_v
 
 

@@ -1,4 +1,4 @@
-"""Owns the `vllm-kvpress` command: `methods`, `model`, `eval`, `agree`, `bench`, `report`,
+"""Owns the `vllm-kvpress` command: `methods`, `model`, `eval`, `agree`, `bench`, `report`, `soak`,
 `retrieval-heads`, `key-errors`.
 
 Each subcommand's module registers its own parser through `add_parser(subparsers)` and sets
@@ -17,6 +17,7 @@ SUBCOMMAND_MODULES = {
     "agree": "vllm_kvpress.eval.agreement",
     "bench": "vllm_kvpress.bench.cli",
     "report": "vllm_kvpress.bench.report",
+    "soak": "vllm_kvpress.soak.cli",
     "retrieval-heads": "vllm_kvpress.eval.retrieval_heads",
     "key-errors": "vllm_kvpress.eval.key_errors",
 }

@@ -112,8 +112,8 @@ def test_bad_eviction_settings_fail_with_what_is_allowed(spec, fragments):
 
 
 def test_planned_method_is_not_implemented():
-    with pytest.raises(MethodNotImplementedError, match="zipvl.*planned"):
-        parse_config_spec("zipvl")
+    with pytest.raises(MethodNotImplementedError, match="ems.*planned"):
+        parse_config_spec("ems")
 
 
 def test_a_method_not_enabled_in_vllm_is_refused_before_any_engine_starts(monkeypatch):

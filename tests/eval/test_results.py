@@ -43,3 +43,11 @@ def test_environment_records_versions_and_device():
     env = results.environment("cpu (test)")
     assert env["device"] == "cpu (test)"
     assert env["versions"]["torch"] and env["versions"]["transformers"]
+
+
+def test_markdown_shows_the_important_share_of_each_layer_where_a_run_has_one():
+    run = {"label": "zipvl", "compression_ratio": 0.209, "tasks": {},
+           "important_share_by_layer": [0.7165, 0.2146, 0.0323]}
+    text = results.markdown_tables({"runs": [run, {"label": "none", "compression_ratio": 1.0, "tasks": {}}]})
+    assert "## Important share by layer: zipvl" in text and "| share | 0.717 | 0.215 | 0.032 |" in text
+    assert "Important share by layer: none" not in text

@@ -16,10 +16,13 @@ from pathlib import Path
 
 import pytest
 
+from vllm_kvpress.config import load_method_config
+
 pytestmark = pytest.mark.gpu
 
 LLAMA_CONFIG = Path(__file__).parents[2] / "vllm_kvpress" / "bench" / "model_configs" / "llama-3.1-8b"
 PROMPT_LEN, BUDGET, BLOCK = 16000, 2048, 64
+LLAMA_KV_HEADS, LLAMA_HEAD_SIZE = 8, 128
 
 FREE_BLOCK_TRACE = """
 import json, os, sys
@@ -52,6 +55,10 @@ EVICTING = [
     ({"method": "razor", "window": 1024, "sink": 4, "bits": 4, "head_choice": "first"}, PROMPT_LEN // BLOCK - 17 - 59),
     # a composition no kernel was written for: KVCrush's choice kept in GEAR 4-bit pages
     ({"method": "kvcrush", "pages": "gear", "bits": 4, "budget": BUDGET}, PROMPT_LEN // BLOCK - BUDGET // BLOCK),
+    # MiKV: the important blocks at 8 bits and every other prompt token in 2-bit units packed behind
+    # them; the schedule (eviction/policy.py) says how many leading blocks a prompt keeps
+    ({"method": "mikv"}, PROMPT_LEN // BLOCK - load_method_config({"method": "mikv"}).kept_prompt_blocks(
+        PROMPT_LEN, LLAMA_KV_HEADS, LLAMA_HEAD_SIZE)),
 ]
 
 
@@ -65,7 +72,7 @@ def _free_block_trace(settings: dict, max_tokens: int) -> dict:
     return json.loads([line for line in out.stdout.splitlines() if line.startswith("RESULT ")][-1][7:])
 
 
-@pytest.mark.parametrize("settings,freed", EVICTING, ids=["snapkv", "razor", "kvcrush-on-gear4"])
+@pytest.mark.parametrize("settings,freed", EVICTING, ids=["snapkv", "razor", "kvcrush-on-gear4", "mikv"])
 def test_evicted_prompt_blocks_return_to_the_free_pool(settings, freed):
     result = _free_block_trace(settings, 32)
     trace = result["trace"]

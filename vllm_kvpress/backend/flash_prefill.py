@@ -19,6 +19,7 @@ of the batch's lengths; prefill steps are never captured in CUDA graphs, so the 
 allocated per step.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,11 +53,14 @@ class FlashPrefillPlan:
     """int64 [num_tokens] workspace row of each prefill query's own K/V."""
     fa_version: int | None = None
     """vLLM's FlashAttention version to run (`flash_attention_version`)."""
+    sparse_seqs: tuple[int, ...] = ()
+    """The plan's sequences (0-based among its own) whose chunk attends to part of its context only
+    (the method's `sparse_prefill`, zipvl): `sparse_keys_values` picks that part per layer."""
 
 
 def plan_flash_prefill(
     query_start_loc: np.ndarray, seq_lens: np.ndarray, first_seq: int, num_seqs: int, block_size: int,
-    device: torch.device, fa_version: int | None = None,
+    device: torch.device, fa_version: int | None = None, sparse_seqs: tuple[int, ...] = (),
 ) -> FlashPrefillPlan:
     """The varlen layout of rows `first_seq .. first_seq + num_seqs - 1`.
 
@@ -64,6 +68,7 @@ def plan_flash_prefill(
         query_start_loc: int [>= first_seq + num_seqs + 1] query offsets of the batch's rows (CPU).
         seq_lens: int [>= first_seq + num_seqs] tokens per row including this step's, as the
             kernels see them (the compacted view for eviction methods).
+        sparse_seqs: the plan's sequences (0-based) that attend to part of their context only.
     """
     starts = np.asarray(query_start_loc[first_seq : first_seq + num_seqs + 1], dtype=np.int64)
     query_lens = np.diff(starts)
@@ -91,6 +96,7 @@ def plan_flash_prefill(
         max_context_blocks=int(-(-context.max(initial=0) // block_size)),
         fresh_dest=to_device(fresh_dest, np.int64, device),
         fa_version=fa_version,
+        sparse_seqs=tuple(i for i in sparse_seqs if context[i] > 0),
     )
 
 
@@ -124,6 +130,35 @@ def prefill_keys_values(
     return k_ws, v_ws
 
 
+def sparse_keys_values(
+    plan: FlashPrefillPlan, query: torch.Tensor, k_ws: torch.Tensor, v_ws: torch.Tensor,
+    prefill_context: Callable[..., tuple[torch.Tensor, torch.Tensor, int]], scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """The workspace with each of `plan.sparse_seqs`'s context replaced by the part its chunk
+    attends to (`prefill_context`, the method's: K, V and a count from the chunk's queries, its
+    context and chunk K/V): (K, V, cu_seqlens_k, max_seqlen_k) for FlashAttention. The counts are
+    read on the host: a prefill step runs eagerly, never in a CUDA graph.
+
+    Args:
+        query: [plan.num_tokens, num_heads, head_size] the plan's prefill queries.
+        k_ws, v_ws: [plan.total_keys, num_kv_heads, head_size] from `prefill_keys_values`.
+    """
+    cu_q, cu_k = plan.cu_seqlens_q.tolist(), plan.cu_seqlens_k.tolist()
+    context = plan.context_lens.tolist()
+    keys, values, lengths = [], [], []
+    for i in range(len(cu_q) - 1):
+        k_seq, v_seq = k_ws[cu_k[i] : cu_k[i + 1]], v_ws[cu_k[i] : cu_k[i + 1]]
+        if i in plan.sparse_seqs:
+            k_kept, v_kept, _ = prefill_context(query[cu_q[i] : cu_q[i + 1]], k_seq, v_seq, context[i], scale)
+            k_seq = torch.cat([k_kept.to(k_seq.dtype), k_seq[context[i] :]])
+            v_seq = torch.cat([v_kept.to(v_seq.dtype), v_seq[context[i] :]])
+        keys.append(k_seq)
+        values.append(v_seq)
+        lengths.append(k_seq.shape[0])
+    cu_seqlens_k = torch.tensor([0, *np.cumsum(lengths).tolist()], dtype=torch.int32, device=k_ws.device)
+    return torch.cat(keys), torch.cat(values), cu_seqlens_k, max(lengths)
+
+
 def flash_attention_version() -> int | None:
     """vLLM's FlashAttention version for this GPU (3 on Hopper), or None where it has none (no CUDA,
     or a build without its kernels): the Triton prefill kernel serves there."""
@@ -149,10 +184,12 @@ def flash_prefill_attention(
     first_seq: int,
     tail: tuple[torch.Tensor, torch.Tensor] | None = None,
     mixed: tuple[torch.Tensor, PageLayout, int] | None = None,
+    prefill_context: Callable[..., tuple[torch.Tensor, torch.Tensor, int]] | None = None,
 ) -> torch.Tensor:
     """Causal attention of the plan's prefill queries, written into their rows of `out`.
 
-    Args: as `prefill_attention` (query/key/value the batch's fresh projections, out like query).
+    Args: as `prefill_attention` (query/key/value the batch's fresh projections, out like query);
+        `prefill_context`: the method's choice of context for `plan.sparse_seqs`.
     """
     if plan.fa_version is None:  # FlashAttention's own default (2) may not be built for this GPU
         raise ValueError("the prefill plan names no FlashAttention version (plan_flash_prefill(fa_version=...))")
@@ -160,9 +197,14 @@ def flash_prefill_attention(
 
     k, v = prefill_keys_values(plan, key, value, cache, block_table, seq_lens, layout, first_seq, tail, mixed)
     rows = slice(plan.first_token, plan.first_token + plan.num_tokens)
+    cu_seqlens_k, max_seqlen_k = plan.cu_seqlens_k, plan.max_seqlen_k
+    if plan.sparse_seqs:
+        if prefill_context is None:
+            raise ValueError("the plan has sparse sequences but no prefill_context to choose their context")
+        k, v, cu_seqlens_k, max_seqlen_k = sparse_keys_values(plan, query[rows], k, v, prefill_context, scale)
     flash_attn_varlen_func(
         query[rows], k, v, max_seqlen_q=plan.max_seqlen_q, cu_seqlens_q=plan.cu_seqlens_q,
-        max_seqlen_k=plan.max_seqlen_k, cu_seqlens_k=plan.cu_seqlens_k, softmax_scale=scale, causal=True,
+        max_seqlen_k=max_seqlen_k, cu_seqlens_k=cu_seqlens_k, softmax_scale=scale, causal=True,
         out=out[rows], fa_version=plan.fa_version,
     )
     return out

@@ -181,6 +181,7 @@ class KVPressImpl(AttentionImpl[KVPressMetadata]):
             flash_prefill_attention(
                 query, key, value, output, kv_cache, m.block_table, m.seq_lens, self.layout, m.flash_prefill,
                 scale=self.scale, first_seq=m.num_decodes, tail=tail, mixed=mixed,
+                prefill_context=None if self.eviction is None else self.eviction.prefill_context,
             )
         elif m.num_prefills:
             prefill_attention(

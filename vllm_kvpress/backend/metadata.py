@@ -105,6 +105,15 @@ def host_seq_lens(cm: CommonAttentionMetadata) -> np.ndarray:
     return seq_cpu.numpy()[: cm.num_reqs].astype(np.int64)
 
 
+def host_prompt_lens(cm: CommonAttentionMetadata, num_reqs: int) -> np.ndarray:
+    """int64 [num_reqs] prompt tokens per row on the host (the runner patch's, eviction/prompt_lens.py);
+    0 for rows past the given ones (CUDA-graph padding)."""
+    prompt = np.zeros(num_reqs, dtype=np.int64)
+    given = cm.rswa_prefix_lens.cpu().numpy()[:num_reqs]
+    prompt[: given.shape[0]] = given
+    return prompt
+
+
 class KVPressMetadataBuilder(AttentionMetadataBuilder[KVPressMetadata]):
     _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
 
@@ -282,9 +291,7 @@ class KVPressMetadataBuilder(AttentionMetadataBuilder[KVPressMetadata]):
         from vllm_kvpress.eviction.view import shift_blocks
 
         bs = self.eviction.block_size
-        prompt = np.zeros(num_reqs, dtype=np.int64)
-        given = cm.rswa_prefix_lens.cpu().numpy()[:num_reqs]
-        prompt[: given.shape[0]] = given  # rows past the given ones are CUDA-graph padding
+        prompt = host_prompt_lens(cm, num_reqs)
         starts = cm.query_start_loc_cpu.numpy()[: num_reqs + 1].astype(np.int64)
         seq = host_seq_lens(cm)
         context = seq - np.diff(starts)
@@ -317,6 +324,16 @@ class KVPressMetadataBuilder(AttentionMetadataBuilder[KVPressMetadata]):
             rows = np.stack([every_head, prompt // bs - every_head, kept - every_head], 1)
             headwise = np.where((shift > 0)[:, None], rows, 0).astype(np.int32)
         return kept.astype(np.int32), shift, compactions, recent, seq - shift.astype(np.int64) * bs, headwise
+
+    def _sparse_prefill_seqs(self, cm: CommonAttentionMetadata, num_decodes: int, num_prefills: int) -> tuple[int, ...]:
+        """The prefill rows (0-based after the decodes) whose chunk lies in a prompt the method
+        prefills sparsely (`sparse_prefill`, zipvl); the plan keeps those with context."""
+        if self.eviction is None or cm.rswa_prefix_lens is None:  # capture or profiling: dense
+            return ()
+        rows = slice(num_decodes, num_decodes + num_prefills)
+        prompt, seq = host_prompt_lens(cm, cm.num_reqs)[rows], host_seq_lens(cm)[rows]
+        return tuple(i for i in range(num_prefills)
+                     if seq[i] <= prompt[i] and self.eviction.sparse_prefill(int(prompt[i])))
 
     def build(
         self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata, fast_build: bool = False
@@ -353,11 +370,17 @@ class KVPressMetadataBuilder(AttentionMetadataBuilder[KVPressMetadata]):
         flash_prefill = None
         # such a chunk (a re-prefill of a preempted request past its compacted prompt) runs through
         # the Triton prefill kernel, which reads per head
+        sparse_seqs = self._sparse_prefill_seqs(cm, num_decodes, num_prefills) if num_prefills else ()
+        if sparse_seqs and (self.fa_version is None or packed_prefill):
+            raise NotImplementedError(
+                f"method '{self.eviction.method}' prefills long prompts sparsely, which is built for vLLM's "
+                "FlashAttention prefill only; this device or step runs the Triton prefill kernel"
+            )
         if num_prefills and self.fa_version is not None and not packed_prefill:
             seq_cpu = host_seq_lens(cm) if seq_cpu is None else seq_cpu
             flash_prefill = plan_flash_prefill(
                 cm.query_start_loc_cpu.numpy(), seq_cpu, num_decodes, num_prefills, self.block_size,
-                seq_lens.device, self.fa_version,
+                seq_lens.device, self.fa_version, sparse_seqs,
             )
         return KVPressMetadata(
             num_actual_tokens=cm.num_actual_tokens,

@@ -49,7 +49,7 @@ def _workload_help() -> str:
     return f"comma-separated workloads (default {DEFAULT_WORKLOADS}): {names}; aliases {aliases}"
 
 
-def _byte_count(value: str) -> int:
+def byte_count(value: str) -> int:
     # vLLM's own parser for its flag of that name, imported only when the flag is given
     from vllm.utils.argparse_utils import human_readable_int
 
@@ -106,7 +106,7 @@ def add_parser(subparsers) -> None:
     engine.add_argument("--prefix-caching", choices=("on", "off"), default=None, help="default: vLLM's (on)")
     engine.add_argument("--tensor-parallel-size", type=int, default=None, help="default 1")
     engine.add_argument(
-        "--kv-cache-memory-bytes", type=_byte_count, default=None,
+        "--kv-cache-memory-bytes", type=byte_count, default=None,
         help="give every configuration exactly this many bytes of KV cache (vLLM's flag of that name, "
         "with its suffixes: 20G = 20 GiB, 20g = 20 * 10^9; default: sized from --gpu-memory-utilization "
         "by vLLM's profiling)",

@@ -60,7 +60,7 @@ def completion_payload(model: str, prompt_ids: list[int], max_tokens: int) -> di
     }
 
 
-def _handle_event(event: bytes, result: StreamedCompletion) -> bool:
+def handle_stream_event(event: bytes, result: StreamedCompletion) -> bool:
     """Apply one server-sent event to `result`; True once the stream is over."""
     now = time.perf_counter()
     for line in event.splitlines():
@@ -97,7 +97,7 @@ async def stream_completion(session, url: str, payload: dict) -> StreamedComplet
                 buffer += data
                 *events, buffer = buffer.split(b"\n\n")
                 for event in events:
-                    if _handle_event(event, result):
+                    if handle_stream_event(event, result):
                         return result
     except Exception as e:  # a dropped connection fails this request, not the benchmark
         result.error = f"{type(e).__name__}: {e}"

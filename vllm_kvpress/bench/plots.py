@@ -27,7 +27,7 @@ OTHER_BASELINE_STYLE = {"color": "silver", "marker": "X"}
 DPI = 120
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")  # files only; the GPU machine has no display
@@ -94,7 +94,7 @@ def _capacities(rows: list[dict]) -> tuple[dict[str, float], bool]:
 
 
 def capacity_vs_quality_figure(run: dict, rows: list[dict], scores: list[QualityScore]):
-    plt = _pyplot()
+    plt = pyplot()
     configs = _config_order(_ok(rows))
     styles = _styles(configs)
     capacity, relative = _capacities(rows)
@@ -166,7 +166,7 @@ def capacity_vs_quality_figure(run: dict, rows: list[dict], scores: list[Quality
 
 
 def throughput_vs_context_figure(run: dict, rows: list[dict]):
-    plt = _pyplot()
+    plt = pyplot()
     ok = _ok(rows)
     models = sorted({r["workload"]["model"] for r in ok}) or ["-"]
     configs = _config_order(ok)
@@ -209,7 +209,7 @@ def throughput_vs_context_figure(run: dict, rows: list[dict]):
 
 
 def throughput_by_workload_figure(run: dict, rows: list[dict]):
-    plt = _pyplot()
+    plt = pyplot()
     ok = _ok(rows)
     configs = _config_order(ok)
     styles = _styles(configs)
@@ -256,7 +256,7 @@ def write_plots(run: dict, rows: list[dict], scores: list[QualityScore], run_dir
     """Every figure of the run, into `run_dir`; none if no row succeeded."""
     if not _ok(rows):
         return []
-    plt = _pyplot()
+    plt = pyplot()
     figures = {
         CAPACITY_VS_QUALITY: capacity_vs_quality_figure(run, rows, scores),
         THROUGHPUT_VS_CONTEXT: throughput_vs_context_figure(run, rows),

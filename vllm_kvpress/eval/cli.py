@@ -53,7 +53,7 @@ def _choices_list(flag: str, allowed: tuple[str, ...]):
     return parse
 
 
-def _number_list(flag: str, kind, low: float, high: float | None = None):
+def number_list(flag: str, kind, low: float, high: float | None = None):
     def parse(value: str):
         try:
             items = tuple(kind(v) for v in value.split(",") if v.strip())
@@ -124,13 +124,13 @@ def add_parser(subparsers) -> None:
     p.add_argument(
         "--lengths",
         default=None,
-        type=_number_list("--lengths", int, 256),
+        type=number_list("--lengths", int, 256),
         help="prompt lengths in tokens, comma-separated (default per model)",
     )
     p.add_argument(
         "--depths",
         default=None,
-        type=_number_list("--depths", float, 0, 100),
+        type=number_list("--depths", float, 0, 100),
         help=f"NIAH needle depths in percent (default {','.join(f'{d:g}' for d in DEFAULT_DEPTHS)})",
     )
     p.add_argument(

@@ -123,6 +123,20 @@ def markdown_tables(results: dict[str, Any]) -> str:
         ]
         for length, cells in grid.items():
             out.append(f"| {length} | " + " | ".join(str(cells.get(d, "-")) for d in depths) + " |")
+    for run in runs:
+        shares = run.get("important_share_by_layer")
+        if shares:
+            out += [
+                "",
+                f"## Important share by layer: {run['label']}",
+                "",
+                "The share of the prompt each layer's selection rule asked for (zipvl: the tokens holding "
+                "`tau` of the attention), mean over the generated samples:",
+                "",
+                "| layer | " + " | ".join(str(i) for i in range(len(shares))) + " |",
+                "|" + "---|" * (len(shares) + 1),
+                "| share | " + " | ".join(f"{share:.3f}" for share in shares) + " |",
+            ]
     return "\n".join(out) + "\n"
 
 

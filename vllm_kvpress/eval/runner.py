@@ -205,6 +205,7 @@ def run_method(
             nll = engine.decode_nll(list(window.token_ids), window.prompt_len)
             decoded_nll += nll[window.first_scored :]
         device_name = engine.device_name
+        report = engine.selection_report()
     finally:
         engine.close()
 
@@ -232,6 +233,8 @@ def run_method(
         "seconds": round(time.perf_counter() - started, 1),
         "device": device_name,
     }
+    if report:
+        row.update(report)
     if windows:
         row["ppl"] = _nll_summary(windows, scored_nll)
     if decode_windows:

@@ -36,6 +36,8 @@ class WindowStats:
     num_kv_heads: int
     num_queries: int
     """Window queries, w."""
+    query_positions: torch.Tensor | None = None
+    """int64 [w] absolute positions of the window queries (a key at j is seen by those at >= j)."""
 
     @property
     def group(self) -> int:
@@ -140,7 +142,7 @@ def select_kept_tokens(
     attention_sum, pivotal_count = window_attention_stats(
         queries, query_positions, keys, scale, count_pivotal=method.counts_pivotal
     )
-    stats = WindowStats(attention_sum, pivotal_count, keys, num_kv_heads, queries.shape[0])
+    stats = WindowStats(attention_sum, pivotal_count, keys, num_kv_heads, queries.shape[0], query_positions)
     chosen = method.choose(stats, free, num_free).expand(num_kv_heads, -1)
     kept = torch.cat([forced.expand(num_kv_heads, -1), chosen], dim=1)
     return kept.sort(dim=1).values

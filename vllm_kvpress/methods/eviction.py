@@ -177,6 +177,18 @@ class EvictingMethod(CompressionMethod):
         count per block depends on the head size)."""
         return self.packing(num_kv_heads)
 
+    def sparse_prefill(self, prompt_len: int) -> bool:
+        """Whether a prompt of `prompt_len` tokens prefills over part of its context only
+        (`prefill_context`); dense prefill by default."""
+        return False
+
+    def prefill_context(self, queries: "torch.Tensor", keys: "torch.Tensor", values: "torch.Tensor",
+                        context_len: int, scale: float) -> tuple["torch.Tensor", "torch.Tensor", int]:
+        """Where `sparse_prefill`: the context a prefill chunk attends to, K, V [count, num_kv_heads,
+        head_size] and `count`, from the chunk's queries [T, num_heads, head_size] and `keys`,
+        `values` [context_len + T, num_kv_heads, head_size] (the context, then the chunk)."""
+        raise NotImplementedError(f"method '{self.method}' has no sparse prefill")
+
     def kept_prompt_blocks(self, prompt_len, num_kv_heads: int | None = None, head_size: int | None = None):
         """Leading prompt blocks kept after compaction (`eviction/policy.py`); `num_kv_heads` (and
         for some methods `head_size`) is needed where the blocks after the every-head ones are packed."""

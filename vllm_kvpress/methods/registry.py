@@ -27,16 +27,14 @@ from vllm_kvpress.methods.mikv import MiKV
 from vllm_kvpress.methods.razor import Razor
 from vllm_kvpress.methods.scissorhands import Scissorhands
 from vllm_kvpress.methods.snapkv import SnapKV
+from vllm_kvpress.methods.zipvl import ZipVL
 
 logger = logging.getLogger("vllm.kvpress")
 
 ENTRY_POINT_GROUP = "vllm_kvpress.methods"
-BUILT_IN: tuple[type[CompressionMethod], ...] = (Kivi, Gear, MiKV, KVCrush, Scissorhands, SnapKV, Razor)
+BUILT_IN: tuple[type[CompressionMethod], ...] = (Kivi, Gear, MiKV, ZipVL, KVCrush, Scissorhands, SnapKV, Razor)
 
 PLANNED = (
-    MethodInfo("zipvl", "ZipVL: efficient large vision-language models with dynamic token sparsification",
-               "2410.08584", Family.MIXED_PRECISION,
-               "layer-adaptive important-token ratio; prefill attends to important tokens only", Status.PLANNED),
     MethodInfo("ems", "EMS: adaptive evict-then-merge strategy for head-wise KV-cache compression", "2412.08521",
                Family.EVICTION_MERGE, "global-local scores, head-wise evict-then-merge", Status.PLANNED),
     MethodInfo("loopserve", "LoopServe: adaptive dual-phase LLM inference acceleration for multi-turn dialogues",

@@ -4,6 +4,7 @@ An engine answers token-id prompts greedily and scores token ids:
 
     generate(prompts: list[list[int]], max_tokens: list[int], progress=None) -> list[str]
     token_nll(token_ids: list[int]) -> list[float]   # NLL of token i given < i, i = 1..N-1
+    selection_report() -> dict | None                 # what the method chose, where the engine sees it
     tokenizer, device_name, close()
 
 `reference` (transformers + reference/page_codec, CPU or GPU) is the oracle of `vllm` (GPU); both
@@ -23,6 +24,8 @@ class Engine(Protocol):
     def generate(self, prompts: list[list[int]], max_tokens: list[int], progress=None) -> list[str]: ...
 
     def token_nll(self, token_ids: list[int]) -> list[float]: ...
+
+    def selection_report(self) -> dict | None: ...
 
     def close(self) -> None: ...
 

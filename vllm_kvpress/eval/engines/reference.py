@@ -21,11 +21,16 @@ eviction (`decode_interval`), every step that reaches an eviction point (`policy
 compacts the kept tokens and those since the last eviction the same way, scored by the sequence's
 last `decode_observation_window` queries. RazorAttention (`razor`) packs the prompt head-wise
 exactly as the worker does (`eviction/headwise.py`): the same kept and middle regions, in the same
-view blocks and head slots; each KV head then attends to its own tokens.
+view blocks and head slots; each KV head then attends to its own tokens. A method with a sparse
+prefill (`zipvl`) has each chunk of a long prompt attend to the part of its context the method
+picks (`prefill_context`) and its own tokens.
 """
+
+import logging
 
 import torch
 
+from vllm_kvpress.eviction.attention_mass import ChosenRatios
 from vllm_kvpress.eviction.compaction import (
     PromptCompaction,
     RecentCompaction,
@@ -36,6 +41,8 @@ from vllm_kvpress.eviction.policy import freed_end, kept_blocks
 from vllm_kvpress.layout import PageLayout
 from vllm_kvpress.reference import page_codec
 from vllm_kvpress.reference.attention import causal_attention
+
+logger = logging.getLogger("vllm.kvpress")
 
 ATTENTION_NAME = "kvpress_reference"
 """Name under which `compressed_attention_forward` is registered in transformers' AttentionInterface."""
@@ -167,6 +174,13 @@ class SequencePages:
             return None
         before, after = (self._freed_end(n) for n in (self._num_tokens_before, self.num_tokens + self.num_evicted))
         return after if after > before else None
+
+    def sparse_prefill_due(self, context_len: int) -> bool:
+        """Whether this prompt chunk attends to part of its `context_len` stored tokens only (the
+        method's `sparse_prefill`): a chunk of a long enough prompt that has context."""
+        return (self.eviction is not None and self.prompt_len is not None and context_len > 0
+                and self.num_tokens + self.num_evicted <= self.prompt_len
+                and self.eviction.sparse_prefill(self.prompt_len))
 
     def evicts_now(self) -> bool:
         """Whether the tokens just appended complete the prompt of a sequence that compacts."""
@@ -374,8 +388,8 @@ def compressed_attention_forward(
         v_new = v_all[seq_len - num_new :].to(torch.bfloat16)
         k_stored, v_stored = layer.append(k_new, v_new)
         k_all, v_all = k_stored, v_stored
+        past = k_stored.shape[0] - num_new
         if num_new > 1:  # prefill chunk: its own tokens come from the fresh K/V, not from pages
-            past = k_stored.shape[0] - num_new
             k_all = torch.cat([k_stored[:past], k_new.float()])
             v_all = torch.cat([v_stored[:past], v_new.float()])
         if layer.headwise is not None:  # razor's packed pages: each KV head over its own tokens
@@ -386,6 +400,10 @@ def compressed_attention_forward(
                 causal_attention(q[:, h * group : (h + 1) * group], k_h[:, None], v_h[:, None], scale)
                 for h, (k_h, v_h) in enumerate(layer.head_sequences(k_stored, v_stored))
             ], dim=1)
+        elif num_new > 1 and layer.sparse_prefill_due(past):  # zipvl: the chunk over its important context
+            k_context, v_context, _ = layer.eviction.prefill_context(q, k_all, v_all, past, scale)
+            out = causal_attention(q, torch.cat([k_context, k_all[past:]]), torch.cat([v_context, v_all[past:]]),
+                                   scale)
         else:
             out = causal_attention(q, k_all, v_all, scale)
         layer.compact_if_due(q, k_stored, v_stored, scale)  # after this chunk's attention, as the vLLM worker
@@ -477,6 +495,9 @@ class ReferenceEngine:
             self.retrieval_index = [[layer.index(h) if h in layer else -1 for h in range(self.num_kv_heads)]
                                     for layer in heads]
         self.power_iters = method_config.pages.power_iters if method_config is not None else 1
+        self.important_shares: list[list[float]] = []
+        """Per generated sequence, the share of its prompt each layer's selection rule asked for
+        (zipvl's attention-mass count, eviction/attention_mass.py `ChosenRatios`), in layer order."""
         self.prefill_chunk = prefill_chunk
         self.max_model_len = max_model_len
         eos = self.model.generation_config.eos_token_id
@@ -534,10 +555,19 @@ class ReferenceEngine:
                 f"a sequence of {num_tokens} tokens exceeds --max-model-len {self.max_model_len}"
             )
 
+    def selection_report(self) -> dict[str, list[float]] | None:
+        """The mean over the generated sequences of each layer's important share, or None where
+        the method's rule records none."""
+        if not self.important_shares:
+            return None
+        by_layer = torch.tensor(self.important_shares).mean(0)
+        return {"important_share_by_layer": [round(float(share), 4) for share in by_layer]}
+
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], max_tokens: list[int], progress=None) -> list[str]:
         """Greedy completions of token-id prompts (already chat-formatted), one at a time."""
         outputs = []
+        ChosenRatios.drain()  # nothing recorded outside a generated sequence counts
         for prompt, limit in zip(prompts, max_tokens, strict=True):
             self._check_length(len(prompt) + limit)
             cache, pages = self._new_sequence(len(prompt) + limit, prompt_len=len(prompt))
@@ -555,6 +585,10 @@ class ReferenceEngine:
                 logits = self._forward([token], position, cache, pages)
                 position += 1
             outputs.append(self.tokenizer.decode(generated, skip_special_tokens=True))
+            shares = ChosenRatios.drain()
+            if shares:
+                self.important_shares.append(shares)
+                logger.debug("important share by layer: %s", " ".join(f"{share:.3f}" for share in shares))
             if progress is not None:
                 progress.update(1)
         return outputs

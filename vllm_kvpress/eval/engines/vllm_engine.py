@@ -122,6 +122,10 @@ class VllmEngine:
             )
         return [-entries[i][token_ids[i]].logprob for i in range(1, len(token_ids))]
 
+    def selection_report(self) -> None:
+        """What the method chose is decided in vLLM's workers, out of this process's sight."""
+        return None
+
     def close(self) -> None:
         """Free the GPU for the next engine of the same process (vLLM keeps a process per engine core)."""
         from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
