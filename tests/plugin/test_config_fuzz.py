@@ -111,3 +111,40 @@ def test_paths_that_are_no_readable_file_are_named(tmp_path):
     (tmp_path / "binary.yaml").write_bytes(b"\xff\xfe\x00\x01")
     with pytest.raises(KVCompressionConfigError, match="is not valid YAML"):
         parse_config_argument(str(tmp_path / "binary.yaml"))
+
+
+VLLM_FLAGS = st.fixed_dictionaries({}, optional={  # compatible values drawn more often, so that many build
+    "kv_cache_dtype": st.sampled_from(["auto", "auto", "auto", "bfloat16", "fp8", "fp8_e5m2", "int4_per_token_head"]),
+    "attention_backend": st.sampled_from(["CUSTOM", "CUSTOM", "CUSTOM", "FLASH_ATTN", "TRITON_ATTN"]),
+    "block_size": st.sampled_from([64, 64, 64, 16, 32, 128]),
+    "enable_prefix_caching": st.booleans(),
+    "max_model_len": st.sampled_from([256, 1024, 4096]),
+    "enforce_eager": st.booleans(),
+})
+ENGINE_CASES = 1_000
+"""vLLM flag combinations per CI run (an engine config each: about 10 s in all on a 2-core CPU)."""
+
+
+def test_settings_with_vllm_flags_build_an_engine_or_are_refused(v2_engine_config, monkeypatch):
+    """The method settings beside vLLM's own flags: an engine config, or the plugin's message
+    naming the setting or flag; never another exception."""
+    monkeypatch.setenv("KVPRESS_ALLOW_UNVERIFIED_METHODS", "1")  # the held-back methods' checks too
+    tried, built = [], []
+
+    @settings(max_examples=ENGINE_CASES, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                               HealthCheck.function_scoped_fixture])
+    @given(drawn=own_settings(), flags=VLLM_FLAGS)
+    def build_or_refuse(drawn, flags):
+        name, values = drawn
+        tried.append(1)
+        try:
+            config = v2_engine_config(additional_config={"kv_compression": {"method": name, **values}}, **flags)
+        except (KVCompressionConfigError, MethodNotImplementedError) as e:
+            assert str(e).startswith(("kv-compression: ", "--kv-compression ")), str(e)
+            return
+        built.append(1)
+        assert config.additional_config["kv_compression"]["method"] == name
+
+    build_or_refuse()
+    assert len(tried) >= ENGINE_CASES and len(built) >= ENGINE_CASES // 10, (len(tried), len(built))
+    print(f"{len(tried)} settings x vLLM flags: {len(built)} engine configs, the rest refused with a message")
