@@ -1,8 +1,11 @@
 """Shared set-up of the soak tests: the stand-in server on a thread of its own, small plans and probes."""
 
 import asyncio
+import json
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +20,9 @@ from .stand_in_server import StandIn, make_app
 
 SMALL_CONTEXT = 256
 VOCAB = 1000
+STAND_IN = Path(__file__).parent / "stand_in_server.py"
+STAND_IN_PREFIX = (sys.executable, str(STAND_IN))
+"""`SoakRequest.serve_prefix` that starts the stand-in where `vllm serve` would start."""
 SMALL_TRAFFIC = TrafficSettings(
     duration_s=3.0,
     request_rate=15.0,
@@ -62,6 +68,17 @@ class ServerThread:
     def __exit__(self, *exc) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=30)
+
+
+def tiny_model_dir(parent: Path) -> Path:
+    """A Llama config without weights or tokenizer: served with dummy weights, probed with random ids."""
+    model_dir = parent / "tiny-llama"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": VOCAB,
+        "max_position_embeddings": 4096,
+    }))
+    return model_dir
 
 
 def small_plan(traffic: TrafficSettings = SMALL_TRAFFIC, *, capacity_tokens: int = StandIn.capacity_tokens, seed=0):

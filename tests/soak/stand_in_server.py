@@ -17,7 +17,9 @@ Faults:
     leak_per_request   usage that every finished request leaves behind for good: a leak
     diverge_when_busy  a token changes when another request runs beside it (batch-dependent numerics)
 `make_app(StandIn(...))` serves it in a test's thread; `python stand_in_server.py MODEL --port N ...`
-serves it as `vllm serve` would (unknown flags are ignored; `--kv-compression kivi` exits at start).
+serves it as `vllm serve` would (unknown flags are ignored; `--kv-compression kivi` exits at start,
+any other `--kv-compression` serves a pool of `COMPRESSED_POOL_FACTOR` times the tokens, so servers
+side by side can be told apart by their pools).
 """
 
 import argparse
@@ -30,6 +32,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 INJECTED_FAILURE = "injected failure"
+COMPRESSED_POOL_FACTOR = 2
 
 
 @dataclass
@@ -168,7 +171,8 @@ def main() -> None:
     if args.kv_compression == "kivi":
         print("stand-in server: kivi fails to start", flush=True)
         sys.exit(1)
-    stand_in = StandIn(capacity_tokens=args.capacity_tokens, token_delay_s=args.token_delay_s)
+    capacity = args.capacity_tokens * (COMPRESSED_POOL_FACTOR if args.kv_compression else 1)
+    stand_in = StandIn(capacity_tokens=capacity, token_delay_s=args.token_delay_s)
     web.run_app(make_app(stand_in), host=args.host, port=args.port, print=None)
 
 

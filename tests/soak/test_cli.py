@@ -45,6 +45,17 @@ def test_defaults_and_flags_reach_the_request(tmp_path):
     assert request.model.recorded_path == "vllm_kvpress/bench/model_configs/llama-3.1-8b"
     assert request.probe_lengths == tuple(default_lengths(16384)) and len(request.probe_lengths) == 3
     assert not (tmp_path / "o").exists()  # nothing is written before the run
+    assert request.side_by_side is False
+
+
+def test_side_by_side_reaches_the_request_with_the_total_share(tmp_path):
+    request = soak_cli.build_request(_args(
+        "--model", "smollm2", "--configs", "gear", "snapkv", "--side-by-side", "--gpu-memory-utilization", "0.6",
+        "--kv-cache-memory-bytes", "1G", "--out", str(tmp_path / "o"),
+    ))
+    assert request.side_by_side is True and len(request.configs) == 3
+    assert request.engine.gpu_memory_utilization == 0.6  # the servers' total; the runner splits it
+    assert request.engine.kv_cache_memory_bytes == 2**30
 
 
 def _usage_error(capsys, argv: list[str]) -> str:
@@ -80,6 +91,13 @@ MODEL = ["--model", "llama-3.1-8b"]
         ([*MODEL, "--max-model-len", "8192", "--probe-lengths", "8170"], "--probe-lengths 8170: allowed: 1 to 8160"),
         ([*MODEL, "--probe-depths", "150"], "--probe-depths '150': allowed: numbers from 0 to 100"),
         ([*MODEL, "--drain-timeout-s", "0"], "--drain-timeout-s 0: allowed: more than 0 seconds"),
+        ([*MODEL, "--side-by-side", "--gpu-memory-utilization", "1"],
+         "--gpu-memory-utilization 1 with --side-by-side: allowed: more than 0, less than 1"),
+        ([*MODEL, "--side-by-side", "--configs", "gear", "snapkv", "--gpu-memory-utilization", "0.05"],
+         "--side-by-side with 3 configurations: --gpu-memory-utilization 0.05 leaves each server 0.0166 of the GPU; "
+         "allowed: at least 0.02 each, so --gpu-memory-utilization 0.06 or more (less than 1), or fewer --configs"),
+        ([*MODEL, "--side-by-side", "--tensor-parallel-size", "2"],
+         "--side-by-side puts every server on one GPU: --tensor-parallel-size 2 is not allowed with it"),
     ],
 )
 def test_bad_flags_are_usage_errors_that_write_nothing(capsys, tmp_path, argv, message):

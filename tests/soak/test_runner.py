@@ -4,9 +4,7 @@ and the results land as JSON, markdown and plots."""
 
 import io
 import json
-import sys
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 
@@ -17,23 +15,16 @@ from vllm_kvpress.soak.probes import RANDOM_TOKENS
 from vllm_kvpress.soak.runner import RECORDS_DIR, SOAK_FILE, SUMMARY_FILE, SoakRequest, run_soak
 from vllm_kvpress.soak.served_model import resolve_model
 
-from .conftest import SMALL_CONTEXT, SMALL_TRAFFIC
+from .conftest import SMALL_CONTEXT, SMALL_TRAFFIC, STAND_IN_PREFIX, tiny_model_dir
 from .stand_in_server import StandIn
 
-STAND_IN = Path(__file__).parent / "stand_in_server.py"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
 def soaked(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("soak")
-    model_dir = tmp_path / "tiny-llama"
-    model_dir.mkdir()
-    (model_dir / "config.json").write_text(json.dumps({
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 1000,
-        "max_position_embeddings": 4096,
-    }))
-    model = resolve_model(str(model_dir))
+    model = resolve_model(str(tiny_model_dir(tmp_path)))
     out = tmp_path / "out"
     request = SoakRequest(
         model=model,
@@ -47,7 +38,7 @@ def soaked(tmp_path_factory):
         start_timeout_s=60.0,
         sample_interval_s=0.05,
         memory_release_timeout_s=1.0,
-        serve_prefix=(sys.executable, str(STAND_IN)),
+        serve_prefix=STAND_IN_PREFIX,
         command="vllm-kvpress soak --model tiny-llama --configs kivi:bits=2",
         out_stream=io.StringIO(),
     )

@@ -10,7 +10,9 @@ Modules, one idea each:
     driver.py        runs a plan against one server: phases, probe rounds, idle periods and leak checks
     summary.py       the figures drawn from a soak's record (pure functions) and the markdown summary
     plots.py         PNG plots of the gauges over time
-    runner.py        one invocation: a server per configuration, started and stopped as bench's online mode does
+    side_by_side.py  how servers side by side share one GPU: the memory split and the checks that refuse it
+    runner.py        one invocation: a server per configuration, started and stopped as bench's online mode does,
+                     one after another or all at once (side by side)
     cli.py           `vllm-kvpress soak`
 
 Servers are started and stopped by `bench/online.py`, requests are built and parsed by

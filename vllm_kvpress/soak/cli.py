@@ -15,6 +15,7 @@ from vllm_kvpress.eval.cli import number_list
 from vllm_kvpress.soak import plan
 from vllm_kvpress.soak.driver import DEFAULT_DRAIN_TIMEOUT_S
 from vllm_kvpress.soak.probes import DEFAULT_DEPTHS, DEFAULT_LENGTH_SHARES, PROBE_MAX_TOKENS, default_lengths
+from vllm_kvpress.soak.side_by_side import split_memory
 
 DEFAULT_DURATION_S = 600.0
 """The issue's acceptance: at least 10 minutes per configuration."""
@@ -24,7 +25,11 @@ EPILOG = """examples:
       --duration-s 600 --kv-cache-memory-bytes 1G --out docs/results/soak_smollm2
   vllm-kvpress soak --model llama-3.1-8b --max-model-len 16384 --configs gear \\
       --duration-s 600 --kv-cache-memory-bytes 8G --out docs/results/soak_llama-3.1-8b
+  vllm-kvpress soak --model smollm2 --configs gear 'kivi:{"bits":2}' snapkv kvcrush razor \\
+      --side-by-side --gpu-memory-utilization 0.9 --kv-cache-memory-bytes 1G \\
+      --duration-s 600 --out docs/results/soak_smollm2_side_by_side
 The bf16 baseline (--baselines, default auto) runs first: its probe divergence is the reference.
+--side-by-side serves every configuration at once on one GPU: one --duration-s for all of them.
 What is recorded and how to read it: docs/soak.md."""
 
 
@@ -59,6 +64,12 @@ def add_parser(subparsers) -> None:
         help="vLLM kv_cache_dtype baselines soaked first (default %(default)s; 'none' for none)",
     )
     what.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
+    what.add_argument(
+        "--side-by-side", action="store_true",
+        help="every configuration's server at once on the one GPU, each on its own port with "
+        "--gpu-memory-utilization / (number of configurations) of it; all start together with "
+        "--kv-cache-memory-bytes, else one after another; a server that fails to start stops the others",
+    )
     traffic = p.add_argument_group("traffic (the same plan shape for every configuration)")
     traffic.add_argument(
         "--duration-s", type=float, default=DEFAULT_DURATION_S,
@@ -105,7 +116,10 @@ def add_parser(subparsers) -> None:
         "without a tokenizer, the number of random probes per length",
     )
     engine = p.add_argument_group("vLLM settings (the same for every configuration; defaults as bench's)")
-    engine.add_argument("--gpu-memory-utilization", type=float, default=None, help="default 0.9")
+    engine.add_argument(
+        "--gpu-memory-utilization", type=float, default=None,
+        help="default 0.9; with --side-by-side, the share of the GPU all servers hold together, split evenly",
+    )
     engine.add_argument("--max-num-seqs", type=int, default=None, help="default 256")
     engine.add_argument("--max-num-batched-tokens", type=int, default=None, help="default 8192")
     engine.add_argument("--seed", type=int, default=None, help="engine, plan and probe seed, default 0")
@@ -192,6 +206,14 @@ def build_request(args: argparse.Namespace):
         )
     if not 0 < args.drain_timeout_s < math.inf:
         raise InputError(f"--drain-timeout-s {args.drain_timeout_s:g}: allowed: more than 0 seconds")
+    engine = engine_options(args)
+    if args.side_by_side:  # the arithmetic here; the runner checks it against the GPU's memory too
+        split_memory(
+            len(configs),
+            engine.gpu_memory_utilization,
+            kv_cache_memory_bytes=engine.kv_cache_memory_bytes,
+            tensor_parallel_size=engine.tensor_parallel_size,
+        )
     out = _check_out(args.out)
     return SoakRequest(
         model=resolve_model(args.model),
@@ -201,9 +223,10 @@ def build_request(args: argparse.Namespace):
         max_model_len=max_model_len,
         probe_lengths=probe_lengths,
         probe_depths=tuple(args.probe_depths),
-        engine=engine_options(args),
+        engine=engine,
         drain_timeout_s=args.drain_timeout_s,
         command=command_line(),
+        side_by_side=args.side_by_side,
     )
 
 

@@ -3,7 +3,9 @@
     gauges__<config>.png   four panels on one time axis: KV-cache usage (with each leak check's
                            verdict), requests running and waiting, preemptions since the start,
                            and GPU memory used; idle periods shaded grey, bursts as red dashed
-                           lines, probe rounds as blue bands
+                           lines, probe rounds as blue bands. GPU memory is the whole device's
+                           (NVML): with servers side by side, the sum of all of them, and the
+                           panel's label says so (`memory_label`)
 
 Drawn with bench's matplotlib set-up (bench/plots.py: files only, its DPI).
 """
@@ -17,6 +19,7 @@ from vllm_kvpress.soak.sampler import GPU_MEMORY_USED, PREEMPTIONS_TOTAL
 from vllm_kvpress.soak.summary import CLEAN, LEAKED
 
 GIB = 1 << 30
+MEMORY_LABEL = "GPU memory used (GiB)"
 VERDICT_STYLES = {
     CLEAN: {"color": "green", "marker": "o"},
     LEAKED: {"color": "red", "marker": "X"},
@@ -52,7 +55,7 @@ def _mark_events(ax, events: list[Mapping], *, label: bool) -> None:
             ax.axvspan(event["t_s"], event["end_s"], color="tab:blue", alpha=0.25, label=once("probe round"))
 
 
-def gauges_figure(result: Mapping, *, title: str):
+def gauges_figure(result: Mapping, *, title: str, memory_label: str | None = None):
     """The four panels of module docstring for one configuration's record."""
     plt = pyplot()
     series, events = result["series"], result["events"]
@@ -84,7 +87,7 @@ def gauges_figure(result: Mapping, *, title: str):
         memory.plot(times, used, color="tab:purple", linewidth=1)
     else:
         memory.text(0.5, 0.5, "no GPU memory readings (no NVML here)", transform=memory.transAxes, ha="center")
-    memory.set_ylabel("GPU memory used (GiB)")
+    memory.set_ylabel(memory_label or MEMORY_LABEL)
     memory.set_xlabel("time since the soak started (s)")
 
     for i, ax in enumerate(axes):
@@ -99,9 +102,11 @@ def gauges_figure(result: Mapping, *, title: str):
     return fig
 
 
-def write_gauges_plot(result: Mapping, out_dir: Path, config_slug: str, *, title: str) -> Path:
+def write_gauges_plot(
+    result: Mapping, out_dir: Path, config_slug: str, *, title: str, memory_label: str | None = None
+) -> Path:
     plt = pyplot()
-    fig = gauges_figure(result, title=title)
+    fig = gauges_figure(result, title=title, memory_label=memory_label)
     path = Path(out_dir) / plot_file_name(config_slug)
     fig.savefig(path, dpi=DPI)
     plt.close(fig)

@@ -14,7 +14,8 @@ definition is tested on CPU from constructed records:
     divergence rate        probes whose answer differs from the "start" round's / probes answered in
                            both, over every later round (probes.compare_rounds)
     GPU memory spread      max - min of device memory after the first leak check (the warm-up:
-                           one full cycle); "flat" within `MEMORY_FLAT_SLACK_BYTES`
+                           one full cycle); "flat" within `MEMORY_FLAT_SLACK_BYTES`. The whole
+                           device's: with servers side by side, the sum of all of them
 """
 
 from collections import Counter
@@ -305,6 +306,20 @@ def _totals_line(totals: Mapping | None) -> str:
     )
 
 
+def _side_by_side_lines(side: Mapping | None) -> list[str]:
+    """The settings line of a side-by-side soak (runner.py, side_by_side.py); none for one in turn."""
+    if not side:
+        return []
+    pool = side.get("kv_cache_memory_bytes")
+    return [
+        f"- side by side on one GPU: {side['servers']} servers at once, started {side['start']}; "
+        f"--gpu-memory-utilization {side['total_utilization']:g} split into {side['per_server_utilization']:g} "
+        f"per server{'' if pool is None else f', KV pool {pool / MIB:,.0f} MiB each'}. GPU memory (column and "
+        "plots) is the whole GPU's, the sum of all servers; KV usage, requests and preemptions are each "
+        "server's own. Latencies are on a GPU the servers share: compare them within this soak only",
+    ]
+
+
 def markdown(soak: Mapping) -> str:
     """The summary of one soak invocation: settings, one row per configuration, then details."""
     env = soak.get("environment") or {}
@@ -324,6 +339,7 @@ def markdown(soak: Mapping) -> str:
         f"1..{traffic['max_output_len']:,} tokens, seed {soak['seed']}",
         f"- probes: {soak['probes']['kind']}, {len(soak['probes']['probes'])} per round, "
         f"{soak['probes']['max_tokens']} greedy tokens, compared with the `{REFERENCE_ROUND}` round",
+        *_side_by_side_lines(soak.get("side_by_side")),
         "",
         TABLE_HEADER,
         "|---|" + "---:|" * 11,
