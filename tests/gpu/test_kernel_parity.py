@@ -26,6 +26,9 @@ SHAPES = [
     ("kivi", {"bits": 2}, 32, 8, 128),
     ("gear", {"bits": 2}, 9, 3, 64),  # SmolLM2-135M
     ("kivi", {"bits": 4}, 14, 2, 64),  # Qwen2.5-0.5B
+    # vLLM's default block size: the smallest tiles the kernels unpack (2 bits: 256 bytes per tile)
+    ("kivi", {"bits": 2, "block_size": 16}, 14, 2, 64),
+    ("gear", {"bits": 4, "block_size": 16}, 9, 3, 64),
 ]
 CONTEXT_LENS, QUERY_LENS = [3000, 777, 1500, 0], [1, 1, 700, 2100]
 TOL = dict(atol=2e-2, rtol=1.6e-2)
