@@ -161,3 +161,16 @@ def test_vllm_serve_splits_a_prompt_into_two_precisions_with_mikv(tmp_path, monk
         text[-3000:]
     assert f"vllm-kvpress: compacted a {prompt_tokens}-token prompt into" in text, text[-3000:]
     assert answer.strip(), text[-3000:]
+
+
+def test_vllm_serve_prefills_sparsely_and_splits_the_prompt_with_zipvl(tmp_path, monkeypatch):
+    """`vllm serve --kv-compression zipvl` with the prompt prefilled in 512-token chunks and sparse
+    prefill from 512 tokens: the later chunks attend to the context their probes pick (FlashAttention
+    over the gathered keys), then the prompt is split into 4-bit and 2-bit pages."""
+    monkeypatch.setenv("KVPRESS_ALLOW_UNVERIFIED_METHODS", "1")  # until this test and the kernels' pass on a GPU
+    answer, prompt_tokens, text = _ask_for_the_needle(tmp_path, [
+        "--kv-compression", "zipvl", "--kv-compression-config", '{"sparse_prefill_from": 512, "tau": 0.99}',
+        "--max-num-batched-tokens", "512"])
+    assert "vllm-kvpress: sparse prefill: a chunk attended to" in text, text[-3000:]
+    assert f"vllm-kvpress: compacted a {prompt_tokens}-token prompt into" in text, text[-3000:]
+    assert answer.strip(), text[-3000:]

@@ -19,6 +19,7 @@ of the batch's lengths; prefill steps are never captured in CUDA graphs, so the 
 allocated per step.
 """
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -27,6 +28,9 @@ import torch
 
 from vllm_kvpress.backend.host_copy import to_device
 from vllm_kvpress.layout import PageLayout
+
+logger = logging.getLogger("vllm.kvpress")
+_first_sparse_logged = False
 
 
 @dataclass(frozen=True)
@@ -149,7 +153,8 @@ def sparse_keys_values(
     for i in range(len(cu_q) - 1):
         k_seq, v_seq = k_ws[cu_k[i] : cu_k[i + 1]], v_ws[cu_k[i] : cu_k[i + 1]]
         if i in plan.sparse_seqs:
-            k_kept, v_kept, _ = prefill_context(query[cu_q[i] : cu_q[i + 1]], k_seq, v_seq, context[i], scale)
+            k_kept, v_kept, count = prefill_context(query[cu_q[i] : cu_q[i + 1]], k_seq, v_seq, context[i], scale)
+            _log_first_sparse_chunk(count, context[i])
             k_seq = torch.cat([k_kept.to(k_seq.dtype), k_seq[context[i] :]])
             v_seq = torch.cat([v_kept.to(v_seq.dtype), v_seq[context[i] :]])
         keys.append(k_seq)
@@ -157,6 +162,15 @@ def sparse_keys_values(
         lengths.append(k_seq.shape[0])
     cu_seqlens_k = torch.tensor([0, *np.cumsum(lengths).tolist()], dtype=torch.int32, device=k_ws.device)
     return torch.cat(keys), torch.cat(values), cu_seqlens_k, max(lengths)
+
+
+def _log_first_sparse_chunk(count: int, context_len: int) -> None:
+    """Say once per process that the sparse prefill is at work (a serving log shows it took effect)."""
+    global _first_sparse_logged
+    if not _first_sparse_logged:
+        _first_sparse_logged = True
+        logger.info("vllm-kvpress: sparse prefill: a chunk attended to %d of its %d context tokens", count,
+                    context_len)
 
 
 def flash_attention_version() -> int | None:
