@@ -200,10 +200,7 @@ def reference_step(reference, q, k_new, v_new, scale: float):
         past = stored_k.shape[0] - q.shape[0]
         attended_k = torch.cat([stored_k[:past], k_new.cpu().float()])
         attended_v = torch.cat([stored_v[:past], v_new.cpu().float()])
-        if reference.sparse_prefill_due(past):  # zipvl: the chunk over the context its method picks
-            context_k, context_v, _ = reference.eviction.prefill_context(q.cpu(), attended_k, attended_v, past, scale)
-            attended_k = torch.cat([context_k, attended_k[past:]])
-            attended_v = torch.cat([context_v, attended_v[past:]])
+        attended_k, attended_v = reference.chunk_keys_values(q.cpu(), attended_k, attended_v, past, scale)
     return causal_attention(q.cpu(), attended_k, attended_v, scale), stored_k, stored_v
 
 

@@ -18,7 +18,7 @@ from typing import ClassVar
 
 import torch
 
-from vllm_kvpress.eviction.scoring import window_attention_stats
+from vllm_kvpress.eviction.scoring import forced_positions, per_kv_head, window_attention_stats
 
 MAX_RECORDED_RATIOS = 1 << 16
 """Ratios kept undrained: a process that never drains (a vLLM worker) holds at most this many."""
@@ -90,12 +90,10 @@ def sparse_context(
     attention_sum, _ = window_attention_stats(queries[-probes:].float(), positions, keys, scale,
                                               count_pivotal=False)
     num_kv_heads = keys.shape[1]
-    per_kv_head = normalized_attention(attention_sum, positions).reshape(
-        num_kv_heads, -1, keys.shape[0]).sum(1)[:, :context_len]
-    forced = torch.zeros(context_len, dtype=torch.bool, device=keys.device)
-    forced[:sink] = True
-    forced[max(context_len - window, 0):] = True
-    count = max(int(tokens_for_mass(per_kv_head, tau)), int(forced.sum()))  # a prefill step is eager
-    chosen = per_kv_head.masked_fill(forced, float("inf")).topk(count, dim=1).indices.sort(dim=1).values
+    scores = per_kv_head(normalized_attention(attention_sum, positions), num_kv_heads)[:, :context_len]
+    # the whole context is a candidate and may be kept: every sink and window token is forced
+    forced = forced_positions(sink, window, context_len, context_len, context_len, keys.device)
+    count = max(int(tokens_for_mass(scores, tau)), forced.numel())  # a prefill step is eager
+    chosen = scores.index_fill(1, forced, float("inf")).topk(count, dim=1).indices.sort(dim=1).values
     heads = torch.arange(num_kv_heads, device=keys.device)
     return keys[chosen.t(), heads], values[chosen.t(), heads], count

@@ -45,9 +45,14 @@ class WindowStats:
         return self.attention_sum.shape[0] // self.num_kv_heads
 
     def per_kv_head(self, per_query_head: torch.Tensor) -> torch.Tensor:
-        """[num_heads, P] -> [num_kv_heads, P], summed over each KV head's query group: a group
-        shares one K/V, so it keeps one token set (SnapKV issue #22)."""
-        return per_query_head.reshape(self.num_kv_heads, self.group, per_query_head.shape[-1]).sum(1)
+        """[num_heads, P] -> [num_kv_heads, P] (`per_kv_head`)."""
+        return per_kv_head(per_query_head, self.num_kv_heads)
+
+
+def per_kv_head(per_query_head: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """[num_heads, P] -> [num_kv_heads, P], summed over each KV head's query group: a group shares
+    one K/V, so it keeps one token set (SnapKV issue #22)."""
+    return per_query_head.reshape(num_kv_heads, -1, per_query_head.shape[-1]).sum(1)
 
 
 def window_attention_stats(
@@ -83,7 +88,7 @@ def window_attention_stats(
     return attention_sum, pivotal_count
 
 
-def _forced_positions(sink: int, window: int, num_keys: int, num_candidates: int, num_keep: int,
+def forced_positions(sink: int, window: int, num_keys: int, num_candidates: int, num_keep: int,
                       device) -> torch.Tensor:
     """The candidates kept whatever the scores: the first `sink`, and those at positions >= P - window.
     If they alone exceed num_keep (a fractional budget of a short prompt), the sink goes first, then
@@ -132,7 +137,7 @@ def select_kept_tokens(
             f"need 0 <= num_keep ({num_keep}) <= num_candidates ({num_candidates}) <= prompt tokens ({num_keys})"
         )
     device = keys.device
-    forced = _forced_positions(method.sink, method.window, num_keys, num_candidates, num_keep, device)
+    forced = forced_positions(method.sink, method.window, num_keys, num_candidates, num_keep, device)
     num_free = num_keep - forced.numel()
     if num_free == 0:
         return forced.sort().values.expand(num_kv_heads, -1).contiguous()

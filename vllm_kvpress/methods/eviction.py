@@ -303,5 +303,10 @@ class TokenEviction(EvictingMethod):
             int64 [num_kv_heads, num_free] (or [1, num_free] for one choice every head shares):
             distinct positions where `free` is True.
         """
-        scores = self.score(stats)[:, : free.numel()].masked_fill(~free, float("-inf"))
-        return scores.topk(num_free, dim=1).indices
+        return highest_free(self.score(stats), free, num_free)
+
+
+def highest_free(scores: "torch.Tensor", free: "torch.Tensor", num_free: int) -> "torch.Tensor":
+    """The `num_free` highest-scored candidates where `free` is True, per row of `scores`
+    [rows, >= num_candidates]: int64 [rows, num_free] (`TokenEviction.choose`'s rule)."""
+    return scores[:, : free.numel()].masked_fill(~free, float("-inf")).topk(num_free, dim=1).indices

@@ -57,7 +57,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 from vllm_kvpress.methods.base import Family, MethodInfo, Status, check_range
-from vllm_kvpress.methods.eviction import EVICTION_PAGES
+from vllm_kvpress.methods.eviction import EVICTION_PAGES, highest_free
 from vllm_kvpress.methods.kivi import Kivi
 from vllm_kvpress.methods.mikv import MiKV
 
@@ -124,4 +124,4 @@ class ZipVL(MiKV):
         scores = self.score(stats)
         num_tokens = scores.shape[1]
         ChosenRatios.record(tokens_for_mass(scores, self.tau) / num_tokens)
-        return scores[:, : free.numel()].masked_fill(~free, float("-inf")).topk(num_free, dim=1).indices
+        return highest_free(scores, free, num_free)

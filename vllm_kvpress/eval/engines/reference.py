@@ -182,6 +182,16 @@ class SequencePages:
                 and self.num_tokens + self.num_evicted <= self.prompt_len
                 and self.eviction.sparse_prefill(self.prompt_len))
 
+    def chunk_keys_values(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, context_len: int,
+                          scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """What a prefill chunk attends to, from `keys`, `values` [context_len + T, ...] (the stored
+        context, then the chunk's fresh K/V): all of it, or with a sparse prefill due, the context
+        the method picks (`prefill_context`) and the chunk."""
+        if not self.sparse_prefill_due(context_len):
+            return keys, values
+        k_context, v_context, _ = self.eviction.prefill_context(queries, keys, values, context_len, scale)
+        return torch.cat([k_context, keys[context_len:]]), torch.cat([v_context, values[context_len:]])
+
     def evicts_now(self) -> bool:
         """Whether the tokens just appended complete the prompt of a sequence that compacts."""
         end = self._new_freed_end()
@@ -400,11 +410,9 @@ def compressed_attention_forward(
                 causal_attention(q[:, h * group : (h + 1) * group], k_h[:, None], v_h[:, None], scale)
                 for h, (k_h, v_h) in enumerate(layer.head_sequences(k_stored, v_stored))
             ], dim=1)
-        elif num_new > 1 and layer.sparse_prefill_due(past):  # zipvl: the chunk over its important context
-            k_context, v_context, _ = layer.eviction.prefill_context(q, k_all, v_all, past, scale)
-            out = causal_attention(q, torch.cat([k_context, k_all[past:]]), torch.cat([v_context, v_all[past:]]),
-                                   scale)
         else:
+            if num_new > 1:
+                k_all, v_all = layer.chunk_keys_values(q, k_all, v_all, past, scale)
             out = causal_attention(q, k_all, v_all, scale)
         layer.compact_if_due(q, k_stored, v_stored, scale)  # after this chunk's attention, as the vLLM worker
     else:
