@@ -1,11 +1,28 @@
 """Helpers shared by tests: building compressed caches and batches the way vLLM lays them out."""
 
+import json
+import subprocess
+import sys
+import tempfile
 from dataclasses import dataclass
 
 import torch
 
 from vllm_kvpress.config import load_method_config
 from vllm_kvpress.layout import PageLayout
+
+
+def run_script(script: str, *args: str) -> tuple[dict, str]:
+    """Run `python -c script args` in its own process and return the JSON its last `RESULT ` line
+    carries, and its whole output. It runs in the temporary directory because `-c` puts the working
+    directory first on sys.path, and from the repository root the source tree's vllm_kvpress (which
+    lacks the installed triton_kernels and configs) would shadow the installed package."""
+    out = subprocess.run([sys.executable, "-c", script, *args], cwd=tempfile.gettempdir(), check=False,
+                         capture_output=True, text=True, timeout=900)
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log[-5000:]
+    line = [row for row in out.stdout.splitlines() if row.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT "):]), log
 
 
 def layout_for(method: str, head_size: int, **overrides) -> tuple[PageLayout, int]:

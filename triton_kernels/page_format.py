@@ -166,13 +166,36 @@ def pack_codes(codes, ROWS: tl.constexpr, COLS: tl.constexpr, BITS: tl.constexpr
     return packed.to(tl.uint8)
 
 
+NARROW_ROW_BYTES = tl.constexpr(16)
+"""Packed rows shorter than this are unpacked by `load_narrow_codes`. On an H100 (Triton 3.6) the
+join-and-reshape unpacking gave wrong codes inside the decode kernel for V tiles of 16-token blocks
+(rows of 4 or 8 bytes; errors of 10-100 in the output) though the same function alone was exact;
+rows of 16 bytes and more (32-token blocks and up, every K tile) were exact."""
+
+
+@triton.jit
+def load_narrow_codes(page, CODES_OFF: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, BITS: tl.constexpr):
+    """Codes int32 [ROWS, COLS] read one code per lane: each lane loads its code's byte (neighbours
+    share it through the cache) and shifts its field down; no join or reshape."""
+    CODES_PER_BYTE: tl.constexpr = 8 // BITS
+    ROW_BYTES: tl.constexpr = COLS * BITS // 8
+    cols = tl.arange(0, COLS)
+    offs = tl.arange(0, ROWS)[:, None] * ROW_BYTES + (cols // CODES_PER_BYTE)[None, :]
+    byte = tl.load(page + CODES_OFF + offs).to(tl.int32)
+    return (byte >> ((cols % CODES_PER_BYTE) * BITS)[None, :]) & ((1 << BITS) - 1)
+
+
 @triton.jit
 def load_codes(page, CODES_OFF: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, BITS: tl.constexpr):
     """Codes of a whole block of one tensor as stored, int32 [ROWS, COLS]: K is (tokens, channels),
     V is (channels, tokens)."""
     ROW_BYTES: tl.constexpr = COLS * BITS // 8
-    offs = tl.arange(0, ROWS)[:, None] * ROW_BYTES + tl.arange(0, ROW_BYTES)[None, :]
-    return unpack_codes(tl.load(page + CODES_OFF + offs), ROWS, COLS, BITS)
+    if ROW_BYTES < NARROW_ROW_BYTES:
+        codes = load_narrow_codes(page, CODES_OFF, ROWS, COLS, BITS)
+    else:
+        offs = tl.arange(0, ROWS)[:, None] * ROW_BYTES + tl.arange(0, ROW_BYTES)[None, :]
+        codes = unpack_codes(tl.load(page + CODES_OFF + offs), ROWS, COLS, BITS)
+    return codes
 
 
 @triton.jit
@@ -238,7 +261,9 @@ def load_codes_operand(page, CODES_OFF: tl.constexpr, ROWS: tl.constexpr, COLS: 
     """A block's codes as a dot operand [ROWS, COLS] holding BIAS + code (BIAS 0: plain conversion)."""
     ROW_BYTES: tl.constexpr = COLS * BITS // 8
     packed = tl.load(page + CODES_OFF + tl.arange(0, ROWS)[:, None] * ROW_BYTES + tl.arange(0, ROW_BYTES)[None, :])
-    if BIAS == 0 or BITS == 8:
+    if ROW_BYTES < NARROW_ROW_BYTES and BITS < 8:
+        operand = codes_as_operand(load_narrow_codes(page, CODES_OFF, ROWS, COLS, BITS), DOT_DTYPE, BIAS)
+    elif BIAS == 0 or BITS == 8:
         operand = codes_as_operand(unpack_codes(packed, ROWS, COLS, BITS), DOT_DTYPE, BIAS)
     elif BITS == 4:
         operand = interleave_fields2(field_as_operand(packed, 0, 4, BIAS), field_as_operand(packed, 4, 4, BIAS),

@@ -2,7 +2,8 @@
 `load_codes_operand`: inline PTX that turns four packed bytes into bf16 `bias + code` values at
 once) against the plain unpacking (`unpack_codes`), at every tile shape the kernels load: K tiles
 (block tokens x head channels) and V tiles (head channels x block tokens), 2 and 4 bits, the
-block sizes users may set. The interpreter cannot run PTX, so only a GPU exercises this path.
+block sizes users may set (rows under NARROW_ROW_BYTES take load_narrow_codes instead). The
+interpreter cannot run PTX, so only a GPU exercises this path.
 
     pytest -m gpu tests/gpu/test_code_unpacking.py
 """
@@ -15,8 +16,8 @@ from vllm_kvpress.triton_kernels.page_format import load_codes_operand, unpack_c
 
 pytestmark = pytest.mark.gpu
 
-BIAS = 128
-"""bf16's magic bias: the operand holds 128 + code."""
+BIAS = tl.constexpr(128)
+"""bf16's magic bias: the operand holds 128 + code (a constexpr, as Triton reads globals only so)."""
 
 
 @triton.jit

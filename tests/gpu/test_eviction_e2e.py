@@ -4,17 +4,13 @@ process; the engine core runs in that process too (VLLM_ENABLE_V1_MULTIPROCESSIN
 can read the scheduler's block pool between steps.
 
     pytest -m gpu tests/gpu/test_eviction_e2e.py -s
-
-(from outside the repository root with a plain install: the engines' subprocesses would import the
-source tree's vllm_kvpress, which lacks the installed triton_kernels and configs; README.md)
 """
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import run_script
 
 from vllm_kvpress.config import load_method_config
 
@@ -63,13 +59,7 @@ EVICTING = [
 
 
 def _free_block_trace(settings: dict, max_tokens: int) -> dict:
-    out = subprocess.run(
-        [sys.executable, "-c", FREE_BLOCK_TRACE, str(LLAMA_CONFIG), json.dumps(settings), str(PROMPT_LEN),
-         str(max_tokens)],
-        check=False, capture_output=True, text=True, timeout=900,
-    )
-    assert out.returncode == 0, (out.stdout + out.stderr)[-5000:]
-    return json.loads([line for line in out.stdout.splitlines() if line.startswith("RESULT ")][-1][7:])
+    return run_script(FREE_BLOCK_TRACE, str(LLAMA_CONFIG), json.dumps(settings), str(PROMPT_LEN), str(max_tokens))[0]
 
 
 @pytest.mark.parametrize("settings,freed", EVICTING, ids=["snapkv", "razor", "kvcrush-on-gear4", "mikv"])
@@ -123,13 +113,7 @@ CHUNK = 8192
 
 def _greedy_tokens(settings: dict, prompt_len: int, mode: str, max_tokens: int = 16) -> list[int]:
     script = GREEDY_TOKENS.replace("CHUNK", str(CHUNK))
-    out = subprocess.run(
-        [sys.executable, "-c", script, str(LLAMA_CONFIG), json.dumps(settings), str(prompt_len), mode,
-         str(max_tokens)],
-        check=False, capture_output=True, text=True, timeout=900,
-    )
-    assert out.returncode == 0, (out.stdout + out.stderr)[-5000:]
-    return json.loads([line for line in out.stdout.splitlines() if line.startswith("RESULT ")][-1][7:])
+    return run_script(script, str(LLAMA_CONFIG), json.dumps(settings), str(prompt_len), mode, str(max_tokens))[0]
 
 
 def test_a_prompt_completed_by_a_one_token_chunk_is_compacted_under_full_graphs():

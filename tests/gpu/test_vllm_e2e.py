@@ -7,12 +7,12 @@ directory, e.g. SmolLM2-135M-Instruct). Each engine runs in its own process.
 import json
 import os
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
+from helpers import run_script
 
 pytestmark = pytest.mark.gpu
 
@@ -33,12 +33,7 @@ print("RESULT " + json.dumps({"texts": [o.outputs[0].text for o in outs],
 
 
 def _offline(kwargs: dict) -> tuple[dict, str]:
-    out = subprocess.run([sys.executable, "-c", OFFLINE, MODEL, json.dumps(kwargs), json.dumps(PROMPTS)],
-                         capture_output=True, text=True, timeout=900)
-    log = out.stdout + out.stderr
-    assert out.returncode == 0, log[-5000:]
-    line = [row for row in out.stdout.splitlines() if row.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT "):]), log
+    return run_script(OFFLINE, MODEL, json.dumps(kwargs), json.dumps(PROMPTS))
 
 
 @pytest.fixture(scope="module")

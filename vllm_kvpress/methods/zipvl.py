@@ -35,8 +35,9 @@ Deviations from the paper, and why:
 - Runs on the reference engine. In vLLM the sparse prefill runs in the FlashAttention prefill
   (backend/flash_prefill.py `sparse_keys_values`: the context a chunk attends to is gathered per
   layer before FlashAttention runs, tested on CPU against the reference engine with a stand-in for
-  FlashAttention) and the decode is mikv's; neither has passed on a GPU yet, so vLLM refuses the
-  method (Status.REFERENCE_ONLY).
+  FlashAttention) and the decode is mikv's. `vllm serve` ran it on an H100 (512-token chunks, sparse
+  from 512 tokens; tests/gpu/test_vllm_e2e.py), but mikv's mixed-precision kernel tests have not
+  passed on a GPU yet, so vLLM refuses the method (Status.REFERENCE_ONLY).
 
 Parameters (defaults: the fields below; `vllm-kvpress methods zipvl`)
 ----------
