@@ -1,5 +1,5 @@
 """Owns the `vllm-kvpress` command: `methods`, `model`, `eval`, `agree`, `bench`, `report`, `soak`,
-`retrieval-heads`, `key-errors`.
+`retrieval-heads`, `key-errors`, `convert`.
 
 Each subcommand's module registers its own parser through `add_parser(subparsers)` and sets
 `run`; those modules keep vLLM, torch and transformers imports inside `run`, so building the
@@ -20,6 +20,7 @@ SUBCOMMAND_MODULES = {
     "soak": "vllm_kvpress.soak.cli",
     "retrieval-heads": "vllm_kvpress.eval.retrieval_heads",
     "key-errors": "vllm_kvpress.eval.key_errors",
+    "convert": "vllm_kvpress.convert.cli",
 }
 
 

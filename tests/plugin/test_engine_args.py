@@ -33,7 +33,7 @@ def test_serve_help_lists_the_flags_and_methods():
     text = " ".join((out.stdout + out.stderr).split())  # argparse wraps lines
     assert "--kv-compression NAME" in text and "--kv-compression-config JSON|FILE" in text, text[-2000:]
     for name in ("gear (available)", "kivi (available)", "scissorhands (available)", "snapkv (available)",
-                 "sub-moe (planned)"):
+                 "sub-moe (planned)", "head-compress (offline: vllm-kvpress convert)"):  # argparse may wrap at "kv-"
         assert name in text
 
 
@@ -133,6 +133,9 @@ def test_without_the_flag_vllm_behaves_as_if_the_plugin_were_absent(tiny_llama_d
      ("--kv-compression ems: EMS: adaptive evict-then-merge strategy for head-wise KV-cache compression is "
       "planned but not implemented yet in vllm-kvpress; available now: kivi, gear, kvcrush, scissorhands, snapkv, "
       "razor")),
+    ({"method": "kv-head-compress"}, {}, KVCompressionConfigError,
+     ("--kv-compression kv-head-compress: it converts a checkpoint offline, it is not a run-time method; run "
+      "`vllm-kvpress convert kv-head-compress MODEL OUT ...` and serve OUT")),
     ({"method": "kivi", "bits": 3}, {}, KVCompressionConfigError, "kivi: bits=3 is not allowed; allowed: 2, 4, 8"),
     ({"method": "gear", "rank": 9}, {}, KVCompressionConfigError,
      "gear: rank=9 is not allowed; allowed: an integer from 0 to 4"),

@@ -31,6 +31,9 @@ class Status(StrEnum):
     REFERENCE_ONLY = "reference engine only"
     """Implemented in the reference engine; its vLLM path has not passed its GPU tests, so vLLM
     refuses it (engine_args.ALLOW_UNVERIFIED_ENV lets developers run those tests)."""
+    OFFLINE_TOOL = "offline: vllm-kvpress convert"
+    """A checkpoint conversion, not a run-time method: its output is served like any model, with any
+    `--kv-compression` method on top."""
     PLANNED = "planned"
 
 

@@ -48,9 +48,6 @@ PLANNED = (
                "merge adjacent layers' KV by direction interpolation, magnitudes kept", Status.PLANNED),
     MethodInfo("xkv", "xKV: cross-layer SVD for KV-cache compression", "2503.18893", Family.CROSS_LAYER,
                "shared SVD subspace across grouped layers", Status.PLANNED),
-    MethodInfo("kv-head-compress", "Effectively compress KV heads for LLM", "2406.07056", Family.OFFLINE_WEIGHTS,
-               "MHA/GQA to fewer KV heads from a KV-cache SVD (RoPE-aware), an offline checkpoint tool",
-               Status.PLANNED),
     MethodInfo("x-ecomla", "X-EcoMLA: upcycling pre-trained attention into MLA", "2503.11132",
                Family.OFFLINE_WEIGHTS, "attention to MLA latent KV via SVD init + light distillation, an offline tool",
                Status.PLANNED),
@@ -63,6 +60,12 @@ PLANNED = (
                Status.PLANNED),
 )
 """Seed papers not implemented yet: they keep their row (and a clear refusal) until they land."""
+OFFLINE_TOOLS = (
+    MethodInfo("kv-head-compress", "Effectively compress KV heads for LLM", "2406.07056", Family.OFFLINE_WEIGHTS,
+               "fewer KV heads: a GQA checkpoint from a KV-cache SVD on calibration text (RoPE-aware keys)",
+               Status.OFFLINE_TOOL),
+)
+"""Seed papers implemented as checkpoint conversions (`vllm-kvpress convert`), not `--kv-compression`."""
 TABLE_ORDER = ("kivi", "gear", "mikv", "zipvl", "kvcrush", "scissorhands", "snapkv", "ems", "razor", "loopserve",
                "sentencekv", "speckv", "minicache", "xkv", "kv-head-compress", "x-ecomla", "lococo",
                "sigma-diffqkv", "sub-moe")
@@ -121,7 +124,7 @@ def method_classes() -> dict[str, type[CompressionMethod]]:
 
 def method_table() -> list[MethodInfo]:
     """Every row of the methods table: available methods and planned papers, in `TABLE_ORDER`."""
-    rows = {info.name: info for info in PLANNED}
+    rows = {info.name: info for info in PLANNED + OFFLINE_TOOLS}
     rows |= {cls.info.name: cls.info for cls in BUILT_IN}
     outside = _outside_methods()
     rows |= {name: replace(cls.info, source=outside.sources[name]) for name, cls in outside.classes.items()}
@@ -140,6 +143,7 @@ def method_class(name) -> type[CompressionMethod]:
         KVCompressionConfigError: an unknown name (the allowed ones are listed), or a method whose
             package failed to load (its error is named).
         MethodNotImplementedError: a seed paper that is planned but not implemented yet.
+        KVCompressionConfigError: a seed paper implemented as an offline conversion (`OFFLINE_TOOLS`).
     """
     if not isinstance(name, str):
         raise KVCompressionConfigError(
@@ -152,6 +156,11 @@ def method_class(name) -> type[CompressionMethod]:
     failed = _outside_methods().failed
     if name in failed:
         raise KVCompressionConfigError(f"method={name!r} could not be loaded: {failed[name]}")
+    if name in {info.name for info in OFFLINE_TOOLS}:
+        raise KVCompressionConfigError(
+            f"--kv-compression {name}: it converts a checkpoint offline, it is not a run-time method; run "
+            f"`vllm-kvpress convert {name} MODEL OUT ...` and serve OUT (with any --kv-compression method on top)"
+        )
     planned = {info.name: info for info in PLANNED}
     if name in planned:
         raise MethodNotImplementedError(

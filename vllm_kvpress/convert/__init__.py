@@ -1,0 +1,1 @@
+"""Offline checkpoint conversions (`vllm-kvpress convert`): models with a smaller KV cache."""

@@ -1,0 +1,172 @@
+"""Owns `vllm-kvpress convert`: offline checkpoint conversions that make a model's KV smaller before
+vLLM loads it, so the saving stacks with every `--kv-compression` page method.
+
+    vllm-kvpress convert kv-head-compress smollm2 smollm2-kv1 --kv-heads 1
+    vllm serve smollm2-kv1 --kv-compression gear
+
+`kv-head-compress` (convert/kv_heads.py) writes an ordinary GQA checkpoint with fewer KV heads,
+which vLLM serves with its own attention. The conversion is deterministic: the calibration windows
+are fixed by the corpus and the token count, and the merge is an eigendecomposition.
+"""
+
+import argparse
+import json
+import os
+
+from vllm_kvpress.convert.calibration import MIN_TOKENS
+from vllm_kvpress.errors import InputError, MethodNotImplementedError
+
+CONVERSION_RECORD = "kvpress_conversion.json"
+"""Written into the output checkpoint: what was converted, how, and the KV bytes before and after."""
+ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
+"""Models whose attention the converter rewrites: q/k/v/o projections, RoPE over whole heads in
+halves (pair m is channels m and m + D/2), no per-head norms on q or k."""
+DEFAULT_CALIBRATION_TOKENS = 16384
+DEFAULT_WINDOW = 2048
+DEFAULT_RECOVERY_STEPS = 200
+DEFAULT_RECOVERY_WINDOW = 512
+DEFAULT_RECOVERY_LR = 3e-4
+
+
+def _planned_conversions() -> dict[str, str]:
+    from vllm_kvpress.methods.base import Family
+    from vllm_kvpress.methods.registry import PLANNED
+
+    return {info.name: info.paper for info in PLANNED if info.family is Family.OFFLINE_WEIGHTS}
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "convert",
+        help="offline checkpoint conversions (kv-head-compress): a model with a smaller KV",
+        description="Convert a Hugging Face checkpoint into one with a smaller KV cache (docs/convert.md).",
+    )
+    p.add_argument("conversion", choices=("kv-head-compress", *_planned_conversions()),
+                   help="the conversion; the others listed are planned")
+    p.add_argument("model", help="smollm2, qwen0.5b, or a Hugging Face checkpoint directory")
+    p.add_argument("out", help="directory for the converted checkpoint (must not exist or be empty)")
+    p.add_argument("--kv-heads", type=int, required=False, default=None,
+                   help="kv-head-compress: KV heads of the result; must divide the model's KV head count")
+    p.add_argument("--merge", choices=("svd", "mean"), default="svd",
+                   help="kv-head-compress: svd (the paper's, default) or mean (GQA's mean-pooling, the baseline)")
+    p.add_argument("--calibration", default="essays", metavar="CORPUS",
+                   help="calibration text: essays (default), jargon, or a UTF-8 text file")
+    p.add_argument("--calibration-tokens", type=int, default=DEFAULT_CALIBRATION_TOKENS,
+                   help=f"calibration tokens (default {DEFAULT_CALIBRATION_TOKENS})")
+    p.add_argument("--window", type=int, default=DEFAULT_WINDOW,
+                   help=f"tokens per calibration forward pass (default {DEFAULT_WINDOW})")
+    p.add_argument("--recovery-steps", type=int, default=DEFAULT_RECOVERY_STEPS,
+                   help=f"kv-head-compress: training steps after the merge, the attention projections distilled "
+                        f"from the original model (default {DEFAULT_RECOVERY_STEPS}; 0: none)")
+    p.add_argument("--recovery-window", type=int, default=DEFAULT_RECOVERY_WINDOW,
+                   help=f"tokens per recovery step (default {DEFAULT_RECOVERY_WINDOW})")
+    p.add_argument("--recovery-lr", type=float, default=DEFAULT_RECOVERY_LR,
+                   help=f"peak learning rate of the recovery, decayed linearly to 0 (default {DEFAULT_RECOVERY_LR:g})")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.set_defaults(run=run)
+
+
+def kv_bytes_per_token(config, dtype_bytes: int = 2) -> int:
+    """Bytes of K and V one token takes over all layers, at `dtype_bytes` per element (bf16: 2)."""
+    text = config.get_text_config()
+    head_size = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    return 2 * text.num_hidden_layers * text.num_key_value_heads * head_size * dtype_bytes
+
+
+def check_kv_heads(config, kv_heads: int | None) -> int:
+    """The KV-head count's group size g (old heads per new one), or InputError naming what is allowed."""
+    text = config.get_text_config()
+    architecture = (config.architectures or ["?"])[0]
+    if architecture not in ARCHITECTURES:
+        raise InputError(f"model architecture {architecture}: the converter does not know it; "
+                         f"allowed: {', '.join(ARCHITECTURES)}")
+    if getattr(text, "partial_rotary_factor", 1.0) != 1.0:
+        raise InputError(f"partial_rotary_factor {text.partial_rotary_factor}: allowed: RoPE over whole heads (1.0)")
+    old = text.num_key_value_heads
+    allowed = [n for n in range(1, old) if old % n == 0]
+    if kv_heads is None or kv_heads not in allowed:
+        raise InputError(f"--kv-heads {kv_heads}: the model has {old} KV heads; allowed: "
+                         f"{', '.join(map(str, allowed)) or 'none (it has one KV head)'} (fewer, dividing {old})")
+    return old // kv_heads
+
+
+def convert_kv_heads(model, windows: list[list[int]], kv_heads: int, merge: str, progress=None) -> None:
+    """Merge `model`'s KV heads in place to `kv_heads` (see kv_heads.py), its config updated."""
+    from vllm_kvpress.convert.calibration import collect_keys_values
+    from vllm_kvpress.convert.kv_heads import GroupStatistics, HeadMerge, merge_layer
+
+    text = model.config.get_text_config()
+    group = check_kv_heads(model.config, kv_heads)
+    head_size = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    layers = model.model.layers
+    if merge == "svd":
+        stats = [GroupStatistics.empty(kv_heads, group, head_size) for _ in layers]
+        collect_keys_values(model, windows, lambda i, k, v: stats[i].add(k, v), progress)
+        merges = [HeadMerge.fit(s) for s in stats]
+    else:
+        merges = [HeadMerge.mean(kv_heads, group, head_size) for _ in layers]
+    for layer, layer_merge in zip(layers, merges):
+        merge_layer(layer.self_attn, layer_merge, merge, text.num_attention_heads)
+        layer.self_attn.num_key_value_groups = text.num_attention_heads // kv_heads
+    text.num_key_value_heads = kv_heads
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.conversion in _planned_conversions():
+        raise MethodNotImplementedError(f"convert {args.conversion}: {_planned_conversions()[args.conversion]} is "
+                                        f"planned but not implemented yet; available now: kv-head-compress")
+    if os.path.isdir(args.out) and os.listdir(args.out):
+        raise InputError(f"out {args.out!r}: the directory is not empty; allowed: a new or empty directory")
+    for flag, value in (("--window", args.window), ("--recovery-window", args.recovery_window)):
+        if value < 1:
+            raise InputError(f"{flag} {value}: allowed: a positive token count")
+    if args.calibration_tokens < MIN_TOKENS:
+        raise InputError(f"--calibration-tokens {args.calibration_tokens}: too few; allowed: at least {MIN_TOKENS}")
+    if args.recovery_steps < 0:
+        raise InputError(f"--recovery-steps {args.recovery_steps}: allowed: 0 (no recovery) or more")
+    if not args.recovery_lr > 0:
+        raise InputError(f"--recovery-lr {args.recovery_lr}: allowed: a positive learning rate")
+    import torch
+    from tqdm import tqdm
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from vllm_kvpress.convert.calibration import calibration_windows
+    from vllm_kvpress.convert.recovery import distill_attention
+    from vllm_kvpress.models import ensure_model
+
+    source = ensure_model(args.model)
+    config = AutoConfig.from_pretrained(source)
+    check_kv_heads(config, args.kv_heads)  # before any loading
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    windows = calibration_windows(tokenizer, args.calibration, args.calibration_tokens, args.window)
+    recovery_tokens = args.recovery_steps * args.recovery_window
+    sequences = (calibration_windows(tokenizer, args.calibration, recovery_tokens, args.recovery_window,
+                                     "--recovery-steps x --recovery-window") if args.recovery_steps else [])
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    saved_dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.bfloat16
+    saved_dtype = getattr(torch, saved_dtype) if isinstance(saved_dtype, str) else saved_dtype
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).to(device).eval()
+    before = kv_bytes_per_token(model.config, saved_dtype.itemsize)
+    with tqdm(total=args.calibration_tokens if args.merge == "svd" else 0, unit="tok",
+              desc="calibration", disable=args.merge != "svd") as progress:
+        convert_kv_heads(model, windows, args.kv_heads, args.merge, progress)
+    losses = []
+    if args.recovery_steps:
+        teacher = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).to(device).eval()
+        with tqdm(total=args.recovery_steps, unit="step", desc="recovery") as progress:
+            losses = distill_attention(model, teacher, sequences, args.recovery_steps, args.recovery_lr, progress)
+        del teacher
+    after = kv_bytes_per_token(model.config, saved_dtype.itemsize)
+    model.to(saved_dtype).save_pretrained(args.out)
+    tokenizer.save_pretrained(args.out)
+    record = {"conversion": args.conversion, "source": os.path.basename(os.path.normpath(source)),
+              "merge": args.merge, "kv_heads": args.kv_heads, "calibration": args.calibration,
+              "calibration_tokens": args.calibration_tokens if args.merge == "svd" else 0,
+              "recovery": {"steps": args.recovery_steps, "window": args.recovery_window, "lr": args.recovery_lr,
+                           "first_kl": losses[0] if losses else None, "last_kl": losses[-1] if losses else None},
+              "kv_bytes_per_token": {"before": before, "after": after}}
+    with open(os.path.join(args.out, CONVERSION_RECORD), "w") as f:
+        json.dump(record, f, indent=2)
+    print(f"{args.out}: {args.kv_heads} KV heads, KV bytes per token {after:,} (was {before:,}; "
+          f"{before / after:.1f}x fewer)")
+    return 0

@@ -1,0 +1,163 @@
+"""Owns the KV-head merge of "Effectively Compress KV Heads for LLM" (arXiv 2406.07056): a GQA or
+MHA checkpoint becomes one with `g` times fewer KV heads, each new head standing for `g` adjacent
+old ones, from the low-rank structure of their KV cache on calibration text.
+
+Values. The g heads' values of a token, concatenated (g * D numbers), lie close to a D-dimensional
+subspace: its basis Psi (g * D x D, orthonormal columns) is the top eigenvectors of their Gram
+matrix over the calibration tokens. The new head stores V' = V_cat Psi; old head j's value is read
+back as V' Psi_j^T (Psi_j: head j's D rows of Psi). Both maps fold into weights: W_v' = Psi^T W_v,
+and each query head of old group j gets its block of W_o multiplied by Psi_j. Nothing is added to
+the model at run time; the checkpoint is an ordinary GQA one.
+
+Keys, RoPE-aware. A linear map on keys survives RoPE only if it commutes with the rotations, and
+RoPE rotates channel pair (m, m + D/2) of every head by the same angle theta_m * position. Writing
+pair m of head j as a complex number z_j, the maps that commute are complex multiplications per
+pair. So, per pair m, the g heads' complex keys (a vector in C^g) are approximated by rank one,
+z_j ~ kappa * conj(w_j) with w the top eigenvector of their Hermitian Gram matrix (unit norm) and
+kappa = sum_j w_j z_j the new head's key; a query of old group j then scores kappa through q * w_j,
+because Re(q e^{i theta t} conj(z_j e^{i theta s})) = Re(q w_j e^{i theta t} conj(kappa e^{i theta s})).
+Both are 2 x 2 rotation-scalings of the pair's rows of W_k (summed over the group) and of W_q, exact
+at every position. This is our equivalent of the paper's RoPE treatment: the best key subspace among
+those RoPE leaves intact, fitted on the cache as the paper fits values.
+
+`mean` is the baseline the paper improves on (GQA's mean-pooling of K and V heads, queries and
+output projection unchanged).
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+MERGES = ("svd", "mean")
+"""`svd`: the paper's cache-fitted merge (RoPE-aware keys); `mean`: GQA's mean-pooled heads."""
+
+
+@dataclass
+class GroupStatistics:
+    """Second moments of one layer's calibration keys and values, per new KV head.
+
+    key_gram: complex [new_heads, D/2, g, g], per RoPE pair the Gram matrix of the group's complex
+    keys (sum over tokens of conj(z)^T z). value_gram: [new_heads, g * D, g * D]."""
+
+    key_gram: torch.Tensor
+    value_gram: torch.Tensor
+    tokens: int = 0
+
+    @classmethod
+    def empty(cls, new_heads: int, group: int, head_size: int) -> "GroupStatistics":
+        return cls(torch.zeros(new_heads, head_size // 2, group, group, dtype=torch.complex128),
+                   torch.zeros(new_heads, group * head_size, group * head_size, dtype=torch.float64))
+
+    def add(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """keys, values: [T, old_heads, D] before RoPE (the k_proj / v_proj outputs)."""
+        new_heads, half = self.key_gram.shape[:2]
+        tokens, old_heads, head_size = keys.shape
+        group = old_heads // new_heads
+        z = torch.complex(keys[..., :half].double(), keys[..., half:].double())  # [T, old, D/2]
+        z = z.reshape(tokens, new_heads, group, half).permute(1, 3, 0, 2)  # [new, D/2, T, g]
+        self.key_gram += z.conj().transpose(-1, -2) @ z
+        v = values.double().reshape(tokens, new_heads, group * head_size).transpose(0, 1)  # [new, T, g*D]
+        self.value_gram += v.transpose(-1, -2) @ v
+        self.tokens += tokens
+
+
+@dataclass(frozen=True)
+class HeadMerge:
+    """One layer's merge: `key_weights` complex [new_heads, D/2, g] (w per pair and old head),
+    `value_basis` [new_heads, g * D, D] (Psi)."""
+
+    key_weights: torch.Tensor
+    value_basis: torch.Tensor
+
+    @classmethod
+    def fit(cls, stats: GroupStatistics) -> "HeadMerge":
+        head_size = stats.value_gram.shape[-1] // stats.key_gram.shape[-1]
+        _, key_vectors = torch.linalg.eigh(stats.key_gram)  # ascending eigenvalues
+        _, value_vectors = torch.linalg.eigh(stats.value_gram)
+        # w_j in kappa = sum_j w_j z_j: z ~ kappa conj(w), so w is the eigenvector itself
+        return cls(key_weights=key_vectors[..., -1], value_basis=value_vectors[..., -head_size:].flip(-1))
+
+    @classmethod
+    def mean(cls, new_heads: int, group: int, head_size: int) -> "HeadMerge":
+        """GQA's mean-pooling as a merge: every old head weighs 1/g on the new one's K and V, and
+        each query keeps its own projection (w_j = 1, Psi_j = identity)."""
+        key_weights = torch.full((new_heads, head_size // 2, group), 1 / group, dtype=torch.complex128)
+        basis = torch.eye(head_size, dtype=torch.float64).repeat(group, 1) / group
+        return cls(key_weights, basis.expand(new_heads, -1, -1).clone())
+
+    def query_weights(self, merge: str) -> torch.Tensor:
+        """What each old group's queries are multiplied by per pair: w_j (svd); 1 for `mean`, whose
+        keys average heads the queries never saw averaged."""
+        return self.key_weights if merge == "svd" else torch.ones_like(self.key_weights)
+
+    def output_basis(self, merge: str) -> torch.Tensor:
+        """Psi_j per old head [new, g, D, D] applied to the output projection; identity for `mean`
+        (the mean of the values is read as every old head's value)."""
+        new_heads, rows, head_size = self.value_basis.shape
+        if merge == "mean":
+            eye = torch.eye(head_size, dtype=torch.float64)
+            return eye.expand(new_heads, rows // head_size, head_size, head_size)
+        return self.value_basis.reshape(new_heads, rows // head_size, head_size, head_size)
+
+
+def rotate_pairs(rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Multiply every RoPE pair of `rows` by a complex weight.
+
+    rows: [..., D, X] (weight rows of one head's projection, or its bias with X = 1), pair m is rows
+    m and m + D/2; weights: complex [..., D/2]. Returns the rows of the projection whose output is
+    the input projection's pairs times the weights."""
+    half = rows.shape[-2] // 2
+    re, im = weights.real[..., None], weights.imag[..., None]
+    first, second = rows[..., :half, :], rows[..., half:, :]
+    return torch.cat([re * first - im * second, re * second + im * first], dim=-2)
+
+
+def merge_layer(attention, merge: HeadMerge, merge_kind: str, num_heads: int) -> None:
+    """Rewrite one attention layer's q/k/v/o projections in place (fp64 math, the weights' dtype
+    kept) so that it has `merge`'s new KV head count. Query heads stay contiguous per KV head, so old
+    group j's queries are now in new head j // g's group."""
+    new_heads, half, group = merge.key_weights.shape
+    head_size = 2 * half
+    old_heads = new_heads * group
+    queries_per_old = num_heads // old_heads
+
+    def rows(linear, heads):
+        weight = linear.weight.double().reshape(heads, head_size, -1)
+        bias = None if linear.bias is None else linear.bias.double().reshape(heads, head_size, 1)
+        return weight, bias
+
+    def store(linear, weight, bias):
+        dtype = linear.weight.dtype
+        linear.weight = torch.nn.Parameter(weight.reshape(-1, weight.shape[-1]).to(dtype), requires_grad=False)
+        if bias is not None:
+            linear.bias = torch.nn.Parameter(bias.reshape(-1).to(dtype), requires_grad=False)
+        linear.out_features = linear.weight.shape[0]
+
+    # keys: kappa = sum_j w_j z_j per pair
+    k_weight, k_bias = rows(attention.k_proj, old_heads)
+    w = merge.key_weights.reshape(old_heads // group, half, group).permute(0, 2, 1)  # [new, g, D/2]
+    k_new = rotate_pairs(k_weight.reshape(new_heads, group, head_size, -1), w).sum(1)
+    kb_new = None if k_bias is None else rotate_pairs(k_bias.reshape(new_heads, group, head_size, 1), w).sum(1)
+    store(attention.k_proj, k_new, kb_new)
+
+    # queries of old group j: q * w_j per pair
+    q_weight, q_bias = rows(attention.q_proj, num_heads)
+    qw = merge.query_weights(merge_kind).reshape(new_heads, half, group).permute(0, 2, 1).reshape(old_heads, half)
+    per_query = qw.repeat_interleave(queries_per_old, dim=0)  # [num_heads, D/2]
+    store(attention.q_proj, rotate_pairs(q_weight, per_query),
+          None if q_bias is None else rotate_pairs(q_bias, per_query))
+
+    # values: W_v' = Psi^T W_v per new head
+    v_weight, v_bias = rows(attention.v_proj, old_heads)
+    psi = merge.value_basis  # [new, g*D, D]
+    v_new = psi.transpose(-1, -2) @ v_weight.reshape(new_heads, group * head_size, -1)
+    vb_new = None if v_bias is None else psi.transpose(-1, -2) @ v_bias.reshape(new_heads, group * head_size, 1)
+    store(attention.v_proj, v_new, vb_new)
+
+    # output: each query head's D columns of W_o times its old head's Psi_j
+    o = attention.o_proj.weight.double()  # [hidden, num_heads * D]
+    blocks = o.reshape(o.shape[0], num_heads, head_size).permute(1, 0, 2)  # [num_heads, hidden, D]
+    psi_j = merge.output_basis(merge_kind).reshape(old_heads, head_size, head_size)
+    blocks = blocks @ psi_j.repeat_interleave(queries_per_old, dim=0)
+    attention.o_proj.weight = torch.nn.Parameter(
+        blocks.permute(1, 0, 2).reshape(o.shape[0], -1).to(attention.o_proj.weight.dtype), requires_grad=False)
