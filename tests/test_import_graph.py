@@ -22,7 +22,8 @@ SOURCES = {PACKAGE: ROOT / "vllm_kvpress", f"{PACKAGE}.triton_kernels": ROOT / "
 
 LAYERS = (
     ("entry points and tools", ("vllm_kvpress.plugin", "vllm_kvpress.cli", "vllm_kvpress.method_list",
-                                "vllm_kvpress.eval", "vllm_kvpress.bench", "vllm_kvpress.soak")),
+                                "vllm_kvpress.eval", "vllm_kvpress.bench", "vllm_kvpress.soak",
+                                "vllm_kvpress.convert")),
     ("vLLM patches", ("vllm_kvpress.vllm_patches",)),
     ("flags and tool support", ("vllm_kvpress.engine_args", "vllm_kvpress.models", "vllm_kvpress.provenance")),
     ("config", ("vllm_kvpress.config",)),
