@@ -1,6 +1,7 @@
 """Shared set-up of the soak tests: the stand-in server on a thread of its own, small plans and probes."""
 
 import asyncio
+import io
 import json
 import sys
 import threading
@@ -34,6 +35,34 @@ SMALL_TRAFFIC = TrafficSettings(
 )
 """Two cycles of 1.5 s, each about 18 steady requests and a burst of about 20 that queues behind the
 stand-in's 4 running slots and overfills its pool; a fifth of all requests cancelled."""
+
+
+def small_soak_request(tmp_path, specs: list[str], command: str, **changes):
+    """A 1.5-second soak of `specs` (and the bf16 baseline) on a tiny model, served by the stand-in,
+    with two probe lengths and depths; `changes` replace any other field."""
+    from dataclasses import replace
+
+    from vllm_kvpress.bench.configs import resolve_configs
+    from vllm_kvpress.soak.runner import SoakRequest
+    from vllm_kvpress.soak.served_model import resolve_model
+
+    request = SoakRequest(
+        model=resolve_model(str(tiny_model_dir(tmp_path))),
+        configs=resolve_configs(specs, baselines=["auto"]),
+        traffic=replace(SMALL_TRAFFIC, duration_s=1.5),
+        out=tmp_path / "out",
+        max_model_len=SMALL_CONTEXT,
+        probe_lengths=(64, 128),
+        probe_depths=(10.0, 90.0),
+        drain_timeout_s=30.0,
+        start_timeout_s=60.0,
+        sample_interval_s=0.05,
+        memory_release_timeout_s=1.0,
+        serve_prefix=STAND_IN_PREFIX,
+        command=command,
+        out_stream=io.StringIO(),
+    )
+    return replace(request, **changes)
 
 
 class ServerThread:

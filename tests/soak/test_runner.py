@@ -2,20 +2,16 @@
 server per configuration, a configuration whose server fails is recorded while the others run,
 and the results land as JSON, markdown and plots."""
 
-import io
 import json
-from dataclasses import replace
 
 import pytest
 
-from vllm_kvpress.bench.configs import resolve_configs
 from vllm_kvpress.soak import summary
 from vllm_kvpress.soak.client import OK
 from vllm_kvpress.soak.probes import RANDOM_TOKENS
-from vllm_kvpress.soak.runner import RECORDS_DIR, SOAK_FILE, SUMMARY_FILE, SoakRequest, run_soak
-from vllm_kvpress.soak.served_model import resolve_model
+from vllm_kvpress.soak.runner import RECORDS_DIR, SOAK_FILE, SUMMARY_FILE, run_soak
 
-from .conftest import SMALL_CONTEXT, SMALL_TRAFFIC, STAND_IN_PREFIX, tiny_model_dir
+from .conftest import SMALL_CONTEXT, small_soak_request
 from .stand_in_server import StandIn
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -24,25 +20,9 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def soaked(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("soak")
-    model = resolve_model(str(tiny_model_dir(tmp_path)))
-    out = tmp_path / "out"
-    request = SoakRequest(
-        model=model,
-        configs=resolve_configs(['kivi:{"bits": 2}'], baselines=["auto"]),
-        traffic=replace(SMALL_TRAFFIC, duration_s=1.5),
-        out=out,
-        max_model_len=SMALL_CONTEXT,
-        probe_lengths=(64, 128),
-        probe_depths=(10.0, 90.0),
-        drain_timeout_s=30.0,
-        start_timeout_s=60.0,
-        sample_interval_s=0.05,
-        memory_release_timeout_s=1.0,
-        serve_prefix=STAND_IN_PREFIX,
-        command="vllm-kvpress soak --model tiny-llama --configs kivi:bits=2",
-        out_stream=io.StringIO(),
-    )
-    return out, run_soak(request)
+    request = small_soak_request(tmp_path, ['kivi:{"bits": 2}'],
+                                 "vllm-kvpress soak --model tiny-llama --configs kivi:bits=2")
+    return request.out, run_soak(request)
 
 
 def test_a_model_directory_without_weights_or_tokenizer_is_served_with_dummy_weights(soaked):

@@ -3,23 +3,20 @@ server at once, each on its own port with its share of --gpu-memory-utilization,
 and stopped at the end; a server that fails to start, an error or Ctrl-C/SIGTERM stops every one; a
 memory split that cannot fit is refused before anything starts or is written."""
 
-import io
 import json
 import os
 import signal
 import time
-from dataclasses import replace
 
 import pytest
 
-from vllm_kvpress.bench.configs import EngineOptions, resolve_configs
+from vllm_kvpress.bench.configs import EngineOptions
 from vllm_kvpress.bench.figures import KV_CACHE_USAGE
 from vllm_kvpress.bench.online import ServerProcess, process_group_alive
 from vllm_kvpress.errors import InputError
 from vllm_kvpress.soak import runner, summary
 from vllm_kvpress.soak.client import OK
 from vllm_kvpress.soak.runner import RECORDS_DIR, SOAK_FILE, SUMMARY_FILE, SoakRequest, run_soak
-from vllm_kvpress.soak.served_model import resolve_model
 from vllm_kvpress.soak.side_by_side import (
     CONTEXT_BYTES,
     GIB,
@@ -29,32 +26,17 @@ from vllm_kvpress.soak.side_by_side import (
     split_memory,
 )
 
-from .conftest import SMALL_CONTEXT, SMALL_TRAFFIC, STAND_IN_PREFIX, tiny_model_dir
+from .conftest import small_soak_request
 from .stand_in_server import COMPRESSED_POOL_FACTOR, StandIn
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def side_by_side_request(tmp_path, specs, *, kv_cache_memory_bytes=None, **changes) -> SoakRequest:
-    request = SoakRequest(
-        model=resolve_model(str(tiny_model_dir(tmp_path))),
-        configs=resolve_configs(specs, baselines=["auto"]),
-        traffic=replace(SMALL_TRAFFIC, duration_s=1.5),
-        out=tmp_path / "out",
-        max_model_len=SMALL_CONTEXT,
-        probe_lengths=(64, 128),
-        probe_depths=(10.0, 90.0),
-        engine=EngineOptions(gpu_memory_utilization=0.9, kv_cache_memory_bytes=kv_cache_memory_bytes),
-        drain_timeout_s=30.0,
-        start_timeout_s=60.0,
-        sample_interval_s=0.05,
-        memory_release_timeout_s=1.0,
-        serve_prefix=STAND_IN_PREFIX,
-        command="vllm-kvpress soak --side-by-side",
-        side_by_side=True,
-        out_stream=io.StringIO(),
+    return small_soak_request(
+        tmp_path, specs, "vllm-kvpress soak --side-by-side", side_by_side=True,
+        engine=EngineOptions(gpu_memory_utilization=0.9, kv_cache_memory_bytes=kv_cache_memory_bytes), **changes,
     )
-    return replace(request, **changes)
 
 
 class StartedServers(list):
