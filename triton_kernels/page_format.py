@@ -260,18 +260,17 @@ def load_codes_operand(page, CODES_OFF: tl.constexpr, ROWS: tl.constexpr, COLS: 
                        BITS: tl.constexpr, DOT_DTYPE: tl.constexpr, BIAS: tl.constexpr):
     """A block's codes as a dot operand [ROWS, COLS] holding BIAS + code (BIAS 0: plain conversion)."""
     ROW_BYTES: tl.constexpr = COLS * BITS // 8
-    packed = tl.load(page + CODES_OFF + tl.arange(0, ROWS)[:, None] * ROW_BYTES + tl.arange(0, ROW_BYTES)[None, :])
-    if ROW_BYTES < NARROW_ROW_BYTES and BITS < 8:
-        operand = codes_as_operand(load_narrow_codes(page, CODES_OFF, ROWS, COLS, BITS), DOT_DTYPE, BIAS)
-    elif BIAS == 0 or BITS == 8:
-        operand = codes_as_operand(unpack_codes(packed, ROWS, COLS, BITS), DOT_DTYPE, BIAS)
-    elif BITS == 4:
-        operand = interleave_fields2(field_as_operand(packed, 0, 4, BIAS), field_as_operand(packed, 4, 4, BIAS),
-                                     ROWS, COLS)
+    if BIAS == 0 or BITS == 8 or ROW_BYTES < NARROW_ROW_BYTES:  # (narrow rows: load_codes reads them per lane)
+        operand = codes_as_operand(load_codes(page, CODES_OFF, ROWS, COLS, BITS), DOT_DTYPE, BIAS)
     else:
-        operand = interleave_fields4(field_as_operand(packed, 0, 2, BIAS), field_as_operand(packed, 2, 2, BIAS),
-                                     field_as_operand(packed, 4, 2, BIAS), field_as_operand(packed, 6, 2, BIAS),
-                                     ROWS, COLS)
+        packed = tl.load(page + CODES_OFF + tl.arange(0, ROWS)[:, None] * ROW_BYTES + tl.arange(0, ROW_BYTES)[None, :])
+        if BITS == 4:
+            operand = interleave_fields2(field_as_operand(packed, 0, 4, BIAS), field_as_operand(packed, 4, 4, BIAS),
+                                         ROWS, COLS)
+        else:
+            operand = interleave_fields4(field_as_operand(packed, 0, 2, BIAS), field_as_operand(packed, 2, 2, BIAS),
+                                         field_as_operand(packed, 4, 2, BIAS), field_as_operand(packed, 6, 2, BIAS),
+                                         ROWS, COLS)
     return operand
 
 

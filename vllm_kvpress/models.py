@@ -233,6 +233,12 @@ def convert_gguf_to_hf(gguf_path: str, out_dir: str) -> None:
     tokenizer.save_pretrained(out_dir)
 
 
+def head_size(text_config) -> int:
+    """Channels per attention head of a Hugging Face text config: `head_dim` where the config sets
+    it (Qwen3, Gemma), else hidden_size / num_attention_heads."""
+    return text_config.to_dict().get("head_dim") or text_config.hidden_size // text_config.num_attention_heads
+
+
 def model_dir(name: str) -> str:
     return os.path.join(cache_root(), "models", name)
 

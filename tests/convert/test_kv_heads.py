@@ -84,9 +84,9 @@ def test_mean_pooling_is_exact_for_identical_heads_and_svd_is_not_needed(kind):
     torch.testing.assert_close(logits(model, ids), expected, atol=2e-4, rtol=2e-4)
 
 
-def _key_errors(model, windows, merge: HeadMerge, merge_kind: str) -> float:
-    """Squared error of the merged keys read back per old head (z_j ~ kappa conj(w_j), or kappa for
-    mean), summed over layer 0's calibration keys."""
+def _key_errors(model, windows, merge: HeadMerge) -> float:
+    """Squared error of the merged keys read back per old head (kappa conj(query_weights_j)),
+    summed over layer 0's calibration keys."""
     errors = []
 
     def measure(layer, keys, values):
@@ -94,9 +94,8 @@ def _key_errors(model, windows, merge: HeadMerge, merge_kind: str) -> float:
             return
         half = HEAD // 2
         z = torch.complex(keys[..., :half].double(), keys[..., half:].double())  # [T, old, D/2]
-        w = merge.key_weights[0].T  # [g, D/2]
-        kappa = (z * w).sum(1, keepdim=True)
-        readback = kappa * (w.conj() if merge_kind == "svd" else 1)
+        kappa = (z * merge.key_weights[0].T).sum(1, keepdim=True)
+        readback = kappa * merge.query_weights[0].T.conj()
         errors.append(float((z - readback).abs().pow(2).sum()))
 
     collect_keys_values(model, windows, measure)
@@ -109,8 +108,8 @@ def test_the_fitted_keys_are_closer_than_mean_pooled_ones():
     windows = [torch.randint(0, 97, (128,)).tolist() for _ in range(2)]
     stats = GroupStatistics.empty(1, 2, HEAD)
     collect_keys_values(model, windows, lambda i, k, v: stats.add(k, v) if i == 0 else None)
-    fitted = _key_errors(model, windows, HeadMerge.fit(stats), "svd")
-    mean = _key_errors(model, windows, HeadMerge.mean(1, 2, HEAD), "mean")
+    fitted = _key_errors(model, windows, HeadMerge.fit(stats))
+    mean = _key_errors(model, windows, HeadMerge.mean(1, 2, HEAD))
     assert fitted < 0.9 * mean, (fitted, mean)
 
 

@@ -54,15 +54,16 @@ def collect_keys_values(model, windows: list[list[int]],
     num_kv_heads, head_size] fp32, the k_proj / v_proj outputs) to `consume(layer, keys, values)`."""
     import torch  # here, so that the command line parser imports this module instantly
 
-    config = model.config.get_text_config()
-    head_size = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    from vllm_kvpress.models import head_size
+
+    channels = head_size(model.config.get_text_config())
     layers = model.model.layers
     outputs: dict[tuple[int, str], torch.Tensor] = {}
     hooks = []
     for index, layer in enumerate(layers):
         for name in ("k_proj", "v_proj"):
             def keep(module, args, output, key=(index, name)):
-                outputs[key] = output[0].float().reshape(output.shape[1], -1, head_size)
+                outputs[key] = output[0].float().reshape(output.shape[1], -1, channels)
             hooks.append(getattr(layer.self_attn, name).register_forward_hook(keep))
     try:
         for ids in windows:

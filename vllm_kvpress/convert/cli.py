@@ -68,9 +68,10 @@ def add_parser(subparsers) -> None:
 
 def kv_bytes_per_token(config, dtype_bytes: int = 2) -> int:
     """Bytes of K and V one token takes over all layers, at `dtype_bytes` per element (bf16: 2)."""
+    from vllm_kvpress.models import head_size
+
     text = config.get_text_config()
-    head_size = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    return 2 * text.num_hidden_layers * text.num_key_value_heads * head_size * dtype_bytes
+    return 2 * text.num_hidden_layers * text.num_key_value_heads * head_size(text) * dtype_bytes
 
 
 def check_kv_heads(config, kv_heads: int | None) -> int:
@@ -94,19 +95,20 @@ def convert_kv_heads(model, windows: list[list[int]], kv_heads: int, merge: str,
     """Merge `model`'s KV heads in place to `kv_heads` (see kv_heads.py), its config updated."""
     from vllm_kvpress.convert.calibration import collect_keys_values
     from vllm_kvpress.convert.kv_heads import GroupStatistics, HeadMerge, merge_layer
+    from vllm_kvpress.models import head_size
 
     text = model.config.get_text_config()
     group = check_kv_heads(model.config, kv_heads)
-    head_size = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    channels = head_size(text)
     layers = model.model.layers
     if merge == "svd":
-        stats = [GroupStatistics.empty(kv_heads, group, head_size) for _ in layers]
+        stats = [GroupStatistics.empty(kv_heads, group, channels) for _ in layers]
         collect_keys_values(model, windows, lambda i, k, v: stats[i].add(k, v), progress)
         merges = [HeadMerge.fit(s) for s in stats]
     else:
-        merges = [HeadMerge.mean(kv_heads, group, head_size) for _ in layers]
+        merges = [HeadMerge.mean(kv_heads, group, channels) for _ in layers]
     for layer, layer_merge in zip(layers, merges):
-        merge_layer(layer.self_attn, layer_merge, merge, text.num_attention_heads)
+        merge_layer(layer.self_attn, layer_merge, text.num_attention_heads)
         layer.self_attn.num_key_value_groups = text.num_attention_heads // kv_heads
     text.num_key_value_heads = kv_heads
 
@@ -138,7 +140,8 @@ def run(args: argparse.Namespace) -> int:
     config = AutoConfig.from_pretrained(source)
     check_kv_heads(config, args.kv_heads)  # before any loading
     tokenizer = AutoTokenizer.from_pretrained(source)
-    windows = calibration_windows(tokenizer, args.calibration, args.calibration_tokens, args.window)
+    windows = (calibration_windows(tokenizer, args.calibration, args.calibration_tokens, args.window)
+               if args.merge == "svd" else [])
     recovery_tokens = args.recovery_steps * args.recovery_window
     sequences = (calibration_windows(tokenizer, args.calibration, recovery_tokens, args.recovery_window,
                                      "--recovery-steps x --recovery-window") if args.recovery_steps else [])

@@ -28,9 +28,6 @@ from dataclasses import dataclass
 
 import torch
 
-MERGES = ("svd", "mean")
-"""`svd`: the paper's cache-fitted merge (RoPE-aware keys); `mean`: GQA's mean-pooled heads."""
-
 
 @dataclass
 class GroupStatistics:
@@ -63,41 +60,41 @@ class GroupStatistics:
 
 @dataclass(frozen=True)
 class HeadMerge:
-    """One layer's merge: `key_weights` complex [new_heads, D/2, g] (w per pair and old head),
-    `value_basis` [new_heads, g * D, D] (Psi)."""
+    """One layer's merge, per new head h, old head j of its group and RoPE pair m:
+
+    key_weights complex [new_heads, D/2, g]: the new key is kappa = sum_j key_weights z_j.
+    query_weights complex [new_heads, D/2, g]: old group j's queries are multiplied by them, and old
+        head j's key is read back as kappa * conj(query_weights).
+    value_encoder [new_heads, g * D, D]: the new value is the group's concatenated values times it.
+    value_decoder [new_heads, g, D, D]: old head j's value is read back as the new value times its
+        transpose (folded into the output projection)."""
 
     key_weights: torch.Tensor
-    value_basis: torch.Tensor
+    query_weights: torch.Tensor
+    value_encoder: torch.Tensor
+    value_decoder: torch.Tensor
 
     @classmethod
     def fit(cls, stats: GroupStatistics) -> "HeadMerge":
-        head_size = stats.value_gram.shape[-1] // stats.key_gram.shape[-1]
+        """The paper's merge: the top eigenvectors of the calibration Gram matrices."""
+        new_heads, _, group, _ = stats.key_gram.shape
+        head_size = stats.value_gram.shape[-1] // group
         _, key_vectors = torch.linalg.eigh(stats.key_gram)  # ascending eigenvalues
         _, value_vectors = torch.linalg.eigh(stats.value_gram)
-        # w_j in kappa = sum_j w_j z_j: z ~ kappa conj(w), so w is the eigenvector itself
-        return cls(key_weights=key_vectors[..., -1], value_basis=value_vectors[..., -head_size:].flip(-1))
+        # z ~ kappa conj(w) with kappa = sum_j w_j z_j: w, the eigenvector, both writes and reads
+        w = key_vectors[..., -1]
+        psi = value_vectors[..., -head_size:].flip(-1)
+        return cls(w, w, psi, psi.reshape(new_heads, group, head_size, head_size))
 
     @classmethod
     def mean(cls, new_heads: int, group: int, head_size: int) -> "HeadMerge":
         """GQA's mean-pooling as a merge: every old head weighs 1/g on the new one's K and V, and
-        each query keeps its own projection (w_j = 1, Psi_j = identity)."""
+        the mean is read back as every old head's key and value (queries and output unchanged)."""
         key_weights = torch.full((new_heads, head_size // 2, group), 1 / group, dtype=torch.complex128)
-        basis = torch.eye(head_size, dtype=torch.float64).repeat(group, 1) / group
-        return cls(key_weights, basis.expand(new_heads, -1, -1).clone())
-
-    def query_weights(self, merge: str) -> torch.Tensor:
-        """What each old group's queries are multiplied by per pair: w_j (svd); 1 for `mean`, whose
-        keys average heads the queries never saw averaged."""
-        return self.key_weights if merge == "svd" else torch.ones_like(self.key_weights)
-
-    def output_basis(self, merge: str) -> torch.Tensor:
-        """Psi_j per old head [new, g, D, D] applied to the output projection; identity for `mean`
-        (the mean of the values is read as every old head's value)."""
-        new_heads, rows, head_size = self.value_basis.shape
-        if merge == "mean":
-            eye = torch.eye(head_size, dtype=torch.float64)
-            return eye.expand(new_heads, rows // head_size, head_size, head_size)
-        return self.value_basis.reshape(new_heads, rows // head_size, head_size, head_size)
+        eye = torch.eye(head_size, dtype=torch.float64)
+        return cls(key_weights, torch.ones_like(key_weights),
+                   (eye.repeat(group, 1) / group).expand(new_heads, -1, -1),
+                   eye.expand(new_heads, group, head_size, head_size))
 
 
 def rotate_pairs(rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -112,7 +109,7 @@ def rotate_pairs(rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return torch.cat([re * first - im * second, re * second + im * first], dim=-2)
 
 
-def merge_layer(attention, merge: HeadMerge, merge_kind: str, num_heads: int) -> None:
+def merge_layer(attention, merge: HeadMerge, num_heads: int) -> None:
     """Rewrite one attention layer's q/k/v/o projections in place (fp64 math, the weights' dtype
     kept) so that it has `merge`'s new KV head count. Query heads stay contiguous per KV head, so old
     group j's queries are now in new head j // g's group."""
@@ -135,29 +132,28 @@ def merge_layer(attention, merge: HeadMerge, merge_kind: str, num_heads: int) ->
 
     # keys: kappa = sum_j w_j z_j per pair
     k_weight, k_bias = rows(attention.k_proj, old_heads)
-    w = merge.key_weights.reshape(old_heads // group, half, group).permute(0, 2, 1)  # [new, g, D/2]
+    w = merge.key_weights.transpose(1, 2)  # [new, g, D/2]
     k_new = rotate_pairs(k_weight.reshape(new_heads, group, head_size, -1), w).sum(1)
     kb_new = None if k_bias is None else rotate_pairs(k_bias.reshape(new_heads, group, head_size, 1), w).sum(1)
     store(attention.k_proj, k_new, kb_new)
 
-    # queries of old group j: q * w_j per pair
+    # queries of old group j: q * query_weights_j per pair
     q_weight, q_bias = rows(attention.q_proj, num_heads)
-    qw = merge.query_weights(merge_kind).reshape(new_heads, half, group).permute(0, 2, 1).reshape(old_heads, half)
-    per_query = qw.repeat_interleave(queries_per_old, dim=0)  # [num_heads, D/2]
+    per_query = merge.query_weights.transpose(1, 2).reshape(old_heads, half).repeat_interleave(queries_per_old, 0)
     store(attention.q_proj, rotate_pairs(q_weight, per_query),
           None if q_bias is None else rotate_pairs(q_bias, per_query))
 
-    # values: W_v' = Psi^T W_v per new head
+    # values: the group's concatenated rows times the encoder, per new head
     v_weight, v_bias = rows(attention.v_proj, old_heads)
-    psi = merge.value_basis  # [new, g*D, D]
-    v_new = psi.transpose(-1, -2) @ v_weight.reshape(new_heads, group * head_size, -1)
-    vb_new = None if v_bias is None else psi.transpose(-1, -2) @ v_bias.reshape(new_heads, group * head_size, 1)
+    encoder_t = merge.value_encoder.transpose(-1, -2)  # [new, D, g*D]
+    v_new = encoder_t @ v_weight.reshape(new_heads, group * head_size, -1)
+    vb_new = None if v_bias is None else encoder_t @ v_bias.reshape(new_heads, group * head_size, 1)
     store(attention.v_proj, v_new, vb_new)
 
-    # output: each query head's D columns of W_o times its old head's Psi_j
+    # output: each query head's D columns of W_o times its old head's decoder
     o = attention.o_proj.weight.double()  # [hidden, num_heads * D]
     blocks = o.reshape(o.shape[0], num_heads, head_size).permute(1, 0, 2)  # [num_heads, hidden, D]
-    psi_j = merge.output_basis(merge_kind).reshape(old_heads, head_size, head_size)
-    blocks = blocks @ psi_j.repeat_interleave(queries_per_old, dim=0)
+    decoder = merge.value_decoder.reshape(old_heads, head_size, head_size)
+    blocks = blocks @ decoder.repeat_interleave(queries_per_old, dim=0)
     attention.o_proj.weight = torch.nn.Parameter(
         blocks.permute(1, 0, 2).reshape(o.shape[0], -1).to(attention.o_proj.weight.dtype), requires_grad=False)

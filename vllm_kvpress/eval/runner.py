@@ -80,9 +80,10 @@ def model_geometry(model_path: str) -> tuple[int, int]:
     """(head_size, num_kv_heads) of a checkpoint, from its config."""
     from transformers import AutoConfig
 
+    from vllm_kvpress.models import head_size
+
     config = AutoConfig.from_pretrained(model_path).get_text_config()
-    head_size = config.to_dict().get("head_dim") or config.hidden_size // config.num_attention_heads
-    return head_size, config.num_key_value_heads
+    return head_size(config), config.num_key_value_heads
 
 
 def kept_token_fraction(method_config, prompt_lengths: list[int], num_kv_heads: int | None = None,

@@ -39,6 +39,7 @@ from vllm_kvpress.eviction.compaction import (
 )
 from vllm_kvpress.eviction.policy import freed_end, kept_blocks
 from vllm_kvpress.layout import PageLayout
+from vllm_kvpress.models import head_size
 from vllm_kvpress.reference import page_codec
 from vllm_kvpress.reference.attention import causal_attention
 
@@ -488,9 +489,7 @@ class ReferenceEngine:
         text_config = self.model.config.get_text_config()
         self.num_layers = text_config.num_hidden_layers
         self.num_kv_heads = text_config.num_key_value_heads
-        self.head_size = text_config.to_dict().get("head_dim") or (
-            text_config.hidden_size // text_config.num_attention_heads
-        )
+        self.head_size = head_size(text_config)
         if method_config is not None:
             method_config = method_config.for_engine(exact_tails_available=True)  # no runner to hand slots over
         self.method_config = method_config
