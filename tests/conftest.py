@@ -27,6 +27,20 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture
+def held_back_mikv(monkeypatch):
+    """mikv as a method whose vLLM path has not passed its GPU tests (`Status.REFERENCE_ONLY`), what
+    a method is while it lands reference engine first: vLLM's refusal of such a method is tested on it."""
+    import dataclasses
+
+    from vllm_kvpress.config import ALLOW_UNVERIFIED_ENV
+    from vllm_kvpress.methods.base import Status
+    from vllm_kvpress.methods.mikv import MiKV
+
+    monkeypatch.setattr(MiKV, "info", dataclasses.replace(MiKV.info, status=Status.REFERENCE_ONLY))
+    monkeypatch.delenv(ALLOW_UNVERIFIED_ENV, raising=False)
+
+
+@pytest.fixture
 def device() -> str:
     return DEVICE
 

@@ -40,9 +40,20 @@ def test_model_names_what_is_allowed(capsys):
 
 
 def test_eval_on_vllm_without_a_gpu_writes_nothing(capsys, tmp_path, monkeypatch):
+    import os
+
     import torch
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the CPU machine this case is about
+    # torch's own check initializes CUDA unless it is told to ask NVML (vLLM's import tells it), and
+    # vLLM's engine process, forked after such a check, cannot use the GPU. So the GPU check must
+    # come after vLLM is imported, or go through vLLM's platform.
+    monkeypatch.delenv("PYTORCH_NVML_BASED_CUDA_CHECK", raising=False)
+
+    def cuda_check():
+        assert os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK") == "1", "CUDA checked by initializing it"
+        return False  # the CPU machine this case is about
+
+    monkeypatch.setattr(torch.cuda, "is_available", cuda_check)
     last = _usage_error(capsys, ["eval", "--engine", "vllm", "--method", "gear", "--tasks", "niah",
                                  "--lengths", "500", "--out", str(tmp_path / "out")])
     assert "--engine vllm needs a CUDA GPU" in last

@@ -21,7 +21,6 @@ STEPS = [(0, 128), (128, 230), (230, 231), (231, 232), (232, 240)]
 
 
 def test_prompt_is_split_once_and_decode_reads_both_precisions(v2_engine_config, monkeypatch, device):
-    monkeypatch.setenv(ALLOW_UNVERIFIED_ENV, "1")
     vllm_config = v2_engine_config(block_size=BS, additional_config={"kv_compression": SETTINGS})
     method = load_method_config(SETTINGS)
     packing = method.middle_packing(KV_HEADS, HEAD_SIZE)
@@ -49,7 +48,6 @@ def test_the_block_manager_frees_what_the_worker_leaves(v2_engine_config, monkey
     exactly the blocks after the important and low ones."""
     from vllm.v1.kv_cache_interface import FullAttentionSpec
 
-    monkeypatch.setenv(ALLOW_UNVERIFIED_ENV, "1")
     vllm_config = v2_engine_config(block_size=BS, additional_config={"kv_compression": SETTINGS})
     spec = compressed_spec_for_layer(
         FullAttentionSpec(block_size=BS, num_kv_heads=KV_HEADS, head_size=HEAD_SIZE, dtype=torch.bfloat16),
@@ -67,12 +65,11 @@ def test_the_block_manager_frees_what_the_worker_leaves(v2_engine_config, monkey
     assert removed == [(method.kept_prompt_blocks(PROMPT, KV_HEADS, HEAD_SIZE), PROMPT // BS)]
 
 
-def test_vllm_refuses_mikv_until_its_gpu_tests_pass(v2_engine_config, monkeypatch):
-    """The method is `Status.REFERENCE_ONLY`: an engine config for it fails with the reason and
-    where it runs instead; the developers' override lets it through, with a warning."""
+def test_vllm_refuses_a_method_held_to_the_reference_engine(v2_engine_config, monkeypatch, held_back_mikv):
+    """A `Status.REFERENCE_ONLY` method: an engine config for it fails with the reason and where it
+    runs instead; the developers' override lets it through, with a warning."""
     from vllm_kvpress.errors import MethodNotImplementedError
 
-    monkeypatch.delenv(ALLOW_UNVERIFIED_ENV, raising=False)
     with pytest.raises(MethodNotImplementedError, match="'mikv' is not enabled in vLLM yet.*--engine reference"):
         v2_engine_config(block_size=BS, additional_config={"kv_compression": SETTINGS})
     monkeypatch.setenv(ALLOW_UNVERIFIED_ENV, "1")

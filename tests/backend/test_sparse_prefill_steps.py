@@ -15,7 +15,7 @@ from helpers import impl_for, run_steps_against_reference
 
 from vllm_kvpress.backend.flash_prefill import plan_flash_prefill, sparse_keys_values
 from vllm_kvpress.backend.metadata import KVPressMetadataBuilder
-from vllm_kvpress.config import ALLOW_UNVERIFIED_ENV, load_method_config
+from vllm_kvpress.config import load_method_config
 from vllm_kvpress.eviction.attention_mass import sparse_context
 from vllm_kvpress.reference.attention import causal_attention
 
@@ -49,7 +49,6 @@ def flash_attention_stand_in(monkeypatch):
 
 def test_the_chunks_of_a_long_prompt_attend_to_the_context_zipvl_picks(v2_engine_config, monkeypatch,
                                                                       flash_attention_stand_in):
-    monkeypatch.setenv(ALLOW_UNVERIFIED_ENV, "1")
     vllm_config = v2_engine_config(block_size=BS, additional_config={"kv_compression": SETTINGS})
     method = load_method_config(SETTINGS)
     impl = impl_for(vllm_config, monkeypatch, HEADS, KV_HEADS, HEAD_SIZE)
@@ -68,7 +67,6 @@ def test_the_chunks_of_a_long_prompt_attend_to_the_context_zipvl_picks(v2_engine
 
 def test_a_prompt_below_sparse_prefill_from_has_no_sparse_rows(v2_engine_config, monkeypatch,
                                                                flash_attention_stand_in):
-    monkeypatch.setenv(ALLOW_UNVERIFIED_ENV, "1")
     settings = {**SETTINGS, "sparse_prefill_from": PROMPT + 1}
     vllm_config = v2_engine_config(block_size=BS, additional_config={"kv_compression": settings})
     impl = impl_for(vllm_config, monkeypatch, HEADS, KV_HEADS, HEAD_SIZE)
@@ -86,7 +84,6 @@ def test_a_prompt_below_sparse_prefill_from_has_no_sparse_rows(v2_engine_config,
 def test_without_flash_attention_a_sparse_step_is_refused(v2_engine_config, monkeypatch):
     from helpers import single_request_step_metadata
 
-    monkeypatch.setenv(ALLOW_UNVERIFIED_ENV, "1")
     vllm_config = v2_engine_config(block_size=BS, additional_config={"kv_compression": SETTINGS})
     builder = KVPressMetadataBuilder(None, ["layer"], vllm_config, torch.device("cpu"))
     builder.fa_version = None

@@ -116,8 +116,7 @@ def test_planned_method_is_not_implemented():
         parse_config_spec("ems")
 
 
-def test_a_method_not_enabled_in_vllm_is_refused_before_any_engine_starts(monkeypatch):
-    monkeypatch.delenv("KVPRESS_ALLOW_UNVERIFIED_METHODS", raising=False)
+def test_a_method_not_enabled_in_vllm_is_refused_before_any_engine_starts(monkeypatch, held_back_mikv):
     with pytest.raises(MethodNotImplementedError, match="'mikv' is not enabled in vLLM yet.*--engine reference"):
         parse_config_spec("mikv")
     monkeypatch.setenv("KVPRESS_ALLOW_UNVERIFIED_METHODS", "1")

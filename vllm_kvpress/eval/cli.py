@@ -207,9 +207,9 @@ def build_config(args: argparse.Namespace):
         )
     runs, method_configs = resolve_methods(args.method, args.config)
     if args.engine == "vllm":
-        import torch
+        from vllm_kvpress.eval.engines.vllm_engine import cuda_gpu_present
 
-        if not torch.cuda.is_available():  # before any model download or result directory
+        if not cuda_gpu_present():  # before any model download or result directory
             raise InputError("--engine vllm needs a CUDA GPU, which this machine lacks; on a CPU: --engine reference")
     model_path = ensure_model(args.model)
     context = args.max_model_len or max_model_len(args.model)

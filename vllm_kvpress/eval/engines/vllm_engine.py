@@ -22,6 +22,18 @@ DEFAULT_MAX_NUM_SEQS = 256
 """vLLM's default; capped by max_num_batched_tokens, which vLLM requires to be >= max_num_seqs."""
 
 
+def cuda_gpu_present() -> bool:
+    """Whether this machine has a CUDA GPU for vLLM, asked the way vLLM asks (NVML).
+
+    Not `torch.cuda.is_available()`: that initializes CUDA in this process, and vLLM's engine
+    process, forked from it before vLLM sees CUDA in use, then fails with "Cannot re-initialize
+    CUDA in forked subprocess".
+    """
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cuda()
+
+
 class VllmEngine:
     name = "vllm"
 
@@ -43,10 +55,10 @@ class VllmEngine:
             prefill_chunk: tokens per prefill step (`max_num_batched_tokens`); 0 keeps vLLM's default.
             kv_cache_dtype: vLLM's `kv_cache_dtype`; only "auto" combines with a method.
         """
-        import torch
         from vllm import LLM
+        from vllm.platforms import current_platform
 
-        if not torch.cuda.is_available():
+        if not cuda_gpu_present():
             raise RuntimeError("--engine vllm needs a CUDA GPU; on CPU use --engine reference")
         if kv_cache_dtype not in VLLM_BASELINE_DTYPES:
             raise ValueError(
@@ -83,7 +95,7 @@ class VllmEngine:
         self.engine_kwargs = {k: v for k, v in kwargs.items() if k != "model"}
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
-        self.device_name = torch.cuda.get_device_name()
+        self.device_name = current_platform.get_device_name()  # NVML: CUDA stays uninitialized here
 
     def generate(self, prompts: list[list[int]], max_tokens: list[int], progress=None) -> list[str]:
         """Greedy completions of token-id prompts (already chat-formatted), all in one batch."""
