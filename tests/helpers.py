@@ -229,8 +229,12 @@ def run_steps_against_reference(impl, builder, method, steps, prompt_len: int, n
     (`SequencePages.compact_if_due`). `check(context, seq_len, metadata)` runs on every step's
     metadata (its buffers are the builder's persistent ones: read them there). Returns the
     reference's `SequencePages`."""
-    from vllm_kvpress.eval.engines.reference import SequencePages
+    import types
 
+    from vllm_kvpress.eval.engines.reference import SequencePages
+    from vllm_kvpress.eviction.attention_mass import ChosenRatios
+
+    layer = types.SimpleNamespace(layer_name="model.layers.0.self_attn.attn")  # what vLLM's layer hands the impl
     layout, bs = impl.layout, impl.layout.block_size
     kv_heads, head_size, scale = impl.num_kv_heads, impl.head_size, impl.scale
     batch = make_batch([0], [steps[-1][1]], kv_heads, head_size, bs, device=device)
@@ -248,11 +252,12 @@ def run_steps_against_reference(impl, builder, method, steps, prompt_len: int, n
         impl.do_kv_cache_update(None, k_new, v_new, cache, slots)
         q = torch.randn(seq_len - context, num_heads, head_size, device=device).bfloat16()
         out = torch.full_like(q, float("nan"))
-        impl.forward(None, q, k_new, v_new, cache, metadata, out)
+        impl.forward(layer, q, k_new, v_new, cache, metadata, out)
         expected, stored_k, stored_v = reference_step(reference, q, k_new, v_new, scale)
         torch.testing.assert_close(out.float().cpu(), expected, atol=3e-2, rtol=2e-2,
                                    msg=f"step ({context}, {seq_len})")
-        reference.compact_if_due(q.cpu(), stored_k, stored_v, scale)
+        with ChosenRatios.at_layer(0):  # as the reference engine's layer 0
+            reference.compact_if_due(q.cpu(), stored_k, stored_v, scale)
     return reference
 
 

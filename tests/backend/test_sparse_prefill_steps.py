@@ -16,6 +16,7 @@ from helpers import impl_for, run_steps_against_reference
 from vllm_kvpress.backend.flash_prefill import plan_flash_prefill, sparse_keys_values
 from vllm_kvpress.backend.metadata import KVPressMetadataBuilder
 from vllm_kvpress.config import load_method_config
+from vllm_kvpress.eval.engines.worker_extension import SelectionRecords
 from vllm_kvpress.eviction.attention_mass import sparse_context
 from vllm_kvpress.reference.attention import causal_attention
 
@@ -61,8 +62,14 @@ def test_the_chunks_of_a_long_prompt_attend_to_the_context_zipvl_picks(v2_engine
         if prefill:  # a chunk with context, in a prompt of sparse_prefill_from tokens
             assert metadata.flash_prefill.sparse_seqs == ((0,) if context else ())
 
+    records = SelectionRecords()
+    records.drain_important_shares()
     reference = run_steps_against_reference(impl, builder, method, STEPS, PROMPT, HEADS, "cpu", check=check)
     assert reference.num_evicted > 0, "the prompt was split after its last chunk"
+    # the worker's split and the reference engine's each recorded the layer's share once, under its
+    # index: what eval's vLLM engine reads from the workers (worker_extension_cls)
+    [(layer, shares)] = records.drain_important_shares()
+    assert layer == 0 and len(shares) == 2 and shares[0] == pytest.approx(shares[1]) and 0 < shares[0] <= 1
 
 
 def test_a_prompt_below_sparse_prefill_from_has_no_sparse_rows(v2_engine_config, monkeypatch,

@@ -79,7 +79,7 @@ def test_the_split_ranks_by_normalized_attention_and_records_the_share_tau_asks_
     ChosenRatios.drain()
     pages = _pages(config)
     reference_layer_call(pages, q[:FIRST], k[:FIRST], v[:FIRST], SCALE)
-    assert ChosenRatios.drain() == [], "no split before the prompt's last chunk"
+    assert ChosenRatios.drain() == {}, "no split before the prompt's last chunk"
 
     probe = _pages(config)
     k_prompt, _ = probe.append(k[:PROMPT_LEN].bfloat16(), v[:PROMPT_LEN].bfloat16())
@@ -92,7 +92,7 @@ def test_the_split_ranks_by_normalized_attention_and_records_the_share_tau_asks_
     normalized = normalized_attention(attention, positions).reshape(NUM_KV_HEADS, -1, PROMPT_LEN).sum(1)
     raw = attention.reshape(NUM_KV_HEADS, -1, PROMPT_LEN).sum(1)
     assert not torch.equal(normalized.argsort(dim=1), raw.argsort(dim=1)), "the case must tell them apart"
-    assert ChosenRatios.drain() == [pytest.approx(float(tokens_for_mass(normalized, 0.5)) / PROMPT_LEN)]
+    assert ChosenRatios.drain() == {0: [pytest.approx(float(tokens_for_mass(normalized, 0.5)) / PROMPT_LEN)]}
 
 
 def test_defaults_are_the_papers_bits_and_settings_are_checked():

@@ -7,6 +7,8 @@ import torch
 
 from vllm_kvpress.eviction.attention_mass import (
     ChosenRatios,
+    important_share_report,
+    mean_share_by_layer,
     normalized_attention,
     sparse_context,
     tokens_for_mass,
@@ -100,9 +102,16 @@ def test_the_attention_the_sparse_context_drops_is_bounded_by_one_minus_tau(tau)
     assert attention[:, :context_len][:, dropped].sum() / (4 * probes) <= 1 - tau + 1e-6
 
 
-def test_recorded_ratios_are_drained_once():
+def test_recorded_ratios_are_drained_once_by_layer():
+    """vLLM's worker runs every compacting request of a step layer by layer: records of several
+    requests interleave, and the layer each was made in groups them."""
     ChosenRatios.drain()
-    ChosenRatios.record(torch.tensor(3) / 4)
-    ChosenRatios.record(torch.tensor(1) / 4)
-    assert ChosenRatios.drain() == [0.75, 0.25]
-    assert ChosenRatios.drain() == []
+    for layer, first, second in ((0, 3, 1), (1, 2, 4)):
+        with ChosenRatios.at_layer(layer):
+            ChosenRatios.record(torch.tensor(first) / 8)
+            ChosenRatios.record(torch.tensor(second) / 8)
+    drained = ChosenRatios.drain()
+    assert drained == {0: [0.375, 0.125], 1: [0.25, 0.5]}
+    assert mean_share_by_layer(drained) == [0.25, 0.375]
+    assert important_share_report(mean_share_by_layer(drained)) == {"important_share_by_layer": [0.25, 0.375]}
+    assert ChosenRatios.drain() == {} and important_share_report([]) is None

@@ -10,6 +10,7 @@ from vllm_kvpress.backend.flash_prefill import flash_prefill_attention
 from vllm_kvpress.backend.metadata import KVPressMetadata
 from vllm_kvpress.backend.state import current_method
 from vllm_kvpress.decode import decode_attention
+from vllm_kvpress.eviction.attention_mass import ChosenRatios
 from vllm_kvpress.eviction.compaction import compact_prompt, compact_recent
 from vllm_kvpress.eviction.headwise import compact_prompt_headwise
 from vllm_kvpress.eviction.mixed import compact_prompt_mixed
@@ -193,8 +194,9 @@ class KVPressImpl(AttentionImpl[KVPressMetadata]):
         for compaction in m.compactions:
             row = m.physical_block_table[compaction.row]
             if self.mixed_units is not None:
-                compact_prompt_mixed(self.eviction, self.layout, kv_cache, row, query, compaction, self.scale,
-                                     power_iters=self.power_iters)
+                with ChosenRatios.at_layer(extract_layer_index(layer.layer_name)):  # zipvl's per-layer share
+                    compact_prompt_mixed(self.eviction, self.layout, kv_cache, row, query, compaction, self.scale,
+                                         power_iters=self.power_iters)
             elif ranks is not None:
                 compact_prompt_headwise(
                     self.layout, kv_cache, row, compaction.prompt_len, ranks[0],

@@ -13,33 +13,65 @@ Plain PyTorch on whatever device the inputs are on; it serves the reference engi
 worker alike.
 """
 
+import logging
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import ClassVar
 
 import torch
 
 from vllm_kvpress.eviction.scoring import forced_positions, per_kv_head, window_attention_stats
 
+logger = logging.getLogger("vllm.kvpress")
 MAX_RECORDED_RATIOS = 1 << 16
 """Ratios kept undrained: a process that never drains (a vLLM worker) holds at most this many."""
 
 
 class ChosenRatios:
-    """The share of its prompt each layer's mass threshold asked for, in the order the layers
-    chose (one sequence at a time on the reference engine: layer order), until drained. Kept as
+    """The share of its prompt each layer's mass threshold asked for, by layer, until drained: the
+    caller that runs a layer's selection names the layer (`at_layer`), the rule records. Kept as
     device tensors: recording never waits for the GPU."""
 
-    _ratios: ClassVar[deque[torch.Tensor]] = deque(maxlen=MAX_RECORDED_RATIOS)
+    _ratios: ClassVar[deque[tuple[int | None, torch.Tensor]]] = deque(maxlen=MAX_RECORDED_RATIOS)
+    _layer: ClassVar[int | None] = None
+
+    @classmethod
+    @contextmanager
+    def at_layer(cls, layer: int) -> Iterator[None]:
+        """Records made inside belong to model layer `layer`."""
+        outer, cls._layer = cls._layer, layer
+        try:
+            yield
+        finally:
+            cls._layer = outer
 
     @classmethod
     def record(cls, ratio: torch.Tensor) -> None:
-        cls._ratios.append(ratio)
+        cls._ratios.append((cls._layer, ratio))
+        if logger.isEnabledFor(logging.DEBUG):  # reading the ratio waits for the GPU: only when asked
+            logger.debug("vllm-kvpress: layer %s asked for %.3f of the prompt", cls._layer, float(ratio))
 
     @classmethod
-    def drain(cls) -> list[float]:
-        ratios = [float(r) for r in cls._ratios]
+    def drain(cls) -> dict[int | None, list[float]]:
+        """Layer -> its ratios in the order recorded (one per selection: per request and step)."""
+        by_layer: dict[int | None, list[float]] = {}
+        for layer, ratio in cls._ratios:
+            by_layer.setdefault(layer, []).append(float(ratio))
         cls._ratios.clear()
-        return ratios
+        return by_layer
+
+
+def mean_share_by_layer(by_layer: dict[int | None, list[float]]) -> list[float]:
+    """`ChosenRatios.drain()`'s records -> each layer's mean share, in layer order."""
+    # a selection no caller placed (None) sorts first
+    ordered = sorted(by_layer.items(), key=lambda item: (item[0] is not None, item[0] or 0))
+    return [sum(shares) / len(shares) for _, shares in ordered]
+
+
+def important_share_report(shares: list[float]) -> dict[str, list[float]] | None:
+    """The eval engines' `selection_report` of per-layer shares (None where nothing was recorded)."""
+    return {"important_share_by_layer": [round(share, 4) for share in shares]} if shares else None
 
 
 def normalized_attention(attention_sum: torch.Tensor, query_positions: torch.Tensor) -> torch.Tensor:

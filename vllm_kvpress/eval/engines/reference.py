@@ -26,11 +26,10 @@ prefill (`zipvl`) has each chunk of a long prompt attend to the part of its cont
 picks (`prefill_context`) and its own tokens.
 """
 
-import logging
 
 import torch
 
-from vllm_kvpress.eviction.attention_mass import ChosenRatios
+from vllm_kvpress.eviction.attention_mass import ChosenRatios, important_share_report, mean_share_by_layer
 from vllm_kvpress.eviction.compaction import (
     PromptCompaction,
     RecentCompaction,
@@ -42,8 +41,6 @@ from vllm_kvpress.layout import PageLayout
 from vllm_kvpress.models import head_size
 from vllm_kvpress.reference import page_codec
 from vllm_kvpress.reference.attention import causal_attention
-
-logger = logging.getLogger("vllm.kvpress")
 
 ATTENTION_NAME = "kvpress_reference"
 """Name under which `compressed_attention_forward` is registered in transformers' AttentionInterface."""
@@ -415,7 +412,8 @@ def compressed_attention_forward(
             if num_new > 1:
                 k_all, v_all = layer.chunk_keys_values(q, k_all, v_all, past, scale)
             out = causal_attention(q, k_all, v_all, scale)
-        layer.compact_if_due(q, k_stored, v_stored, scale)  # after this chunk's attention, as the vLLM worker
+        with ChosenRatios.at_layer(module.layer_idx):
+            layer.compact_if_due(q, k_stored, v_stored, scale)  # after this chunk's attention, as the vLLM worker
     else:
         out = causal_attention(q, k_all, v_all, scale)
     return out.to(query.dtype).unsqueeze(0), None
@@ -567,8 +565,7 @@ class ReferenceEngine:
         the method's rule records none."""
         if not self.important_shares:
             return None
-        by_layer = torch.tensor(self.important_shares).mean(0)
-        return {"important_share_by_layer": [round(float(share), 4) for share in by_layer]}
+        return important_share_report(torch.tensor(self.important_shares).mean(0).tolist())
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], max_tokens: list[int], progress=None) -> list[str]:
@@ -592,10 +589,9 @@ class ReferenceEngine:
                 logits = self._forward([token], position, cache, pages)
                 position += 1
             outputs.append(self.tokenizer.decode(generated, skip_special_tokens=True))
-            shares = ChosenRatios.drain()
+            shares = mean_share_by_layer(ChosenRatios.drain())
             if shares:
                 self.important_shares.append(shares)
-                logger.debug("important share by layer: %s", " ".join(f"{share:.3f}" for share in shares))
             if progress is not None:
                 progress.update(1)
         return outputs

@@ -15,6 +15,8 @@ Settings chosen to mirror the reference engine:
 import gc
 
 from vllm_kvpress.config import ADDITIONAL_CONFIG_KEY
+from vllm_kvpress.eval.engines.worker_extension import WORKER_EXTENSION
+from vllm_kvpress.eviction.attention_mass import important_share_report, mean_share_by_layer
 
 VLLM_BASELINE_DTYPES = ("auto", "fp8", "int4_per_token_head")
 """vLLM's own KV-cache dtypes offered as reference rows (with --method none only)."""
@@ -79,6 +81,8 @@ class VllmEngine:
             "seed": seed,
             "kv_cache_dtype": kv_cache_dtype,
             "enable_prefix_caching": False,
+            # lets `selection_report` read what the method's rule chose in the workers
+            "worker_extension_cls": WORKER_EXTENSION,
         }
         if method_config is not None:
             from vllm_kvpress.plugin import register
@@ -96,6 +100,15 @@ class VllmEngine:
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
         self.device_name = current_platform.get_device_name()  # NVML: CUDA stays uninitialized here
+        self.important_shares: dict[int | None, list[float]] = {}
+        """Per layer, the important share of every generated request's selection (all workers)."""
+
+    def _drain_important_shares(self) -> dict[int | None, list[float]]:
+        by_layer: dict[int | None, list[float]] = {}
+        for worker in self.llm.collective_rpc("drain_important_shares"):
+            for layer, shares in worker:
+                by_layer.setdefault(layer, []).extend(shares)
+        return by_layer
 
     def generate(self, prompts: list[list[int]], max_tokens: list[int], progress=None) -> list[str]:
         """Greedy completions of token-id prompts (already chat-formatted), all in one batch."""
@@ -103,9 +116,12 @@ class VllmEngine:
         from vllm.inputs import TokensPrompt
 
         params = [SamplingParams(temperature=0.0, max_tokens=n, skip_special_tokens=True) for n in max_tokens]
+        self._drain_important_shares()  # nothing recorded outside these generations counts
         outputs = self.llm.generate(
             [TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=progress is None
         )
+        for layer, shares in self._drain_important_shares().items():
+            self.important_shares.setdefault(layer, []).extend(shares)
         if progress is not None:
             progress.update(len(prompts))
         return [out.outputs[0].text for out in outputs]
@@ -134,9 +150,10 @@ class VllmEngine:
             )
         return [-entries[i][token_ids[i]].logprob for i in range(1, len(token_ids))]
 
-    def selection_report(self) -> None:
-        """What the method chose is decided in vLLM's workers, out of this process's sight."""
-        return None
+    def selection_report(self) -> dict[str, list[float]] | None:
+        """The mean over the generated requests (and tensor-parallel ranks, each over its KV heads)
+        of each layer's important share, or None where the method's rule records none."""
+        return important_share_report(mean_share_by_layer(self.important_shares))
 
     def close(self) -> None:
         """Free the GPU for the next engine of the same process (vLLM keeps a process per engine core)."""
