@@ -19,12 +19,13 @@ def _config(tmp_path, model_dir) -> runner.EvalConfig:
 
 
 def test_a_failing_second_method_keeps_the_first_methods_results(tmp_path, monkeypatch):
-    monkeypatch.setattr(runner, "model_geometry", lambda path: (64, 2))
+    monkeypatch.setattr(runner, "model_geometry", lambda path: (64, 2, 4))
     monkeypatch.setattr(runner, "build_samples", lambda config, tokenizer: [])
     monkeypatch.setattr("transformers.AutoTokenizer.from_pretrained", lambda path: None)
     measured = {"method": "none", "label": "none", "device": "cpu", "tasks": {}, "compression_ratio": 1.0}
 
-    def run_method(config, run, method_config, samples, windows, head_size, num_kv_heads, decode_windows):
+    def run_method(config, run, method_config, samples, windows, head_size, num_kv_heads, decode_windows,
+                   num_layers):
         if run.method == "kivi":
             raise RuntimeError("engine died")
         return dict(measured), []

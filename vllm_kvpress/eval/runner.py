@@ -76,14 +76,14 @@ class EvalConfig:
         return dataclasses.asdict(self)
 
 
-def model_geometry(model_path: str) -> tuple[int, int]:
-    """(head_size, num_kv_heads) of a checkpoint, from its config."""
+def model_geometry(model_path: str) -> tuple[int, int, int]:
+    """(head_size, num_kv_heads, num_layers) of a checkpoint, from its config."""
     from transformers import AutoConfig
 
     from vllm_kvpress.models import head_size
 
     config = AutoConfig.from_pretrained(model_path).get_text_config()
-    return head_size(config), config.num_key_value_heads
+    return head_size(config), config.num_key_value_heads, config.num_hidden_layers
 
 
 def kept_token_fraction(method_config, prompt_lengths: list[int], num_kv_heads: int | None = None,
@@ -119,12 +119,15 @@ def decoded_kv_fraction(method_config, prompt_len: int, num_tokens: int, num_kv_
 
 def compression_ratio(
     run: MethodRun, method_config, head_size: int, kv_cache_dtype: str, prompt_lengths: list[int] = (),
-    num_kv_heads: int | None = None,
+    num_kv_heads: int | None = None, num_layers: int | None = None,
 ) -> float:
     """Stored KV bytes over bf16 bytes of the full context: 1 / layout.compression_vs_bf16, times the
-    kept-token fraction of the generation prompts for a method that evicts (`kept_token_fraction`)."""
+    kept-token fraction of the generation prompts for a method that evicts (`kept_token_fraction`);
+    a cross-layer method's own count of the prompts' bytes (`kv_bytes_vs_bf16`: methods/xkv.py)."""
     if method_config is None:
         return VLLM_DTYPE_BYTES_VS_BF16[kv_cache_dtype]
+    if num_layers is not None and prompt_lengths and method_config.layer_groups(num_layers) is not None:
+        return method_config.kv_bytes_vs_bf16(list(prompt_lengths), num_layers, num_kv_heads, head_size)
     bytes_ratio = 1.0 / method_config.page_layout(head_size).compression_vs_bf16
     return bytes_ratio * kept_token_fraction(method_config, list(prompt_lengths), num_kv_heads, head_size)
 
@@ -169,7 +172,7 @@ def _nll_summary(windows: list, scored_nll: list[float]) -> dict[str, Any]:
 
 def run_method(
     config: EvalConfig, run: MethodRun, method_config, samples: list[Sample], windows: list, head_size: int,
-    num_kv_heads: int | None = None, decode_windows: list = (),
+    num_kv_heads: int | None = None, decode_windows: list = (), num_layers: int | None = None,
 ) -> tuple[dict[str, Any], list[dict]]:
     """Evaluate one method: generation tasks, then perplexity (`ppl`, then `decode-ppl` over
     `decode_windows`). Returns (result row, predictions)."""
@@ -227,7 +230,7 @@ def run_method(
         "kv_cache_dtype": config.kv_cache_dtype,
         "compression_ratio": compression_ratio(
             run, method_config, head_size, config.kv_cache_dtype, [s.num_prompt_tokens for s in samples],
-            num_kv_heads,
+            num_kv_heads, num_layers,
         ),
         "tasks": task_scores,
         "niah_grid": niah_grid(samples, correct),
@@ -267,7 +270,7 @@ def evaluate(config: EvalConfig, method_configs: list, command: str) -> str:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(config.model_path)
-    head_size, num_kv_heads = model_geometry(config.model_path)
+    head_size, num_kv_heads, num_layers = model_geometry(config.model_path)
     samples = build_samples(config, tokenizer)
     windows = (
         perplexity.build_windows(tokenizer, config.ppl_tokens, config.prefill_chunk, config.ppl_windows)
@@ -283,7 +286,7 @@ def evaluate(config: EvalConfig, method_configs: list, command: str) -> str:
     rows, predictions = [], []
     for run, method_config in zip(config.runs, method_configs, strict=True):
         row, preds = run_method(config, run, method_config, samples, windows, head_size, num_kv_heads,
-                                decode_windows)
+                                decode_windows, num_layers)
         rows.append(row)
         predictions += preds
         # written after every method, so a run cut short (a time limit, a crash) keeps what it measured

@@ -169,6 +169,11 @@ class CompressionMethod:
         (methods/eviction.py) whose budget schedule, scorer and head policy the engine follows."""
         return None
 
+    def layer_groups(self, num_layers: int) -> list[range] | None:
+        """Cross-layer policy: None where each layer keeps its own KV; else the groups of layers whose
+        prompt KV is factored together after prefill (`factor_group`: methods/xkv.py)."""
+        return None
+
     @property
     def evicts_tokens(self) -> bool:
         """Whether the method frees blocks of dropped tokens (needs prefix caching off)."""

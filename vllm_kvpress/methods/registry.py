@@ -27,12 +27,13 @@ from vllm_kvpress.methods.mikv import MiKV
 from vllm_kvpress.methods.razor import Razor
 from vllm_kvpress.methods.scissorhands import Scissorhands
 from vllm_kvpress.methods.snapkv import SnapKV
+from vllm_kvpress.methods.xkv import XKV
 from vllm_kvpress.methods.zipvl import ZipVL
 
 logger = logging.getLogger("vllm.kvpress")
 
 ENTRY_POINT_GROUP = "vllm_kvpress.methods"
-BUILT_IN: tuple[type[CompressionMethod], ...] = (Kivi, Gear, MiKV, ZipVL, KVCrush, Scissorhands, SnapKV, Razor)
+BUILT_IN: tuple[type[CompressionMethod], ...] = (Kivi, Gear, MiKV, ZipVL, KVCrush, Scissorhands, SnapKV, Razor, XKV)
 
 PLANNED = (
     MethodInfo("ems", "EMS: adaptive evict-then-merge strategy for head-wise KV-cache compression", "2412.08521",
@@ -46,8 +47,6 @@ PLANNED = (
                "a small draft model's attention picks the KV and prompt tokens to keep", Status.PLANNED),
     MethodInfo("minicache", "MiniCache: KV-cache compression in depth dimension", "2405.14366", Family.CROSS_LAYER,
                "merge adjacent layers' KV by direction interpolation, magnitudes kept", Status.PLANNED),
-    MethodInfo("xkv", "xKV: cross-layer SVD for KV-cache compression", "2503.18893", Family.CROSS_LAYER,
-               "shared SVD subspace across grouped layers", Status.PLANNED),
     MethodInfo("x-ecomla", "X-EcoMLA: upcycling pre-trained attention into MLA", "2503.11132",
                Family.OFFLINE_WEIGHTS, "attention to MLA latent KV via SVD init + light distillation, an offline tool",
                Status.PLANNED),

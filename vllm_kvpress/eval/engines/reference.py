@@ -45,6 +45,8 @@ from vllm_kvpress.reference.attention import causal_attention
 ATTENTION_NAME = "kvpress_reference"
 """Name under which `compressed_attention_forward` is registered in transformers' AttentionInterface."""
 PAGES_KWARG = "kvpress_pages"
+GROUPS_KWARG = "kvpress_layer_groups"
+"""The sequence's `PromptGroupFactoring`, for a cross-layer method."""
 """Forward keyword that carries the per-layer pages down to the attention function."""
 
 
@@ -189,6 +191,21 @@ class SequencePages:
             return keys, values
         k_context, v_context, _ = self.eviction.prefill_context(queries, keys, values, context_len, scale)
         return torch.cat([k_context, keys[context_len:]]), torch.cat([v_context, values[context_len:]])
+
+    def prompt_completed_now(self) -> bool:
+        """Whether the tokens just appended complete the sequence's prompt."""
+        return self.prompt_len is not None and self._num_tokens_before < self.prompt_len <= self.num_tokens
+
+    def complete_keys_values(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V of the complete blocks, dequantized: fp32 [complete tokens, num_kv_heads, head_size]
+        (of a sequence that evicts nothing)."""
+        return self._complete_k, self._complete_v
+
+    def rewrite_complete(self, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Write `key`, `value` over the first complete blocks (a cross-layer method's reconstruction
+        of the prompt), whole blocks of them."""
+        self._write_complete(key, value)
+        self._complete_k, self._complete_v = self._read_blocks(0, self._complete_k.shape[0])
 
     def evicts_now(self) -> bool:
         """Whether the tokens just appended complete the prompt of a sequence that compacts."""
@@ -361,6 +378,41 @@ class SequencePages:
         self._keep(kept_k, kept_v, compaction.num_candidates)
 
 
+class PromptGroupFactoring:
+    """A cross-layer method on the reference engine (methods/xkv.py): once the prompt's last chunk
+    has passed the last layer of a group, the group's prompt K, turned back to before RoPE, and V
+    are replaced by the method's reconstruction, and K is turned again."""
+
+    def __init__(self, method, num_layers: int, rotary_embedding):
+        """`rotary_embedding`: the model's (transformers' `model.model.rotary_emb`): (x, position_ids)
+        -> cos, sin [1, T, head_size]."""
+        self.method = method
+        self.last_of_group = {group[-1]: group for group in method.layer_groups(num_layers)}
+        self.rotary_embedding = rotary_embedding
+
+    def after_layer(self, layer_idx: int, pages: list[SequencePages]) -> None:
+        group = self.last_of_group.get(layer_idx)
+        if group is None or not pages[layer_idx].prompt_completed_now():
+            return
+        keys, values = zip(*(pages[i].complete_keys_values() for i in group), strict=True)
+        num_tokens = keys[0].shape[0]
+        if num_tokens == 0:
+            return
+        positions = torch.arange(num_tokens, device=keys[0].device)[None]
+        cos, sin = self.rotary_embedding(keys[0], positions)
+        cos, sin = cos[0, :, None].float(), sin[0, :, None].float()  # [T, 1, head_size]
+        keys, values = self.method.factor_group([rotate(k, cos, -sin) for k in keys], list(values))
+        for i, key, value in zip(group, keys, values, strict=True):
+            pages[i].rewrite_complete(rotate(key, cos, sin), value)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE of transformers' Llama/Qwen2 (rotate_half: channel m pairs with m + D/2); with -sin, its
+    inverse."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+
+
 def compressed_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -414,6 +466,8 @@ def compressed_attention_forward(
             out = causal_attention(q, k_all, v_all, scale)
         with ChosenRatios.at_layer(module.layer_idx):
             layer.compact_if_due(q, k_stored, v_stored, scale)  # after this chunk's attention, as the vLLM worker
+        if (groups := kwargs.get(GROUPS_KWARG)) is not None:
+            groups.after_layer(module.layer_idx, pages)
     else:
         out = causal_attention(q, k_all, v_all, scale)
     return out.to(query.dtype).unsqueeze(0), None
@@ -500,6 +554,10 @@ class ReferenceEngine:
             self.retrieval_index = [[layer.index(h) if h in layer else -1 for h in range(self.num_kv_heads)]
                                     for layer in heads]
         self.power_iters = method_config.pages.power_iters if method_config is not None else 1
+        groups = method_config.layer_groups(self.num_layers) if method_config is not None else None
+        self.layer_groups = (PromptGroupFactoring(method_config, self.num_layers, self.model.model.rotary_emb)
+                             if groups is not None else None)
+        """A cross-layer method's factoring of each group's prompt KV (methods/xkv.py), or None."""
         self.important_shares: list[list[float]] = []
         """Per generated sequence, the share of its prompt each layer's selection rule asked for
         (zipvl's attention-mass count, eviction/attention_mass.py `ChosenRatios`), in layer order."""
@@ -543,6 +601,8 @@ class ReferenceEngine:
         ids = torch.tensor([token_ids], device=self.device)
         positions = torch.arange(start, start + len(token_ids), device=self.device)[None]
         kwargs = {PAGES_KWARG: pages} if pages is not None else {}
+        if self.layer_groups is not None:
+            kwargs[GROUPS_KWARG] = self.layer_groups
         if last_only:
             kwargs["logits_to_keep"] = 1
         out = self.model(
