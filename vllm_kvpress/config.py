@@ -105,7 +105,8 @@ def check_enabled_in_vllm(method_config: CompressionMethod) -> None:
     if method_config.runs_on_vllm or os.environ.get(ALLOW_UNVERIFIED_ENV) == "1":
         return
     raise MethodNotImplementedError(
-        f"method '{method_config.method}' is not enabled in vLLM yet: its vLLM path has not passed its GPU "
+        f"--kv-compression {method_config.method}: method '{method_config.method}' is not enabled in vLLM yet: "
+        "its vLLM path has not passed its GPU "
         f"tests; it runs on the reference engine (vllm-kvpress eval --engine reference --method "
         f"{method_config.method}). {ALLOW_UNVERIFIED_ENV}=1 lets its developers run those tests"
     )
