@@ -106,7 +106,7 @@ def check_enabled_in_vllm(method_config: CompressionMethod) -> None:
         return
     raise MethodNotImplementedError(
         f"--kv-compression {method_config.method}: method '{method_config.method}' is not enabled in vLLM yet: "
-        "its vLLM path has not passed its GPU "
-        f"tests; it runs on the reference engine (vllm-kvpress eval --engine reference --method "
-        f"{method_config.method}). {ALLOW_UNVERIFIED_ENV}=1 lets its developers run those tests"
+        "its vLLM path has not passed its GPU tests; it runs on the reference engine (vllm-kvpress eval "
+        f"--engine reference --method {method_config.method}). {ALLOW_UNVERIFIED_ENV}=1 lets its developers "
+        "run those tests"
     )

@@ -76,7 +76,7 @@ def test_low_rank_across_layers_is_the_truncated_svd_of_the_layers_side_by_side(
 def test_the_prompt_of_each_group_is_replaced_by_its_reconstruction_after_the_groups_last_layer():
     config = load_method_config({"method": "xkv", "group_layers": 4, "rank_k": 12, "rank_v": 0.25})
     pages, originals, (cos, sin) = _prompt_pages(config, torch.Generator().manual_seed(2503))
-    factoring = PromptGroupFactoring(config, NUM_LAYERS, rotary_embedding)
+    factoring = PromptGroupFactoring(config, config.layer_groups(NUM_LAYERS), rotary_embedding)
     assert list(factoring.last_of_group) == [3, 5]  # groups 0-3 and 4-5
     factoring.after_layer(2, pages)  # not the last of its group: nothing yet
     for layer, (k, _) in zip(pages, originals, strict=True):
@@ -100,7 +100,7 @@ def test_the_prompt_of_each_group_is_replaced_by_its_reconstruction_after_the_gr
 def test_at_full_rank_nothing_is_lost_and_a_generated_token_factors_nothing():
     full = load_method_config({"method": "xkv", "rank_k": 1.0, "rank_v": 1.0})
     pages, originals, _ = _prompt_pages(full, torch.Generator().manual_seed(7))
-    factoring = PromptGroupFactoring(full, NUM_LAYERS, rotary_embedding)
+    factoring = PromptGroupFactoring(full, full.layer_groups(NUM_LAYERS), rotary_embedding)
     factoring.after_layer(3, pages)
     for layer, (k, v) in zip(pages[:4], originals[:4], strict=True):
         stored_k, stored_v = layer.complete_keys_values()

@@ -7,6 +7,7 @@ import torch
 
 from vllm_kvpress.eviction.attention_mass import (
     ChosenRatios,
+    extend_by_layer,
     important_share_report,
     mean_share_by_layer,
     normalized_attention,
@@ -113,5 +114,8 @@ def test_recorded_ratios_are_drained_once_by_layer():
     drained = ChosenRatios.drain()
     assert drained == {0: [0.375, 0.125], 1: [0.25, 0.5]}
     assert mean_share_by_layer(drained) == [0.25, 0.375]
+    gathered = {0: [0.5]}  # what an engine holds from earlier generations (or another worker)
+    extend_by_layer(gathered, drained.items())
+    assert gathered == {0: [0.5, 0.375, 0.125], 1: [0.25, 0.5]}
     assert important_share_report(mean_share_by_layer(drained)) == {"important_share_by_layer": [0.25, 0.375]}
     assert ChosenRatios.drain() == {} and important_share_report([]) is None

@@ -15,7 +15,7 @@ worker alike.
 
 import logging
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import ClassVar
 
@@ -60,6 +60,14 @@ class ChosenRatios:
             by_layer.setdefault(layer, []).append(float(ratio))
         cls._ratios.clear()
         return by_layer
+
+
+def extend_by_layer(by_layer: dict[int | None, list[float]],
+                    records: Iterable[tuple[int | None, list[float]]]) -> None:
+    """Add drained records, (layer, shares) pairs (`ChosenRatios.drain().items()`, or what vLLM's
+    workers return), to `by_layer`."""
+    for layer, shares in records:
+        by_layer.setdefault(layer, []).extend(shares)
 
 
 def mean_share_by_layer(by_layer: dict[int | None, list[float]]) -> list[float]:

@@ -26,10 +26,14 @@ prefill (`zipvl`) has each chunk of a long prompt attend to the part of its cont
 picks (`prefill_context`) and its own tokens.
 """
 
-
 import torch
 
-from vllm_kvpress.eviction.attention_mass import ChosenRatios, important_share_report, mean_share_by_layer
+from vllm_kvpress.eviction.attention_mass import (
+    ChosenRatios,
+    extend_by_layer,
+    important_share_report,
+    mean_share_by_layer,
+)
 from vllm_kvpress.eviction.compaction import (
     PromptCompaction,
     RecentCompaction,
@@ -45,9 +49,9 @@ from vllm_kvpress.reference.attention import causal_attention
 ATTENTION_NAME = "kvpress_reference"
 """Name under which `compressed_attention_forward` is registered in transformers' AttentionInterface."""
 PAGES_KWARG = "kvpress_pages"
-GROUPS_KWARG = "kvpress_layer_groups"
-"""The sequence's `PromptGroupFactoring`, for a cross-layer method."""
 """Forward keyword that carries the per-layer pages down to the attention function."""
+GROUPS_KWARG = "kvpress_layer_groups"
+"""Forward keyword that carries a cross-layer method's `PromptGroupFactoring`."""
 
 
 class SequencePages:
@@ -383,11 +387,11 @@ class PromptGroupFactoring:
     has passed the last layer of a group, the group's prompt K, turned back to before RoPE, and V
     are replaced by the method's reconstruction, and K is turned again."""
 
-    def __init__(self, method, num_layers: int, rotary_embedding):
-        """`rotary_embedding`: the model's (transformers' `model.model.rotary_emb`): (x, position_ids)
-        -> cos, sin [1, T, head_size]."""
+    def __init__(self, method, groups: list[range], rotary_embedding):
+        """`groups`: the method's `layer_groups`; `rotary_embedding`: the model's (transformers'
+        `model.model.rotary_emb`): (x, position_ids) -> cos, sin [1, T, head_size]."""
         self.method = method
-        self.last_of_group = {group[-1]: group for group in method.layer_groups(num_layers)}
+        self.last_of_group = {group[-1]: group for group in groups}
         self.rotary_embedding = rotary_embedding
 
     def after_layer(self, layer_idx: int, pages: list[SequencePages]) -> None:
@@ -555,12 +559,12 @@ class ReferenceEngine:
                                     for layer in heads]
         self.power_iters = method_config.pages.power_iters if method_config is not None else 1
         groups = method_config.layer_groups(self.num_layers) if method_config is not None else None
-        self.layer_groups = (PromptGroupFactoring(method_config, self.num_layers, self.model.model.rotary_emb)
+        self.layer_groups = (PromptGroupFactoring(method_config, groups, self.model.model.rotary_emb)
                              if groups is not None else None)
         """A cross-layer method's factoring of each group's prompt KV (methods/xkv.py), or None."""
-        self.important_shares: list[list[float]] = []
-        """Per generated sequence, the share of its prompt each layer's selection rule asked for
-        (zipvl's attention-mass count, eviction/attention_mass.py `ChosenRatios`), in layer order."""
+        self.important_shares: dict[int | None, list[float]] = {}
+        """Per layer, the share of its prompt each generated sequence's selection rule asked for
+        (zipvl's attention-mass count, eviction/attention_mass.py `ChosenRatios`)."""
         self.prefill_chunk = prefill_chunk
         self.max_model_len = max_model_len
         eos = self.model.generation_config.eos_token_id
@@ -623,9 +627,7 @@ class ReferenceEngine:
     def selection_report(self) -> dict[str, list[float]] | None:
         """The mean over the generated sequences of each layer's important share, or None where
         the method's rule records none."""
-        if not self.important_shares:
-            return None
-        return important_share_report(torch.tensor(self.important_shares).mean(0).tolist())
+        return important_share_report(mean_share_by_layer(self.important_shares))
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], max_tokens: list[int], progress=None) -> list[str]:
@@ -649,9 +651,7 @@ class ReferenceEngine:
                 logits = self._forward([token], position, cache, pages)
                 position += 1
             outputs.append(self.tokenizer.decode(generated, skip_special_tokens=True))
-            shares = mean_share_by_layer(ChosenRatios.drain())
-            if shares:
-                self.important_shares.append(shares)
+            extend_by_layer(self.important_shares, ChosenRatios.drain().items())
             if progress is not None:
                 progress.update(1)
         return outputs

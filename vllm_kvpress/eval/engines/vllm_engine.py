@@ -16,7 +16,7 @@ import gc
 
 from vllm_kvpress.config import ADDITIONAL_CONFIG_KEY
 from vllm_kvpress.eval.engines.worker_extension import WORKER_EXTENSION
-from vllm_kvpress.eviction.attention_mass import important_share_report, mean_share_by_layer
+from vllm_kvpress.eviction.attention_mass import extend_by_layer, important_share_report, mean_share_by_layer
 
 VLLM_BASELINE_DTYPES = ("auto", "fp8", "int4_per_token_head")
 """vLLM's own KV-cache dtypes offered as reference rows (with --method none only)."""
@@ -103,12 +103,9 @@ class VllmEngine:
         self.important_shares: dict[int | None, list[float]] = {}
         """Per layer, the important share of every generated request's selection (all workers)."""
 
-    def _drain_important_shares(self) -> dict[int | None, list[float]]:
-        by_layer: dict[int | None, list[float]] = {}
-        for worker in self.llm.collective_rpc("drain_important_shares"):
-            for layer, shares in worker:
-                by_layer.setdefault(layer, []).extend(shares)
-        return by_layer
+    def _drain_important_shares(self) -> list[tuple[int | None, list[float]]]:
+        """Every worker's (layer, shares) records since the last drain."""
+        return [record for worker in self.llm.collective_rpc("drain_important_shares") for record in worker]
 
     def generate(self, prompts: list[list[int]], max_tokens: list[int], progress=None) -> list[str]:
         """Greedy completions of token-id prompts (already chat-formatted), all in one batch."""
@@ -120,8 +117,7 @@ class VllmEngine:
         outputs = self.llm.generate(
             [TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=progress is None
         )
-        for layer, shares in self._drain_important_shares().items():
-            self.important_shares.setdefault(layer, []).extend(shares)
+        extend_by_layer(self.important_shares, self._drain_important_shares())
         if progress is not None:
             progress.update(len(prompts))
         return [out.outputs[0].text for out in outputs]
