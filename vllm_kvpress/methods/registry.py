@@ -24,6 +24,7 @@ from vllm_kvpress.methods.gear import Gear
 from vllm_kvpress.methods.kivi import Kivi
 from vllm_kvpress.methods.kvcrush import KVCrush
 from vllm_kvpress.methods.mikv import MiKV
+from vllm_kvpress.methods.minicache import MiniCache
 from vllm_kvpress.methods.razor import Razor
 from vllm_kvpress.methods.scissorhands import Scissorhands
 from vllm_kvpress.methods.snapkv import SnapKV
@@ -33,7 +34,8 @@ from vllm_kvpress.methods.zipvl import ZipVL
 logger = logging.getLogger("vllm.kvpress")
 
 ENTRY_POINT_GROUP = "vllm_kvpress.methods"
-BUILT_IN: tuple[type[CompressionMethod], ...] = (Kivi, Gear, MiKV, ZipVL, KVCrush, Scissorhands, SnapKV, Razor, XKV)
+BUILT_IN: tuple[type[CompressionMethod], ...] = (Kivi, Gear, MiKV, ZipVL, KVCrush, Scissorhands, SnapKV, Razor, XKV,
+                                                MiniCache)
 
 PLANNED = (
     MethodInfo("ems", "EMS: adaptive evict-then-merge strategy for head-wise KV-cache compression", "2412.08521",
@@ -45,8 +47,6 @@ PLANNED = (
                "sentence vectors on GPU, token KV offloaded to CPU and fetched by similarity", Status.PLANNED),
     MethodInfo("speckv", "SpecKV / SpecPC: draft-based approximate inference", "2506.08373", Family.DRAFT_GUIDED,
                "a small draft model's attention picks the KV and prompt tokens to keep", Status.PLANNED),
-    MethodInfo("minicache", "MiniCache: KV-cache compression in depth dimension", "2405.14366", Family.CROSS_LAYER,
-               "merge adjacent layers' KV by direction interpolation, magnitudes kept", Status.PLANNED),
     MethodInfo("x-ecomla", "X-EcoMLA: upcycling pre-trained attention into MLA", "2503.11132",
                Family.OFFLINE_WEIGHTS, "attention to MLA latent KV via SVD init + light distillation, an offline tool",
                Status.PLANNED),

@@ -77,6 +77,7 @@ class SequencePages:
         eviction=None,
         prompt_len: int | None = None,
         retrieval_index: list[int] | None = None,
+        keep_written: bool = False,
     ):
         """
         Args:
@@ -86,6 +87,8 @@ class SequencePages:
                 (-1: not one).
             prompt_len: prompt tokens of the sequence; None never evicts (e.g. teacher-forced NLL,
                 where vLLM would evict only after the last chunk, with every number computed).
+            keep_written: also keep the K/V as written (bf16), for a cross-layer method, which
+                factors what the model wrote rather than its pages (`written_keys_values`).
         """
         self.layout = layout
         self.power_iters = power_iters
@@ -119,6 +122,8 @@ class SequencePages:
         """The last `decode_observation_window` queries, with decode-time eviction."""
         self._complete_k = torch.empty(0, num_kv_heads, layout.head_size, device=device)
         self._complete_v = torch.empty(0, num_kv_heads, layout.head_size, device=device)
+        self._written: list[tuple[torch.Tensor, torch.Tensor]] | None = [] if keep_written else None
+        """With `keep_written`: the K/V of every append, as written."""
         self._tail: torch.Tensor | None = None
         """`tail_keys: exact`: the sequence's exact tail, as one request-state slot (made at the first
         append, in the model's dtype)."""
@@ -152,6 +157,8 @@ class SequencePages:
                                          dtype=key.dtype, device=key.device)
             tail = (self._tail, torch.zeros(num_new, dtype=torch.long))
         page_codec.write_tokens(self.cache, key, value, slots, self.layout, self.power_iters, tail)
+        if self._written is not None:
+            self._written.append((key, value))
         self._num_tokens_before = self.num_tokens + self.num_evicted
         self.num_tokens = seq_len
         bs = self.layout.block_size
@@ -204,6 +211,15 @@ class SequencePages:
         """K, V of the complete blocks, dequantized: fp32 [complete tokens, num_kv_heads, head_size]
         (of a sequence that evicts nothing)."""
         return self._complete_k, self._complete_v
+
+    def written_keys_values(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V of the complete blocks as the model wrote them, before the pages' quantization: fp32
+        [complete tokens, num_kv_heads, head_size] (pages made with `keep_written`)."""
+        if self._written is None:
+            raise RuntimeError("these pages keep no written K/V (keep_written=False)")
+        complete = self._complete_k.shape[0]
+        keys, values = (torch.cat(parts)[:complete].float() for parts in zip(*self._written, strict=True))
+        return keys, values
 
     def rewrite_complete(self, key: torch.Tensor, value: torch.Tensor) -> None:
         """Write `key`, `value` over the first complete blocks (a cross-layer method's reconstruction
@@ -385,20 +401,24 @@ class SequencePages:
 class PromptGroupFactoring:
     """A cross-layer method on the reference engine (methods/xkv.py): once the prompt's last chunk
     has passed the last layer of a group, the group's prompt K, turned back to before RoPE, and V
-    are replaced by the method's reconstruction, and K is turned again."""
+    are replaced by the method's reconstruction, and K is turned again. The method is given the K/V
+    the model wrote, not their pages (which would be quantized twice), as a kernel working on the
+    fresh K/V would."""
 
     def __init__(self, method, groups: list[range], rotary_embedding):
         """`groups`: the method's `layer_groups`; `rotary_embedding`: the model's (transformers'
         `model.model.rotary_emb`): (x, position_ids) -> cos, sin [1, T, head_size]."""
         self.method = method
         self.last_of_group = {group[-1]: group for group in groups}
+        self.layers = {layer for group in groups for layer in group}
+        """Every layer of a group: their pages keep what was written (`keep_written`)."""
         self.rotary_embedding = rotary_embedding
 
     def after_layer(self, layer_idx: int, pages: list[SequencePages]) -> None:
         group = self.last_of_group.get(layer_idx)
         if group is None or not pages[layer_idx].prompt_completed_now():
             return
-        keys, values = zip(*(pages[i].complete_keys_values() for i in group), strict=True)
+        keys, values = zip(*(pages[i].written_keys_values() for i in group), strict=True)
         num_tokens = keys[0].shape[0]
         if num_tokens == 0:
             return
@@ -591,6 +611,7 @@ class ReferenceEngine:
                     self.layout, self.power_iters, self.num_kv_heads, max_tokens, self.device,
                     eviction=eviction, prompt_len=prompt_len,
                     retrieval_index=None if self.retrieval_index is None else self.retrieval_index[i],
+                    keep_written=self.layer_groups is not None and i in self.layer_groups.layers,
                 )
                 for i in range(self.num_layers)
             ]
