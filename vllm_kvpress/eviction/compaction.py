@@ -99,16 +99,17 @@ def kept_prompt_kv(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The method's choice of the prompt's tokens: the chunk's last queries score every prompt key
     (`select_kept_tokens`), and each KV head's kept K/V are gathered, [kept_blocks * block_size,
-    Hkv, D] each. Shared by the worker (`compact_prompt`) and the reference engine.
+    Hkv, D] each: the worker's (`compact_prompt`); the reference engine takes its two steps
+    (`kept_prompt_tokens`, `gather_kept`), which keeps the positions.
 
     Args:
         query: [num_tokens, num_heads, head_size] the step's post-RoPE queries (`window_queries`).
         keys, values: [prompt_len, num_kv_heads, head_size] every prompt token, dequantized.
     """
-    return gather_kept(keys, values, _kept_prompt_tokens(config, query, compaction, keys, scale, block_size))
+    return gather_kept(keys, values, kept_prompt_tokens(config, query, compaction, keys, scale, block_size))
 
 
-def _kept_prompt_tokens(config, query, compaction: PromptCompaction, keys, scale: float, block_size: int):
+def kept_prompt_tokens(config, query, compaction: PromptCompaction, keys, scale: float, block_size: int):
     """int64 [num_kv_heads, kept_blocks * block_size]: the method's choice among the full prompt
     blocks' tokens, ascending per KV head (`select_kept_tokens`)."""
     queries, positions = window_queries(query, compaction, config.observation_window)
@@ -131,7 +132,7 @@ def split_prompt_kv(
     chooses them, and every other token of the full prompt blocks, each per KV head in position
     order: important K, V [kept_blocks * block_size, Hkv, D], demoted K, V [(P // block_size -
     kept_blocks) * block_size, Hkv, D]."""
-    kept = _kept_prompt_tokens(config, query, compaction, keys, scale, block_size)
+    kept = kept_prompt_tokens(config, query, compaction, keys, scale, block_size)
     num_kv_heads, num_candidates = keys.shape[1], compaction.prompt_len // block_size * block_size
     demoted = torch.ones(num_kv_heads, num_candidates, dtype=torch.bool, device=keys.device)
     demoted.scatter_(1, kept, False)

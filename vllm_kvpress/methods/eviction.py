@@ -177,6 +177,17 @@ class EvictingMethod(CompressionMethod):
         count per block depends on the head size)."""
         return self.packing(num_kv_heads)
 
+    @property
+    def retrieves_sentences(self) -> bool:
+        """Retrieval policy: whether each decode step attends only to the sentences its query
+        retrieves (`sentence_budget` tokens per KV head: methods/sentencekv.py) rather than to every
+        kept token."""
+        return False
+
+    def sentence_budget(self, prompt_len: int) -> int:
+        """Where `retrieves_sentences`: the stored tokens per KV head a decode step attends to."""
+        raise NotImplementedError(f"method '{self.method}' retrieves no sentences")
+
     def sparse_prefill(self, prompt_len: int) -> bool:
         """Whether a prompt of `prompt_len` tokens prefills over part of its context only
         (`prefill_context`); dense prefill by default."""

@@ -27,6 +27,7 @@ from vllm_kvpress.methods.mikv import MiKV
 from vllm_kvpress.methods.minicache import MiniCache
 from vllm_kvpress.methods.razor import Razor
 from vllm_kvpress.methods.scissorhands import Scissorhands
+from vllm_kvpress.methods.sentencekv import SentenceKV
 from vllm_kvpress.methods.snapkv import SnapKV
 from vllm_kvpress.methods.xkv import XKV
 from vllm_kvpress.methods.zipvl import ZipVL
@@ -35,7 +36,7 @@ logger = logging.getLogger("vllm.kvpress")
 
 ENTRY_POINT_GROUP = "vllm_kvpress.methods"
 BUILT_IN: tuple[type[CompressionMethod], ...] = (Kivi, Gear, MiKV, ZipVL, KVCrush, Scissorhands, SnapKV, Razor, XKV,
-                                                MiniCache)
+                                                MiniCache, SentenceKV)
 
 PLANNED = (
     MethodInfo("ems", "EMS: adaptive evict-then-merge strategy for head-wise KV-cache compression", "2412.08521",
@@ -43,8 +44,6 @@ PLANNED = (
     MethodInfo("loopserve", "LoopServe: adaptive dual-phase LLM inference acceleration for multi-turn dialogues",
                "2507.13681", Family.ADAPTIVE, "online prefill sparsification + progressive decode-time compression",
                Status.PLANNED),
-    MethodInfo("sentencekv", "SentenceKV: sentence-level semantic KV caching", "2504.00970", Family.RETRIEVAL,
-               "sentence vectors on GPU, token KV offloaded to CPU and fetched by similarity", Status.PLANNED),
     MethodInfo("speckv", "SpecKV / SpecPC: draft-based approximate inference", "2506.08373", Family.DRAFT_GUIDED,
                "a small draft model's attention picks the KV and prompt tokens to keep", Status.PLANNED),
     MethodInfo("x-ecomla", "X-EcoMLA: upcycling pre-trained attention into MLA", "2503.11132",

@@ -37,10 +37,12 @@ from vllm_kvpress.eviction.attention_mass import (
 from vllm_kvpress.eviction.compaction import (
     PromptCompaction,
     RecentCompaction,
-    kept_prompt_kv,
+    gather_kept,
+    kept_prompt_tokens,
     kept_recent_kv,
 )
 from vllm_kvpress.eviction.policy import freed_end, kept_blocks
+from vllm_kvpress.eviction.sentences import SentenceIndex, sentence_end_ids, sentence_of_tokens
 from vllm_kvpress.layout import PageLayout
 from vllm_kvpress.models import head_size
 from vllm_kvpress.reference import page_codec
@@ -52,6 +54,8 @@ PAGES_KWARG = "kvpress_pages"
 """Forward keyword that carries the per-layer pages down to the attention function."""
 GROUPS_KWARG = "kvpress_layer_groups"
 """Forward keyword that carries a cross-layer method's `PromptGroupFactoring`."""
+TOKENS_KWARG = "kvpress_token_ids"
+"""Forward keyword that carries the forward's token ids, for a method that reads them (sentencekv)."""
 
 
 class SequencePages:
@@ -78,6 +82,7 @@ class SequencePages:
         prompt_len: int | None = None,
         retrieval_index: list[int] | None = None,
         keep_written: bool = False,
+        sentences: tuple[torch.Tensor, frozenset[int]] | None = None,
     ):
         """
         Args:
@@ -89,6 +94,8 @@ class SequencePages:
                 where vLLM would evict only after the last chunk, with every number computed).
             keep_written: also keep the K/V as written (bf16), for a cross-layer method, which
                 factors what the model wrote rather than its pages (`written_keys_values`).
+            sentences: sentencekv: the sentence of every prompt token and the sentence-end token
+                ids (eviction/sentences.py); decode steps then attend to the sentences retrieved.
         """
         self.layout = layout
         self.power_iters = power_iters
@@ -122,6 +129,11 @@ class SequencePages:
         """The last `decode_observation_window` queries, with decode-time eviction."""
         self._complete_k = torch.empty(0, num_kv_heads, layout.head_size, device=device)
         self._complete_v = torch.empty(0, num_kv_heads, layout.head_size, device=device)
+        self.sentences = sentences
+        self.sentence_index: SentenceIndex | None = None
+        """sentencekv, from the first decode step on: the index of the stored tokens."""
+        self._kept_positions: torch.Tensor | None = None
+        """Once the prompt is compacted: the prompt position of each kept slot, per KV head."""
         self._written: list[tuple[torch.Tensor, torch.Tensor]] | None = [] if keep_written else None
         """With `keep_written`: the K/V of every append, as written."""
         self._tail: torch.Tensor | None = None
@@ -302,8 +314,27 @@ class SequencePages:
         # the chunk ends at the prompt's last token; its queries are the batch's only ones
         compaction = PromptCompaction(row=0, prompt_len=prompt_len, query_start=0,
                                       context_len=prompt_len - queries.shape[0], kept_blocks=num_keep // bs)
-        kept_k, kept_v = kept_prompt_kv(self.eviction, queries, compaction, k_prompt, v_prompt, scale, bs)
+        tokens = kept_prompt_tokens(self.eviction, queries, compaction, k_prompt, scale, bs)
+        kept_k, kept_v = gather_kept(k_prompt, v_prompt, tokens)
         self._keep(kept_k, kept_v, prompt_len // bs * bs)
+        self._kept_positions = tokens
+
+    def retrieved_slots(self, query: torch.Tensor, keys: torch.Tensor, token_id: int) -> list[torch.Tensor] | None:
+        """sentencekv, a decode step: index its token (the last of `keys`, the stored K) and its query
+        [num_heads, head_size], then the stored slots each KV head attends to, or None for all."""
+        sentence_of_position, end_ids = self.sentences
+        if self.sentence_index is None:  # the first decode step: index the compacted prompt
+            num_prompt_slots = keys.shape[0] - 1
+            kept = self._kept_positions  # None where the prompt fit the budget: nothing was evicted
+            if kept is None:
+                kept = torch.empty(self.cache.shape[1], 0, dtype=torch.int64)
+            tail = torch.arange(self.prompt_len - (num_prompt_slots - kept.shape[1]), self.prompt_len)
+            positions = torch.cat([kept, tail.expand(kept.shape[0], -1)], dim=1)
+            self.sentence_index = SentenceIndex.from_prompt(positions, sentence_of_position, keys[:num_prompt_slots])
+        self.sentence_index.step(query, keys, token_id in end_ids)
+        eviction = self.eviction
+        return self.sentence_index.attended_slots(eviction.sentence_budget(self.prompt_len), eviction.sink,
+                                                  eviction.window)
 
     def demote_prompt(
         self, queries: torch.Tensor, k_prompt: torch.Tensor, v_prompt: torch.Tensor, scale: float
@@ -430,6 +461,19 @@ class PromptGroupFactoring:
             pages[i].rewrite_complete(rotate(key, cos, sin), value)
 
 
+def retrieved_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                        slots: list[torch.Tensor] | None) -> torch.Tensor:
+    """One decode query [1, num_heads, head_size] over the stored K/V [S, num_kv_heads, head_size]:
+    all of it, or each KV head's query group over that head's `slots`."""
+    if slots is None:
+        return causal_attention(q, k, v, scale)
+    group = q.shape[1] // k.shape[1]
+    return torch.cat([
+        causal_attention(q[:, h * group : (h + 1) * group], k[index, h : h + 1], v[index, h : h + 1], scale)
+        for h, index in enumerate(slots)
+    ], dim=1)
+
+
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """RoPE of transformers' Llama/Qwen2 (rotate_half: channel m pairs with m + D/2); with -sin, its
     inverse."""
@@ -484,6 +528,9 @@ def compressed_attention_forward(
                 causal_attention(q[:, h * group : (h + 1) * group], k_h[:, None], v_h[:, None], scale)
                 for h, (k_h, v_h) in enumerate(layer.head_sequences(k_stored, v_stored))
             ], dim=1)
+        elif layer.sentences is not None and num_new == 1:
+            out = retrieved_attention(q, k_all, v_all, scale,
+                                      layer.retrieved_slots(q[0], k_stored, kwargs[TOKENS_KWARG][-1]))
         else:
             if num_new > 1:
                 k_all, v_all = layer.chunk_keys_values(q, k_all, v_all, past, scale)
@@ -582,6 +629,9 @@ class ReferenceEngine:
         self.layer_groups = (PromptGroupFactoring(method_config, groups, self.model.model.rotary_emb)
                              if groups is not None else None)
         """A cross-layer method's factoring of each group's prompt KV (methods/xkv.py), or None."""
+        self.sentence_ends = (sentence_end_ids(self.tokenizer)
+                              if eviction is not None and eviction.retrieves_sentences else None)
+        """sentencekv: the token ids that end a sentence (eviction/sentences.py), or None."""
         self.important_shares: dict[int | None, list[float]] = {}
         """Per layer, the share of its prompt each generated sequence's selection rule asked for
         (zipvl's attention-mass count, eviction/attention_mass.py `ChosenRatios`)."""
@@ -599,19 +649,24 @@ class ReferenceEngine:
             return torch.cuda.get_device_name(self.device)
         return f"cpu ({_cpu_model_name()}, {torch.get_num_threads()} threads)"
 
-    def _new_sequence(self, max_tokens: int, prompt_len: int | None = None):
-        """A fresh DynamicCache and pages; `prompt_len` lets an eviction method compact the prompt."""
+    def _new_sequence(self, max_tokens: int, prompt: list[int] | None = None):
+        """A fresh DynamicCache and pages; a `prompt` lets an eviction method compact it."""
         from transformers import DynamicCache
 
         pages = None
+        prompt_len = None if prompt is None else len(prompt)
         if self.layout is not None:
             eviction = self.method_config.eviction
+            sentences = None
+            if self.sentence_ends is not None and prompt is not None:
+                sentences = (sentence_of_tokens(prompt, self.sentence_ends), self.sentence_ends)
             pages = [
                 SequencePages(
                     self.layout, self.power_iters, self.num_kv_heads, max_tokens, self.device,
                     eviction=eviction, prompt_len=prompt_len,
                     retrieval_index=None if self.retrieval_index is None else self.retrieval_index[i],
                     keep_written=self.layer_groups is not None and i in self.layer_groups.layers,
+                    sentences=sentences,
                 )
                 for i in range(self.num_layers)
             ]
@@ -628,6 +683,8 @@ class ReferenceEngine:
         kwargs = {PAGES_KWARG: pages} if pages is not None else {}
         if self.layer_groups is not None:
             kwargs[GROUPS_KWARG] = self.layer_groups
+        if self.sentence_ends is not None:
+            kwargs[TOKENS_KWARG] = token_ids
         if last_only:
             kwargs["logits_to_keep"] = 1
         out = self.model(
@@ -657,7 +714,7 @@ class ReferenceEngine:
         ChosenRatios.drain()  # nothing recorded outside a generated sequence counts
         for prompt, limit in zip(prompts, max_tokens, strict=True):
             self._check_length(len(prompt) + limit)
-            cache, pages = self._new_sequence(len(prompt) + limit, prompt_len=len(prompt))
+            cache, pages = self._new_sequence(len(prompt) + limit, prompt=prompt)
             for start, end in self._chunks(len(prompt)):
                 logits = self._forward(prompt[start:end], start, cache, pages, last_only=True)
             generated: list[int] = []
@@ -699,7 +756,7 @@ class ReferenceEngine:
         self._check_length(len(token_ids))
         if not 1 <= prompt_len < len(token_ids):
             raise ValueError(f"prompt_len={prompt_len}; allowed: 1 to {len(token_ids) - 1}")
-        cache, pages = self._new_sequence(len(token_ids), prompt_len=prompt_len)
+        cache, pages = self._new_sequence(len(token_ids), prompt=token_ids[:prompt_len])
         logits = [self._forward(token_ids[start:end], start, cache, pages)
                   for start, end in self._chunks(prompt_len)]
         logits += [self._forward([token_ids[i]], i, cache, pages) for i in range(prompt_len, len(token_ids) - 1)]
