@@ -284,3 +284,16 @@ def reference_layer_steps(pages, q, k, v, step_lengths: list[int], scale: float)
         outs.append(reference_layer_call(pages, q[seen:end], k[:end], v[:end], scale))
         seen = end
     return outs
+
+
+def llama_rotary_embedding(head_size: int, theta: float = 10000.0):
+    """transformers' Llama RoPE (default type) as the model's `rotary_emb` is called:
+    (x, position_ids [1, T]) -> cos, sin [1, T, head_size]."""
+
+    def rotary_embedding(x: torch.Tensor, position_ids: torch.Tensor):
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)
+        angles = position_ids[0, :, None].float() * inv_freq[None]
+        emb = torch.cat([angles, angles], dim=-1)
+        return emb.cos()[None], emb.sin()[None]
+
+    return rotary_embedding

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from helpers import llama_rotary_embedding
 
 from vllm_kvpress.config import check_enabled_in_vllm, load_method_config
 from vllm_kvpress.errors import KVCompressionConfigError, MethodNotImplementedError
@@ -16,15 +17,7 @@ from vllm_kvpress.methods.registry import method_table
 NUM_LAYERS, NUM_KV_HEADS, HEAD_SIZE = 7, 2, 64
 PROMPT_LEN = 200  # 3 complete blocks of 64 and a partial one
 COMPLETE = PROMPT_LEN // 64 * 64
-ROPE_THETA = 10000.0
-
-
-def rotary_embedding(x: torch.Tensor, position_ids: torch.Tensor):
-    """transformers' Llama RoPE (default type): cos, sin [1, T, head_size]."""
-    inv_freq = 1.0 / ROPE_THETA ** (torch.arange(0, HEAD_SIZE, 2, dtype=torch.float32) / HEAD_SIZE)
-    angles = position_ids[0, :, None].float() * inv_freq[None]
-    emb = torch.cat([angles, angles], dim=-1)
-    return emb.cos()[None], emb.sin()[None]
+rotary_embedding = llama_rotary_embedding(HEAD_SIZE)
 
 
 def _slerp(u: torch.Tensor, v: torch.Tensor, t: float) -> torch.Tensor:
