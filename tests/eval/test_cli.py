@@ -23,7 +23,7 @@ def _parse_error(capsys, argv) -> str:
         ),
         (
             ["--engine", "reference", "--method", "none", "--tasks", "niah,longbench"],
-            ["--tasks", "unknown longbench", "niah, ruler, multiturn, ppl"],
+            ["--tasks", "unknown longbench", "niah, ruler, multiturn, multiturn-position, ppl"],
         ),
         (
             ["--engine", "reference", "--method", "none", "--ruler-tasks", "qa_1"],

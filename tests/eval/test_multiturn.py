@@ -42,3 +42,27 @@ def test_three_distinct_facts_per_conversation(tokenizer, samples, asked):
     text = tokenizer.decode(samples[asked].prompt_ids)
     codes = re.findall(r"please remember this: the access code of my [\w ]+ is (\d+)\.", text)
     assert len(set(codes)) == len(multiturn.FACT_TURNS)
+
+
+def test_position_samples_put_the_question_at_the_beginning_middle_or_end_of_a_last_passage(tokenizer):
+    samples = multiturn.build_position_samples(tokenizer, [LENGTH], 9, seed=0)
+    pairs = [(s.info["asked"], s.info["question_at"]) for s in samples]
+    assert sorted(pairs) == sorted((f, p) for f in multiturn.FACT_NAMES for p in multiturn.QUESTION_POSITIONS)
+    for s in samples:
+        assert s.task == f"multiturn-position/{s.info['question_at']}"
+        assert 0.97 * LENGTH <= s.num_prompt_tokens <= LENGTH, (s.sample_id, s.num_prompt_tokens)
+        text = tokenizer.decode(s.prompt_ids)
+        user_turns = re.findall(r"<\|im_start\|>user\n(.*?)<\|im_end\|>", text, flags=re.DOTALL)
+        assert len(user_turns) == multiturn.NUM_TURNS + 1
+        last = user_turns[-1]
+        assert s.answers[0] not in last and "One more passage from my reading" in last
+        start = last.index("What is the access code of my")
+        end = last.index("Answer with the number only.") + len("Answer with the number only.")
+        intro = "One more passage from my reading:"
+        before = len(last[:start].replace(intro, "").split())  # passage words around the question
+        after = len(last[end:].replace(intro, "").split())
+        expected = {"beginning": before == 0 and after > 20, "middle": 0.7 < before / max(after, 1) < 1.5,
+                    "end": before > 20 and after == 0}
+        assert expected[s.info["question_at"]], (s.sample_id, before, after)
+        stated_in = [i for i, turn in enumerate(user_turns) if f"is {s.answers[0]}." in turn]
+        assert stated_in == [s.info["fact_turn"]], s.sample_id

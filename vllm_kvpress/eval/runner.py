@@ -14,7 +14,7 @@ from vllm_kvpress.eval import multiturn, niah, perplexity, results, ruler
 from vllm_kvpress.eval.samples import Sample
 from vllm_kvpress.eval.scoring import score_task
 
-TASKS = ("niah", "ruler", "multiturn", "ppl", "decode-ppl")
+TASKS = ("niah", "ruler", "multiturn", "multiturn-position", "ppl", "decode-ppl")
 DEFAULT_TASKS = ("niah", "ruler", "multiturn", "ppl")
 """What `--tasks` runs by default: decode-ppl only runs on the reference engine."""
 UNCOMPRESSED = "none"
@@ -142,6 +142,10 @@ def build_samples(config: EvalConfig, tokenizer) -> list[Sample]:
         )
     if "multiturn" in config.tasks:
         samples += multiturn.build_samples(
+            tokenizer, list(config.lengths), config.samples_per_length, config.seed
+        )
+    if multiturn.POSITION_TASK in config.tasks:
+        samples += multiturn.build_position_samples(
             tokenizer, list(config.lengths), config.samples_per_length, config.seed
         )
     for sample in samples:
