@@ -48,6 +48,35 @@ def test_convert_writes_a_checkpoint_with_fewer_kv_heads(checkpoint, tmp_path, c
     assert reloaded.dtype == AutoModelForCausalLM.from_pretrained(model_dir).dtype
 
 
+def test_sigma_writes_fewer_k_heads_than_v_heads_and_reports_both_byte_counts(checkpoint, tmp_path, capsys):
+    model_dir, text = checkpoint
+    out = tmp_path / "out"
+    assert main(["convert", "sigma-diffqkv", str(model_dir), str(out), "--k-heads", "1", "--v-heads", "2",
+                 "--calibration", str(text), "--calibration-tokens", "2048", "--window", "512",
+                 "--recovery-steps", "0", "--device", "cpu"]) == 0
+    record = json.loads((out / CONVERSION_RECORD).read_text())
+    assert (record["k_heads"], record["v_heads"], record["kv_heads"]) == (1, 2, 2)
+    sizes = record["kv_bytes_per_token"]
+    assert sizes["after"] == sizes["before"] and 4 * sizes["with_own_k_and_v_heads"] == 3 * sizes["before"]
+    assert "1 K heads and 2 V heads" in capsys.readouterr().out
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_key_value_heads == 2
+
+
+@pytest.mark.parametrize("conversion,extra,message", [
+    ("sigma-diffqkv", ["--k-heads", "2", "--v-heads", "2"], "nothing to merge; allowed: at least one below 2"),
+    ("sigma-diffqkv", ["--k-heads", "3", "--v-heads", "1"], "--k-heads 3: the model has 2 KV heads; allowed: 1, 2"),
+    ("sigma-diffqkv", ["--k-heads", "1"], "--v-heads None: the model has 2 KV heads"),
+    ("sigma-diffqkv", ["--kv-heads", "1"], "--kv-heads 1: not a setting of sigma-diffqkv; allowed: --k-heads and"),
+    ("kv-head-compress", ["--v-heads", "1"], "--v-heads 1: not a setting of kv-head-compress; allowed: --kv-heads"),
+])
+def test_bad_sigma_head_counts_are_usage_errors(checkpoint, tmp_path, capsys, conversion, extra, message):
+    model_dir, text = checkpoint
+    with pytest.raises(SystemExit) as exit_info:
+        main(["convert", conversion, str(model_dir), str(tmp_path / "out"), "--calibration", str(text), *extra])
+    assert exit_info.value.code == 2
+    assert message in " ".join(capsys.readouterr().err.split())
+
+
 @pytest.mark.parametrize("extra,message", [
     (["--kv-heads", "2"], "--kv-heads 2: the model has 2 KV heads; allowed: 1 (fewer, dividing 2)"),
     (["--kv-heads", "1", "--calibration-tokens", "100"], "--calibration-tokens 100: too few; allowed: at least 1024"),

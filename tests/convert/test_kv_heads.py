@@ -70,6 +70,26 @@ def test_exactly_related_heads_merge_without_changing_the_logits(kind, kv_heads,
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("k_heads,v_heads", [(1, 4), (4, 1), (2, 4), (1, 2)])
+def test_keys_and_values_merge_to_their_own_head_counts_without_changing_the_logits(kind, k_heads, v_heads):
+    """sigma-diffqkv: exactly related heads merge to K and V counts of their own; the checkpoint
+    has the larger count, the other's projections repeated."""
+    model = tiny_model(kind, 4, 8)
+    tie_heads_exactly(model, 4)
+    ids = torch.randint(0, 97, (300,)).tolist()
+    expected = logits(model, ids)
+    windows = [torch.randint(0, 97, (128,)).tolist() for _ in range(3)]
+    convert_kv_heads(model, windows, k_heads, "svd", value_heads=v_heads)
+    out = max(k_heads, v_heads)
+    attn = model.model.layers[0].self_attn
+    assert model.config.num_key_value_heads == out
+    assert attn.k_proj.weight.shape[0] == attn.v_proj.weight.shape[0] == out * HEAD
+    k_rows = attn.k_proj.weight.view(out, HEAD, -1)
+    assert all(torch.equal(k_rows[h], k_rows[h // (out // k_heads) * (out // k_heads)]) for h in range(out))
+    torch.testing.assert_close(logits(model, ids), expected, atol=2e-4, rtol=2e-4)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
 def test_mean_pooling_is_exact_for_identical_heads_and_svd_is_not_needed(kind):
     model = tiny_model(kind)
     for layer in model.model.layers:

@@ -22,6 +22,10 @@ those RoPE leaves intact, fitted on the cache as the paper fits values.
 
 `mean` is the baseline the paper improves on (GQA's mean-pooling of K and V heads, queries and
 output projection unchanged).
+
+Keys and values may be merged to different head counts (Sigma's DiffQKV, arXiv 2501.13629: fewer K
+heads than V heads): `merge_layer` takes a value merge of its own, and the checkpoint gets the larger
+count, the fewer heads' projections repeated so that every query head meets its own merged K and V.
 """
 
 from dataclasses import dataclass
@@ -109,11 +113,16 @@ def rotate_pairs(rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return torch.cat([re * first - im * second, re * second + im * first], dim=-2)
 
 
-def merge_layer(attention, merge: HeadMerge, num_heads: int) -> None:
+def merge_layer(attention, merge: HeadMerge, num_heads: int, value_merge: HeadMerge | None = None) -> int:
     """Rewrite one attention layer's q/k/v/o projections in place (fp64 math, the weights' dtype
-    kept) so that it has `merge`'s new KV head count. Query heads stay contiguous per KV head, so old
-    group j's queries are now in new head j // g's group."""
+    kept) so that it has `merge`'s new KV head count, or with a `value_merge` of another count, keys
+    from `merge` and values from `value_merge`, at the larger of the two counts (the other's heads
+    repeated). Query heads stay contiguous per KV head, so old group j's queries are now in new head
+    j // g's group. Returns the layer's new KV head count."""
+    value_merge = merge if value_merge is None else value_merge
     new_heads, half, group = merge.key_weights.shape
+    value_heads = value_merge.value_encoder.shape[0]
+    out_heads = max(new_heads, value_heads)
     head_size = 2 * half
     old_heads = new_heads * group
     queries_per_old = num_heads // old_heads
@@ -135,7 +144,9 @@ def merge_layer(attention, merge: HeadMerge, num_heads: int) -> None:
     w = merge.key_weights.transpose(1, 2)  # [new, g, D/2]
     k_new = rotate_pairs(k_weight.reshape(new_heads, group, head_size, -1), w).sum(1)
     kb_new = None if k_bias is None else rotate_pairs(k_bias.reshape(new_heads, group, head_size, 1), w).sum(1)
-    store(attention.k_proj, k_new, kb_new)
+    repeat = out_heads // new_heads
+    store(attention.k_proj, k_new.repeat_interleave(repeat, 0),
+          None if kb_new is None else kb_new.repeat_interleave(repeat, 0))
 
     # queries of old group j: q * query_weights_j per pair
     q_weight, q_bias = rows(attention.q_proj, num_heads)
@@ -145,15 +156,19 @@ def merge_layer(attention, merge: HeadMerge, num_heads: int) -> None:
 
     # values: the group's concatenated rows times the encoder, per new head
     v_weight, v_bias = rows(attention.v_proj, old_heads)
-    encoder_t = merge.value_encoder.transpose(-1, -2)  # [new, D, g*D]
-    v_new = encoder_t @ v_weight.reshape(new_heads, group * head_size, -1)
-    vb_new = None if v_bias is None else encoder_t @ v_bias.reshape(new_heads, group * head_size, 1)
-    store(attention.v_proj, v_new, vb_new)
+    value_group = old_heads // value_heads
+    encoder_t = value_merge.value_encoder.transpose(-1, -2)  # [new, D, g*D]
+    v_new = encoder_t @ v_weight.reshape(value_heads, value_group * head_size, -1)
+    vb_new = None if v_bias is None else encoder_t @ v_bias.reshape(value_heads, value_group * head_size, 1)
+    repeat = out_heads // value_heads
+    store(attention.v_proj, v_new.repeat_interleave(repeat, 0),
+          None if vb_new is None else vb_new.repeat_interleave(repeat, 0))
 
     # output: each query head's D columns of W_o times its old head's decoder
     o = attention.o_proj.weight.double()  # [hidden, num_heads * D]
     blocks = o.reshape(o.shape[0], num_heads, head_size).permute(1, 0, 2)  # [num_heads, hidden, D]
-    decoder = merge.value_decoder.reshape(old_heads, head_size, head_size)
+    decoder = value_merge.value_decoder.reshape(old_heads, head_size, head_size)
     blocks = blocks @ decoder.repeat_interleave(queries_per_old, dim=0)
     attention.o_proj.weight = torch.nn.Parameter(
         blocks.permute(1, 0, 2).reshape(o.shape[0], -1).to(attention.o_proj.weight.dtype), requires_grad=False)
+    return out_heads
