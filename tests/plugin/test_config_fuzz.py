@@ -7,7 +7,7 @@ import math
 import re
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from vllm_kvpress.config import load_method_config, parse_config_argument
@@ -36,6 +36,7 @@ _tried: list[int] = []
 @settings(max_examples=FUZZ_CASES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(method=st.one_of(st.sampled_from(NAMES + ["nope", ""]), JUNK),
        values=st.dictionaries(st.sampled_from(SETTINGS + ["junk"]), st.one_of(PLAUSIBLE, JUNK), max_size=5))
+@example(method="mikv", values={"block_size": 0, "decode_interval": 1})  # found by this test: a modulo by zero
 def _load_or_refuse(method, values):
     _tried.append(1)
     try:

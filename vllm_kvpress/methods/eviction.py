@@ -256,7 +256,9 @@ class TokenEviction(EvictingMethod):
         check_range("decode_observation_window", self.decode_observation_window, 1, MAX_OBSERVATION_WINDOW,
                     problems)
         check_range("decode_interval", self.decode_interval, 0, 1 << 20, problems)
-        if isinstance(self.decode_interval, int) and isinstance(block_size, int) and self.decode_interval:
+        # a block size that is not positive is the pages' problem (reported by them), not a divisor here
+        if (isinstance(self.decode_interval, int) and isinstance(block_size, int) and block_size > 0
+                and self.decode_interval):
             if self.decode_interval % block_size:
                 problems.append(
                     f"decode_interval={self.decode_interval} is not allowed; allowed: 0 (evict after the "
