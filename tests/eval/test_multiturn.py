@@ -45,7 +45,7 @@ def test_three_distinct_facts_per_conversation(tokenizer, samples, asked):
 
 
 def test_position_samples_put_the_question_at_the_beginning_middle_or_end_of_a_last_passage(tokenizer):
-    samples = multiturn.build_position_samples(tokenizer, [LENGTH], 9, seed=0)
+    samples = multiturn.build_samples(tokenizer, [LENGTH], 9, seed=0, positions=multiturn.QUESTION_POSITIONS)
     pairs = [(s.info["asked"], s.info["question_at"]) for s in samples]
     assert sorted(pairs) == sorted((f, p) for f in multiturn.FACT_NAMES for p in multiturn.QUESTION_POSITIONS)
     for s in samples:

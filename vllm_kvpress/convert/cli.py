@@ -186,6 +186,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         check_kv_heads(config, args.kv_heads)
     key_heads, value_heads = (args.k_heads, args.v_heads) if sigma else (args.kv_heads, None)
+    stored_v_heads = value_heads or key_heads  # the record's V count: the K count where they are one
     tokenizer = AutoTokenizer.from_pretrained(source)
     windows = (calibration_windows(tokenizer, args.calibration, args.calibration_tokens, args.window)
                if args.merge == "svd" else [])
@@ -209,12 +210,12 @@ def run(args: argparse.Namespace) -> int:
     after = kv_bytes_per_token(model.config, saved_dtype.itemsize)
     text = model.config.get_text_config()
     # what K and V of their own head counts would store (sigma); the checkpoint's own count otherwise
-    stored = after * (key_heads + (value_heads or key_heads)) // (2 * text.num_key_value_heads)
+    stored = after * (key_heads + stored_v_heads) // (2 * text.num_key_value_heads)
     model.to(saved_dtype).save_pretrained(args.out)
     tokenizer.save_pretrained(args.out)
     record = {"conversion": args.conversion, "source": os.path.basename(os.path.normpath(source)),
               "merge": args.merge, "kv_heads": text.num_key_value_heads, "k_heads": key_heads,
-              "v_heads": value_heads or key_heads, "calibration": args.calibration,
+              "v_heads": stored_v_heads, "calibration": args.calibration,
               "calibration_tokens": args.calibration_tokens if args.merge == "svd" else 0,
               "recovery": {"steps": args.recovery_steps, "window": args.recovery_window, "lr": args.recovery_lr,
                            "first_kl": losses[0] if losses else None, "last_kl": losses[-1] if losses else None},

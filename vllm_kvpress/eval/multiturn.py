@@ -9,7 +9,7 @@ which turn stated the asked fact; a sample is correct when the code appears in t
 In serving, earlier turns of a chat sit in compressed pages while later turns are prefilled; with
 `--prefill-chunk` the final question likewise reads the conversation from pages.
 
-`multiturn-position` (`build_position_samples`) moves the question into a last passage turn, at its
+`multiturn-position` (`build_samples` with `positions`) moves the question into a last passage turn, at its
 beginning, middle or end: LoopServe's observation that a question is not always the last thing in a
 turn, where methods that score the cache from the prompt's last queries (SnapKV) lose it. Its
 samples are tasks `multiturn-position/beginning`, `/middle` and `/end`, so each position is scored
@@ -121,25 +121,16 @@ def make_sample(
     )
 
 
-def build_samples(tokenizer, lengths: list[int], samples_per_length: int, seed: int) -> list[Sample]:
-    """`samples_per_length` samples per length, cycling over which turn's fact is asked."""
-    renderer = ChatRenderer(tokenizer)
-    essay_ids = haystack_token_ids(tokenizer, 2 * max(lengths))
-    return [
-        make_sample(renderer, essay_ids, length, index % len(FACT_TURNS), index, seed)
-        for length in lengths
-        for index in range(samples_per_length)
-    ]
-
-
-def build_position_samples(tokenizer, lengths: list[int], samples_per_length: int, seed: int) -> list[Sample]:
-    """`samples_per_length` samples per length, cycling over which turn's fact is asked and, every
-    len(FACT_TURNS) samples, where the question sits in the last passage (9 samples: every pair)."""
+def build_samples(tokenizer, lengths: list[int], samples_per_length: int, seed: int,
+                  positions: tuple[str, ...] | None = None) -> list[Sample]:
+    """`samples_per_length` samples per length, cycling over which turn's fact is asked; with
+    `positions` (QUESTION_POSITIONS), also over where the question sits in the last passage, every
+    len(FACT_TURNS) samples (9 samples: every pair)."""
     renderer = ChatRenderer(tokenizer)
     essay_ids = haystack_token_ids(tokenizer, 2 * max(lengths))
     return [
         make_sample(renderer, essay_ids, length, index % len(FACT_TURNS), index, seed,
-                    QUESTION_POSITIONS[index // len(FACT_TURNS) % len(QUESTION_POSITIONS)])
+                    None if positions is None else positions[index // len(FACT_TURNS) % len(positions)])
         for length in lengths
         for index in range(samples_per_length)
     ]

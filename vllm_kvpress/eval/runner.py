@@ -145,8 +145,8 @@ def build_samples(config: EvalConfig, tokenizer) -> list[Sample]:
             tokenizer, list(config.lengths), config.samples_per_length, config.seed
         )
     if multiturn.POSITION_TASK in config.tasks:
-        samples += multiturn.build_position_samples(
-            tokenizer, list(config.lengths), config.samples_per_length, config.seed
+        samples += multiturn.build_samples(
+            tokenizer, list(config.lengths), config.samples_per_length, config.seed, multiturn.QUESTION_POSITIONS
         )
     for sample in samples:
         if sample.num_prompt_tokens + sample.max_tokens > config.max_model_len:

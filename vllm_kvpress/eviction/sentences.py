@@ -59,7 +59,7 @@ class SentenceIndex:
         KV head; `sentence_of_position` [prompt_len] (`sentence_of_tokens`); `keys` [num_slots,
         num_kv_heads, head_size] the stored keys."""
         slot_sentence = sentence_of_position[positions]
-        num_kv_heads, _, head_size = keys.shape[1], keys.shape[0], keys.shape[2]
+        _, num_kv_heads, head_size = keys.shape
         num_sentences = int(sentence_of_position.max()) + 1
         sums = torch.zeros(num_kv_heads, num_sentences, head_size)
         counts = torch.zeros(num_kv_heads, num_sentences)

@@ -461,17 +461,23 @@ class PromptGroupFactoring:
             pages[i].rewrite_complete(rotate(key, cos, sin), value)
 
 
+def headwise_attention(q: torch.Tensor, sequences, scale: float) -> torch.Tensor:
+    """Queries [T, num_heads, head_size], each KV head's query group over that head's own K/V
+    (`sequences`: per KV head, K and V [S_h, head_size]; causal on their last positions)."""
+    group = q.shape[1] // len(sequences)
+    return torch.cat([
+        causal_attention(q[:, h * group : (h + 1) * group], k_h[:, None], v_h[:, None], scale)
+        for h, (k_h, v_h) in enumerate(sequences)
+    ], dim=1)
+
+
 def retrieved_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                         slots: list[torch.Tensor] | None) -> torch.Tensor:
     """One decode query [1, num_heads, head_size] over the stored K/V [S, num_kv_heads, head_size]:
     all of it, or each KV head's query group over that head's `slots`."""
     if slots is None:
         return causal_attention(q, k, v, scale)
-    group = q.shape[1] // k.shape[1]
-    return torch.cat([
-        causal_attention(q[:, h * group : (h + 1) * group], k[index, h : h + 1], v[index, h : h + 1], scale)
-        for h, index in enumerate(slots)
-    ], dim=1)
+    return headwise_attention(q, [(k[index, h], v[index, h]) for h, index in enumerate(slots)], scale)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -523,11 +529,7 @@ def compressed_attention_forward(
         if layer.headwise is not None:  # razor's packed pages: each KV head over its own tokens
             if num_new > 1:
                 raise NotImplementedError("a prompt chunk over razor's packed pages (the reference prefills once)")
-            group = q.shape[1] // len(layer.retrieval_index)
-            out = torch.cat([
-                causal_attention(q[:, h * group : (h + 1) * group], k_h[:, None], v_h[:, None], scale)
-                for h, (k_h, v_h) in enumerate(layer.head_sequences(k_stored, v_stored))
-            ], dim=1)
+            out = headwise_attention(q, layer.head_sequences(k_stored, v_stored), scale)
         elif layer.sentences is not None and num_new == 1:
             out = retrieved_attention(q, k_all, v_all, scale,
                                       layer.retrieved_slots(q[0], k_stored, kwargs[TOKENS_KWARG][-1]))
